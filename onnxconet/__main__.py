@@ -1,0 +1,3 @@
+from onnxconet.cli import main
+
+main()
