@@ -1,0 +1,1 @@
+"""Surgery from one plan, both sides: the torch module and the ONNX graph, cut to the same widths."""

@@ -1,0 +1,108 @@
+"""Slice the exported ONNX graph to a width plan with onnx-graphsurgeon: no torch re-export.
+
+Initializers are sliced along their members' axes; then the few places where the graph spells channel
+counts out as constants are rewritten: Reshape/Expand target shapes, Split/SplitToSequence sizes and the
+`group` attribute of depthwise convs. Stale value_info is dropped (onnxruntime infers shapes itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxconet.errors import SurgeryError
+from onnxconet.graph.groups import ChannelGraph
+
+log = logging.getLogger(__name__)
+
+
+def slice_onnx(cg: ChannelGraph, keep: np.ndarray) -> onnx.ModelProto:
+    """A new ModelProto with only the kept channels (`keep` from `ChannelGraph.keep_mask`)."""
+    t0 = time.perf_counter()
+    graph = gs.import_onnx(cg.model)
+    tensors = graph.tensors()
+    for name, ops in cg.param_slices(keep).items():
+        t = tensors[name]
+        arr = t.values
+        for axis, idx in ops:
+            arr = np.take(arr, idx, axis=axis)
+        t.values = np.ascontiguousarray(arr)
+    for node in graph.nodes:
+        _rewrite_node(cg, keep, node)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    del model.opset_import[:]
+    model.opset_import.extend(cg.model.opset_import)
+    model.ir_version = cg.model.ir_version
+    log.debug("sliced ONNX in %.3f s", time.perf_counter() - t0)
+    return model
+
+
+def _const_input(node: gs.Node, i: int, values: np.ndarray) -> None:
+    node.inputs[i] = gs.Constant(f"{node.name}_in{i}_pruned", np.asarray(values))
+
+
+def _rewrite_node(cg: ChannelGraph, keep: np.ndarray, node: gs.Node) -> None:
+    op = node.op
+    if op in ("Reshape", "Expand"):
+        om = cg.maps.get(node.outputs[0].name)
+        if om is None:
+            return
+        ext = cg.new_extent(om, keep)
+        if ext == list(om.ids.shape):
+            return
+        target = cg.graph.const(node.inputs[1].name)
+        if target is None:
+            log.warning("%s: target shape is computed at run time; left as is", node.name)
+            return
+        target = np.array(target, dtype=np.int64).copy()
+        for k, a in enumerate(om.axes):
+            if target[a] >= 0:  # explicit (or 0 = copy the input's dim): the new extent is always right
+                target[a] = ext[k]
+        _const_input(node, 1, target)
+    elif op == "Split":
+        maps = [cg.maps.get(o.name) for o in node.outputs]
+        if all(m is not None for m in maps):
+            sizes = [cg.new_extent(m, keep)[0] for m in maps]
+            if sizes != [len(m.ids) for m in maps]:
+                if len(node.inputs) > 1 and node.inputs[1].name:
+                    _const_input(node, 1, np.array(sizes, dtype=np.int64))
+                elif "split" in node.attrs:
+                    node.attrs["split"] = sizes
+    elif op == "SplitToSequence":
+        seq = cg.seqs.get(node.outputs[0].name)
+        if seq is None or seq[0] != "parts":
+            return
+        sizes = [cg.new_extent(m, keep)[0] for m in seq[1]]
+        if sizes == [len(m.ids) for m in seq[1]]:
+            return
+        old = cg.graph.const(node.inputs[1].name) if len(node.inputs) > 1 else None
+        if old is not None and np.ndim(old) == 0:
+            _const_input(node, 1, np.array(sizes[0], dtype=np.asarray(old).dtype))
+        else:
+            _const_input(node, 1, np.array(sizes, dtype=np.int64))
+    elif op == "Conv" and int(node.attrs.get("group", 1)) > 1:
+        xm = cg.maps.get(node.inputs[0].name)
+        w = node.inputs[1]
+        if xm is None or not isinstance(w, gs.Constant):
+            return
+        new_c = cg.new_extent(xm, keep)[0]
+        if w.shape[1] == 1 and w.shape[0] == new_c:  # depthwise: one group per channel
+            node.attrs["group"] = int(new_c)
+        elif new_c % int(node.attrs["group"]) != 0:
+            raise SurgeryError(
+                f"{node.name}: {new_c} input channels do not split into {node.attrs['group']} groups"
+            )
+
+
+def check_onnx(model: onnx.ModelProto) -> None:
+    """onnx.checker with a one-line error."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001
+        raise SurgeryError(f"the sliced ONNX model is invalid: {str(e).splitlines()[0]}") from None
