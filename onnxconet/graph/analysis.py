@@ -86,7 +86,7 @@ class Analyzer:
 
     def unknown(self, node: Node, reason: str) -> None:
         """Freeze every channel that reaches `node`; its outputs become frozen, opaque channels."""
-        why = f"{node.describe()} {reason}; its channels are frozen"
+        why = f"{node.describe()}: {reason}; its channels are frozen"
         touched = False
         for i in node.inputs:
             m = self.maps.get(i)

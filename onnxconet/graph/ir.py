@@ -308,3 +308,19 @@ def load_onnx(path: str) -> onnx.ModelProto:
             f"{path}: not a readable ONNX model (no graph nodes); re-export it or check the file"
         )
     return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str) -> None:
+    """Save a model; past ~1.5 GB of weights the tensors go to an external data file beside it (protobuf
+    cannot serialize more than 2 GB in one message)."""
+    from pathlib import Path
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+    if size > 1_500_000_000:
+        onnx.save(
+            model, str(p), save_as_external_data=True, all_tensors_to_one_file=True, location=p.name + ".data"
+        )
+    else:
+        onnx.save(model, str(p))

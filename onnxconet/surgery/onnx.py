@@ -2,7 +2,7 @@
 
 Initializers are sliced along their members' axes; then the few places where the graph spells channel
 counts out as constants are rewritten: Reshape/Expand target shapes, Split/SplitToSequence sizes and the
-`group` attribute of depthwise convs. Stale value_info is dropped (onnxruntime infers shapes itself).
+`group` attribute of depthwise convs. value_info is carried over with the channel axes resized.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def slice_onnx(cg: ChannelGraph, keep: np.ndarray) -> onnx.ModelProto:
         _rewrite_node(cg, keep, node)
     graph.cleanup(remove_unused_graph_inputs=False)
     model = gs.export_onnx(graph, do_type_check=False)
-    del model.graph.value_info[:]
+    _carry_value_info(cg, keep, model)
     del model.opset_import[:]
     model.opset_import.extend(cg.model.opset_import)
     model.ir_version = cg.model.ir_version
@@ -43,28 +43,63 @@ def slice_onnx(cg: ChannelGraph, keep: np.ndarray) -> onnx.ModelProto:
     return model
 
 
+def _carry_value_info(cg: ChannelGraph, keep: np.ndarray, model: onnx.ModelProto) -> None:
+    """The original's value_info with the channel axes resized, so shapes stay static for tools (Netron, shape
+    inference, a later analysis of this file)."""
+    present = {o for n in model.graph.node for o in n.output}
+    infos = []
+    for vi in cg.model.graph.value_info:
+        if vi.name not in present:
+            continue
+        vi = onnx.ValueInfoProto.FromString(vi.SerializeToString())
+        m = cg.maps.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if m is not None and len(dims) > max(m.axes):
+            for a, n in zip(m.axes, cg.new_extent(m, keep), strict=True):
+                dims[a].dim_value = n
+        infos.append(vi)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
+
+
 def _const_input(node: gs.Node, i: int, values: np.ndarray) -> None:
-    node.inputs[i] = gs.Constant(f"{node.name}_in{i}_pruned", np.asarray(values))
+    # named after the node's first output: tensor names are unique, node names may be empty or repeated
+    node.inputs[i] = gs.Constant(f"{node.outputs[0].name}_in{i}_pruned", np.asarray(values))
+
+
+def _rewrite_extents(cg: ChannelGraph, keep: np.ndarray, node: gs.Node, i: int, axes=None) -> None:
+    """Rewrite the channel entries of a shape-like constant input `i` (Reshape/Expand target, Resize sizes)
+    to the pruned extents of the node's output. The shape aligns to the output's last axes (Expand's target
+    may be shorter), or lists the axes in `axes`."""
+    om = cg.maps.get(node.outputs[0].name)
+    if om is None or len(node.inputs) <= i or not node.inputs[i].name:
+        return
+    ext = cg.new_extent(om, keep)
+    if ext == list(om.ids.shape):
+        return
+    target = cg.graph.const(node.inputs[i].name)
+    if target is None:
+        log.warning("%s: %s is computed at run time; left as is", node.name, node.inputs[i].name)
+        return
+    target = np.array(target, dtype=np.int64).copy()
+    out_rank = len(cg.graph.shape(node.outputs[0].name) or target)
+    listed = [int(x) % out_rank for x in axes] if axes is not None else None
+    for k, a in enumerate(om.axes):
+        if listed is not None:
+            pos = listed.index(a) if a in listed else -1
+        else:
+            pos = a - (out_rank - len(target))
+        if pos >= 0 and target[pos] >= 0:  # explicit (or 0 = copy the input's dim): the new extent is right
+            target[pos] = ext[k]
+    _const_input(node, i, target)
 
 
 def _rewrite_node(cg: ChannelGraph, keep: np.ndarray, node: gs.Node) -> None:
     op = node.op
     if op in ("Reshape", "Expand"):
-        om = cg.maps.get(node.outputs[0].name)
-        if om is None:
-            return
-        ext = cg.new_extent(om, keep)
-        if ext == list(om.ids.shape):
-            return
-        target = cg.graph.const(node.inputs[1].name)
-        if target is None:
-            log.warning("%s: target shape is computed at run time; left as is", node.name)
-            return
-        target = np.array(target, dtype=np.int64).copy()
-        for k, a in enumerate(om.axes):
-            if target[a] >= 0:  # explicit (or 0 = copy the input's dim): the new extent is always right
-                target[a] = ext[k]
-        _const_input(node, 1, target)
+        _rewrite_extents(cg, keep, node, 1)
+    elif op == "Resize":
+        _rewrite_extents(cg, keep, node, 3, node.attrs.get("axes"))  # sizes (scales are 1 on channels)
     elif op == "Split":
         maps = [cg.maps.get(o.name) for o in node.outputs]
         if all(m is not None for m in maps):

@@ -1,0 +1,32 @@
+"""Tiny models for CLI tests (usable as tests/data/tiny_models.py:FACTORY)."""
+
+import torch
+from torch import nn
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+class TinyRes(nn.Module):
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(12, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.conv2(self.conv1(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_res() -> nn.Module:
+    return TinyRes()
+
+
+def raises() -> nn.Module:
+    raise ValueError("this factory always fails")
+
+
+def not_a_module():
+    return 42
