@@ -61,7 +61,9 @@ def _producer(
         tie_rectangular(ctx.uf, ids.reshape(groups, -1))
     ctx.member(node, w, out_axis, ids, "producer")
     if bias:
-        ctx.channelwise_operand(node, bias, ChanMap((0,), ids), expect_rank=1)
+        # the bias broadcasts against the output, so its channels lie on its last axis (Gemm's C may be [1, N])
+        brank = len(ctx.shape(bias) or (0,))
+        ctx.channelwise_operand(node, bias, ChanMap((brank - 1,), ids), expect_rank=brank)
     ctx.set(node.outputs[0], ChanMap((out_rank_axis,), ids))
 
 
@@ -193,8 +195,6 @@ PASS_THROUGH = (
     "GlobalMaxPool",
     "LpPool",
     "GlobalLpPool",
-    "Resize",
-    "Upsample",
     "Softmax",
     "LogSoftmax",
     "Hardmax",
@@ -215,6 +215,22 @@ def pass_through(ctx: Analyzer, node: Node) -> None:
     for o in node.outputs:  # pooling keeps the layout; MaxPool's indices output too; Dropout's mask too
         if o and len(ctx.shape(o) or ()) == rank:
             ctx.set(o, xm)
+
+
+@rule("Resize", "Upsample")
+def resize(ctx: Analyzer, node: Node) -> None:
+    """Pass-through when the channel axes keep their extent (scale 1); surgery rewrites a constant `sizes`."""
+    xm = ctx.map(node.inputs[0])
+    if xm is None:
+        return
+    if node.attr("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+        return ctx.unknown(node, "crops with a region of interest")
+    xs, os_ = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if xs is None or os_ is None or len(xs) != len(os_):
+        return ctx.unknown(node, "its output shape is unknown")
+    if any(xs[a] is None or os_[a] != xs[a] for a in xm.axes):
+        return ctx.unknown(node, "resizes the channel axis")
+    ctx.set(node.outputs[0], xm)
 
 
 @rule("Pad")
@@ -492,12 +508,17 @@ def slice_(ctx: Analyzer, node: Node) -> None:
     xs = ctx.shape(node.inputs[0])
     starts, ends = ctx.const(node.inputs[1]), ctx.const(node.inputs[2])
     axes = ctx.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
-    if starts is None or ends is None:
+    steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else None
+    if starts is None or ends is None or (len(node.inputs) > 4 and node.inputs[4] and steps is None):
         return ctx.unknown(node, "its bounds are not constant")
     axes = np.arange(len(starts)) if axes is None else np.asarray(axes) % len(xs)
+    steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps
     for k, a in enumerate(axes):
-        full = int(starts[k]) == 0 and int(ends[k]) >= xs[a]
-        if a in xm.axes and not full:
+        if a not in xm.axes:
+            continue
+        # the channel axis passes only when every position is taken, in order (a step of 2 or -1 is not)
+        taken = range(*slice(int(starts[k]), int(ends[k]), int(steps[k])).indices(xs[a]))
+        if taken != range(xs[a]):
             return ctx.unknown(node, "slices the channel axis with fixed bounds")
     ctx.set(node.outputs[0], xm)
 

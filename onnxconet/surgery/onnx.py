@@ -1,8 +1,8 @@
 """Slice the exported ONNX graph to a width plan with onnx-graphsurgeon: no torch re-export.
 
 Initializers are sliced along their members' axes; then the few places where the graph spells channel
-counts out as constants are rewritten: Reshape/Expand target shapes, Split/SplitToSequence sizes and the
-`group` attribute of depthwise convs. value_info is carried over with the channel axes resized.
+counts out as constants are rewritten: Reshape/Expand target shapes, Resize sizes, Split/SplitToSequence
+sizes and the `group` attribute of depthwise convs. value_info is carried over with the channel axes resized.
 """
 
 from __future__ import annotations
@@ -47,6 +47,15 @@ def _carry_value_info(cg: ChannelGraph, keep: np.ndarray, model: onnx.ModelProto
     """The original's value_info with the channel axes resized, so shapes stay static for tools (Netron, shape
     inference, a later analysis of this file)."""
     present = {o for n in model.graph.node for o in n.output}
+    # tensors whose shape may differ from the original: sliced parameters, channel tensors that lost channels,
+    # and everything computed from them (a transposed weight, a sequence of chunks)
+    changed = set(cg.param_slices(keep))
+    for name, m in cg.maps.items():
+        if cg.new_extent(m, keep) != list(m.ids.shape):
+            changed.add(name)
+    for node in cg.graph.nodes:
+        if any(i in changed for i in node.inputs if i):
+            changed.update(o for o in node.outputs if o)
     infos = []
     for vi in cg.model.graph.value_info:
         if vi.name not in present:
@@ -54,9 +63,11 @@ def _carry_value_info(cg: ChannelGraph, keep: np.ndarray, model: onnx.ModelProto
         vi = onnx.ValueInfoProto.FromString(vi.SerializeToString())
         m = cg.maps.get(vi.name)
         dims = vi.type.tensor_type.shape.dim
-        if m is not None and len(dims) > max(m.axes):
+        if m is not None and vi.type.HasField("tensor_type") and len(dims) > max(m.axes):
             for a, n in zip(m.axes, cg.new_extent(m, keep), strict=True):
                 dims[a].dim_value = n
+        elif vi.name in changed:
+            continue  # not a channel tensor but computed from one: its shape is left to shape inference
         infos.append(vi)
     del model.graph.value_info[:]
     model.graph.value_info.extend(infos)
