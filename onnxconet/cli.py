@@ -174,7 +174,7 @@ def prune(
     with err.status("slicing the ONNX graph and the torch model, checking outputs…", spinner="dots"):
         res = _run(prune_model, prep, ratio, out_path)
     if json_out:
-        print(json.dumps({k: v for k, v in res.items() if k not in ("widths", "output_shape")}))
+        print(json.dumps({k: v for k, v in res.items() if k != "widths"}))
         return
     t = Table(show_header=True, header_style="bold")
     for c in ("", "before", "after", "ratio"):

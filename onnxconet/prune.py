@@ -58,6 +58,7 @@ def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) ->
             )
         max_diff = float(np.abs(y_torch - y_onnx).max())
     frozen = [g for g in cg.groups if not g.prunable and not g.fixed_io]
+    total, prunable = cg.total_channels()
     return {
         "onnx": str(out),
         "params_before": count_params(cg),
@@ -68,5 +69,10 @@ def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) ->
         "groups_frozen": len(frozen),
         "max_abs_diff": max_diff,
         "output_shape": list(y_onnx.shape),
+        "groups": len(cg.groups),
+        "total_channels": total,
+        "prunable_channels": prunable,
+        "export_seconds": round(prep.export_seconds, 3),
+        "groups_seconds": round(prep.groups_seconds, 4),
         "widths": {str(k): v for k, v in widths.items()},
     }
