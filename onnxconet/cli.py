@@ -203,6 +203,9 @@ def _raise(e: Exception):
     raise e
 
 
+from onnxconet import cli_search  # noqa: E402,F401  (registers `search` on the app)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,173 @@
+"""`onnxconet search`: the main job. Options -> SearchConfig -> run_search, with rich progress on stderr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, WeightsOpt, _run, app, err, out
+
+
+def _renderer(progress: Progress, task_id, quiet: bool):
+    state = {"train": None}
+
+    def on_event(event: str, data: dict) -> None:
+        if event == "stage":
+            progress.console.print(f"[cyan]•[/] {data['text']}")
+        elif event == "trial_start":
+            progress.update(
+                task_id, total=data["trials"], description=f"trial {data['trial'] + 1}/{data['trials']}"
+            )
+        elif event == "train" and data.get("phase") == "train" and data.get("batches"):
+            progress.update(
+                task_id,
+                description=(
+                    f"epoch {data['epoch'] + 1}/{data['epochs']} "
+                    f"batch {data['batch']}/{data['batches']} loss {data['loss']:.3f}"
+                ),
+            )
+        elif event == "trial_end":
+            r = data["record"]
+            progress.advance(task_id)
+            if r["state"] != "complete":
+                progress.console.print(f"  trial {r['trial']}: [red]failed[/] {r.get('error')}")
+                return
+            ratio = r.get("ratio")
+            best = data.get("best_accuracy")
+            progress.console.print(
+                f"  trial {r['trial']}: acc {100 * r['accuracy']:.1f}%  ratio {ratio:.3f}  MACs {r['flops_ratio']:.2f}  "
+                f"{'[green]accepted[/]' if r.get('accepted') else '[dim]rejected[/]'}"
+                + (f"  best {100 * best:.1f}%" if best is not None else "")
+            )
+
+    return on_event
+
+
+@app.command()
+def search(
+    model: ModelArg = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="digits (built-in), an ImageFolder PATH, cifar10:PATH, cifar100:PATH or npz:FILE."
+        ),
+    ] = "digits",
+    weights: WeightsOpt = None,
+    input_shape: InputShapeOpt = None,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            "--strategy",
+            help="anneal (CONetV2 metric + simulated annealing), or the baselines random | uniform | l1.",
+        ),
+    ] = "anneal",
+    latency_budget: Annotated[
+        str,
+        typer.Option(
+            "--latency-budget", help="Budget as a ratio of the original (0.5) or milliseconds (12ms)."
+        ),
+    ] = "0.5",
+    budget_on: Annotated[
+        str,
+        typer.Option(
+            "--budget-on",
+            help="latency (measured with onnxruntime), flops or "
+            "params; --latency-budget is then that quantity's ratio.",
+        ),
+    ] = "latency",
+    provider: Annotated[
+        str,
+        typer.Option(
+            "--provider",
+            help="onnxruntime provider: auto (TensorRT, else CUDA, else CPU) | cpu | cuda | tensorrt.",
+        ),
+    ] = "auto",
+    threads: Annotated[
+        int, typer.Option("--threads", help="onnxruntime intra-op threads (0: physical cores).")
+    ] = 0,
+    trials: Annotated[int, typer.Option("--trials", help="Candidates to train and measure.")] = 12,
+    epochs_per_trial: Annotated[
+        int, typer.Option("--epochs-per-trial", help="Fine-tuning epochs per candidate.")
+    ] = 1,
+    final_epochs: Annotated[int, typer.Option("--final-epochs", help="Fine-tuning epochs of the best.")] = 4,
+    pretrain_epochs: Annotated[
+        int,
+        typer.Option(
+            "--pretrain-epochs",
+            help="Training of the original when no --weights are given (it becomes the teacher).",
+        ),
+    ] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate (cosine schedule).")] = 0.05,
+    min_ratio: Annotated[
+        float, typer.Option("--min-ratio", help="Smallest width of a group, as a share of its channels.")
+    ] = 0.125,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Run directory (history, checkpoints, best.onnx, report).")
+    ] = Path("runs/search"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out without redoing finished trials.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Training device: auto | cpu | cuda.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Search the channel width of every group: candidates inherit the original's weights, are fine-tuned with
+    distillation, scored by accuracy against measured latency; the best is fine-tuned and written as
+    OUT/best.onnx with a report. With no arguments: the built-in digits CNN on digits, budget 0.5."""
+    from onnxconet.load import parse_input_shape
+    from onnxconet.search.run import SearchConfig, run_search
+
+    cfg = SearchConfig(
+        model=model,
+        data=data,
+        weights=str(weights) if weights else None,
+        input_shape=_run(parse_input_shape, input_shape),
+        strategy=strategy,
+        budget=latency_budget,
+        budget_on=budget_on,
+        provider=provider,
+        threads=threads,
+        trials=trials,
+        epochs_per_trial=epochs_per_trial,
+        final_epochs=final_epochs,
+        pretrain_epochs=pretrain_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_ratio=min_ratio,
+        out=str(out_dir),
+        resume=resume,
+        seed=seed,
+        device=device,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("preparing", total=trials)
+        result = _run(run_search, cfg, _renderer(progress, task, json_out))
+    if json_out:
+        print(json.dumps(result))
+        return
+    b, base = result["best"], result["baseline"]
+    out.print(
+        f"[bold]best[/] (trial {b['trial']}): accuracy {100 * b['accuracy']:.1f}% "
+        f"(baseline {100 * base['accuracy']:.1f}%), latency {b['latency_ms']:.2f} ms = {b['latency_ratio']:.3f}× "
+        f"the baseline ({b['speedup']:.2f}× faster), MACs {b['flops_ratio']:.2f}×, params {b['params_ratio']:.2f}×; "
+        f"budget {result['budget']['on']} ≤ {result['budget']['ratio']:.3f}: "
+        + ("[green]met[/]" if b["budget_met"] else "[red]not met[/]")
+    )
+    out.print(
+        f"wrote {b['onnx']} (onnxruntime vs torch max |diff| {b['max_abs_diff']:.1e}), "
+        f"{Path(cfg.out) / 'report.md'}, {Path(cfg.out) / 'result.json'}"
+    )

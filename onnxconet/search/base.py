@@ -1,0 +1,105 @@
+"""The strategy interface (ask for widths, be told the finished trial) and the trial record.
+
+Strategies see history only as frozen `Trial` records and own a seeded RNG, so a run replays exactly:
+resuming asks the strategy again and tells it the recorded results, without training anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from onnxconet.space import WidthSpace
+
+
+class TrialState(str, enum.Enum):
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluated width configuration. `ratio` is the budgeted quantity's ratio to the baseline
+    (measured latency, FLOPs or params); `metrics` are per-group layer metrics (CONetV2's QC)."""
+
+    number: int
+    widths: dict[int, int]
+    state: TrialState
+    accuracy: float | None = None
+    ratio: float | None = None
+    latency_ms: float | None = None
+    latency_ratio: float | None = None
+    params: int = 0
+    flops: int = 0
+    flops_ratio: float = 1.0
+    params_ratio: float = 1.0
+    seconds: float = 0.0
+    metrics: dict[int, float] = field(default_factory=dict)
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["trial"] = d.pop("number")
+        d["state"] = self.state.value
+        d["widths"] = {str(k): int(v) for k, v in self.widths.items()}
+        d["metrics"] = {str(k): float(v) for k, v in self.metrics.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Trial:
+        d = dict(d)
+        d["number"] = d.pop("trial")
+        d["state"] = TrialState(d["state"])
+        d["widths"] = {int(k): int(v) for k, v in d["widths"].items()}
+        d["metrics"] = {int(k): float(v) for k, v in d.get("metrics", {}).items()}
+        known = set(cls.__dataclass_fields__)
+        extra = {k: v for k, v in d.items() if k not in known}
+        d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("extra", {}).update(extra)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """J = accuracy - penalty * max(0, ratio / budget - 1): a hinge on the budget.
+
+    Below the budget only accuracy counts (wider is naturally more accurate, so the search is pulled up to the
+    budget); above it every 1% of overshoot costs `penalty` percent of accuracy. A hinge keeps the
+    objective's unit (accuracy) readable in the report, unlike FBNet's multiplicative log-latency form.
+    """
+
+    budget: float
+    penalty: float = 1.0
+
+    def __call__(self, trial: Trial) -> float:
+        if trial.state is not TrialState.COMPLETE or trial.accuracy is None or trial.ratio is None:
+            return -math.inf
+        return trial.accuracy - self.penalty * max(0.0, trial.ratio / self.budget - 1.0)
+
+    def feasible(self, trial: Trial, slack: float = 0.0) -> bool:
+        return (
+            trial.state is TrialState.COMPLETE
+            and trial.ratio is not None
+            and trial.ratio <= self.budget * (1 + slack)
+        )
+
+
+class Strategy:
+    """Base class: `ask()` returns the next widths; `tell(trial)` reports its result."""
+
+    name = "base"
+
+    def __init__(self, space: WidthSpace, objective: Objective, seed: int = 0) -> None:
+        self.space = space
+        self.objective = objective
+        self.seed = seed
+
+    def ask(self) -> dict[int, int]:
+        raise NotImplementedError
+
+    def tell(self, trial: Trial) -> dict[str, Any]:
+        """Returns facts to record with the trial (e.g. accepted, temperature)."""
+        return {}

@@ -1,0 +1,56 @@
+"""Baselines for benchmarks, on the same interface as the searches.
+
+- `uniform`: every group scaled by one factor onto the budget, weights re-initialized (width scaling,
+  trained from scratch with distillation for the same epochs).
+- `l1`: the same uniform widths, keeping the top-L1 channels of the original (magnitude pruning).
+- `random`: random widths scaled onto the budget, each trial cut from the original (best one wins).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxconet.search.base import Objective, Strategy, Trial
+from onnxconet.search.cost import CostModel
+from onnxconet.space import WidthSpace
+
+
+class UniformStrategy(Strategy):
+    """Always proposes the uniform configuration on the budget."""
+
+    name = "l1"
+    reinit = False
+    absorb = False
+
+    def __init__(self, space: WidthSpace, objective: Objective, cost: CostModel, seed: int = 0) -> None:
+        super().__init__(space, objective, seed)
+        self.cost = cost
+
+    def ask(self) -> dict[int, int]:
+        return self.cost.rescale(self.space.full(), self.objective.budget)
+
+    def tell(self, trial: Trial) -> dict:
+        return {"accepted": True, "objective": self.objective(trial)}
+
+
+class ScratchUniformStrategy(UniformStrategy):
+    name = "uniform"
+    reinit = True
+
+
+class RandomStrategy(Strategy):
+    """Random relative widths (log-uniform factors in [1/4, 1]) scaled onto the budget."""
+
+    name = "random"
+    absorb = False
+
+    def __init__(self, space: WidthSpace, objective: Objective, cost: CostModel, seed: int = 0) -> None:
+        super().__init__(space, objective, seed)
+        self.cost, self.rng = cost, np.random.default_rng(seed)
+
+    def ask(self) -> dict[int, int]:
+        raw = {g.id: g.hi * float(2.0 ** self.rng.uniform(-2, 0)) for g in self.space}
+        return self.cost.rescale(raw, self.objective.budget)
+
+    def tell(self, trial: Trial) -> dict:
+        return {"accepted": True, "objective": self.objective(trial)}

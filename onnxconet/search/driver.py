@@ -1,0 +1,188 @@
+"""The search loop: history (append-only JSONL, resumable), checkpoints, failure handling, progress.
+
+Directory layout of a run (`--out`):
+    history.jsonl      header line (config, fingerprint) + one line per finished trial
+    teacher.pt         the pretrained original (when no --weights were given)
+    bank.pt            the full-width weight bank after the last accepted trial
+    best_candidate.pt  the best feasible trial's fine-tuned weights and keep mask
+    baseline.onnx, best.onnx, best_widths.json, result.json, report.md, pareto.png
+
+A killed run resumes with --resume: the strategy is replayed from the history (asked again, told the
+recorded results, nothing retrained), the bank is reloaded, and the loop continues at the next trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onnxconet.errors import OnnxconetError
+from onnxconet.search.base import Objective, Strategy, Trial, TrialState
+from onnxconet.search.evaluate import Evaluator, failed_trial
+from onnxconet.surgery.inherit import WeightBank
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, dict], None]
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class History:
+    """Append-only JSONL: a header and one record per finished trial; each line is flushed and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def exists(self) -> bool:
+        return self.path.is_file() and self.path.stat().st_size > 0
+
+    def read(self) -> tuple[dict | None, list[dict]]:
+        header, trials = None, []
+        for i, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning(
+                    "%s:%d: skipped a truncated line (the run was killed while writing it)", self.path, i
+                )
+                continue
+            if rec.get("kind") == "header":
+                header = rec
+            elif rec.get("kind") == "trial":
+                trials.append(rec)
+        return header, trials
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Loop:
+    """Runs `trials` trials of `strategy` with `evaluator`, recording into `out`."""
+
+    strategy: Strategy
+    evaluator: Evaluator
+    objective: Objective
+    out: Path
+    trials: int
+    on_observe: Callable[[Trial], None] | None = None
+    progress: Progress | None = None
+
+    def __post_init__(self) -> None:
+        self.history = History(self.out / "history.jsonl")
+        self.records: list[dict] = []
+        self.best: Trial | None = None
+
+    def _emit(self, event: str, data: dict) -> None:
+        if self.progress:
+            self.progress(event, data)
+
+    def _consider_best(self, trial: Trial) -> bool:
+        if not self.objective.feasible(trial):
+            return False
+        if self.best is None or self.objective(trial) > self.objective(self.best):
+            self.best = trial
+            return True
+        return False
+
+    def replay(self, records: list[dict]) -> None:
+        """Bring the strategy to where the recorded run stopped, without training."""
+        for rec in records:
+            trial = Trial.from_json(rec)
+            asked = self.strategy.ask()
+            if asked != trial.widths:
+                log.warning(
+                    "resume: trial %d was recorded with other widths than the strategy now proposes "
+                    "(code or config changed?); continuing with the recorded result",
+                    trial.number,
+                )
+            if self.on_observe:
+                self.on_observe(trial)
+            self.strategy.tell(trial)
+            self._consider_best(trial)
+            self.records.append(rec)
+        if records:
+            self._emit("stage", {"text": f"resumed after {len(records)} finished trials"})
+
+    def run(self) -> None:
+        absorb = getattr(self.strategy, "absorb", True)
+        for n in range(len(self.records), self.trials):
+            widths = self.strategy.ask()
+            self._emit("trial_start", {"trial": n, "trials": self.trials, "widths": widths})
+            try:
+                trial, model, slices = self.evaluator.run(n, widths)
+            except (KeyboardInterrupt, OnnxconetError) as e:
+                if isinstance(e, KeyboardInterrupt) or "NaN" not in str(e) and "nan" not in str(e):
+                    raise
+                trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
+            except Exception as e:  # noqa: BLE001 - a failing candidate must not end the search
+                trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
+            if self.on_observe:
+                self.on_observe(trial)
+            facts = self.strategy.tell(trial)
+            is_best = self._consider_best(trial)
+            if is_best and model is not None:
+                keep = self.evaluator.cg.keep_mask(widths, self.evaluator.bank.scores(self.evaluator.cg))
+                atomic_save(
+                    {"trial": n, "state": model.state_dict(), "keep": torch.from_numpy(keep)},
+                    self.out / "best_candidate.pt",
+                )
+            rec = {"kind": "trial", **trial.to_json(), **facts}
+            self.history.append(rec)
+            self.records.append(rec)
+            if facts.get("accepted") and absorb and model is not None:
+                self.evaluator.bank.absorb(slices, model)
+                atomic_save(self.evaluator.bank.state_dict(), self.out / "bank.pt")
+            self._emit(
+                "trial_end",
+                {
+                    "record": rec,
+                    "best": self.best.number if self.best else None,
+                    "best_accuracy": self.best.accuracy if self.best else None,
+                },
+            )
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s is unreadable (%s); ignoring it", path, str(e).splitlines()[0][:120])
+        return None
+
+
+def restore_bank(bank: WeightBank, out: Path) -> bool:
+    state = load_checkpoint(out / "bank.pt")
+    if state is None:
+        return False
+    bank.load_state_dict(state)
+    return True
+
+
+def keep_of(best_ckpt: dict | None, trial: Trial) -> np.ndarray | None:
+    if best_ckpt is None or best_ckpt.get("trial") != trial.number:
+        return None
+    return best_ckpt["keep"].numpy().astype(bool)
+
+
+def trial_state_ok(rec: dict) -> bool:
+    return rec.get("state") == TrialState.COMPLETE.value

@@ -1,0 +1,145 @@
+"""Evaluate one width configuration: cut it from the weight bank, fine-tune with distillation, score its
+layers (CONetV2's QC per group), measure its latency against the baseline, count FLOPs and params."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from torch import nn
+
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.graph.stats import count_flops, count_params
+from onnxconet.latency.profile import Target, measure_relative
+from onnxconet.metrics.conet import weight_metrics
+from onnxconet.search.base import Trial, TrialState
+from onnxconet.surgery.inherit import WeightBank
+from onnxconet.surgery.onnx import slice_onnx
+from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatencyJudge:
+    """Measures a candidate's latency interleaved with the baseline ONNX (ratio + absolute ms)."""
+
+    reference: bytes
+    target: Target
+    max_seconds: float = 3.0
+
+    def measure(self, candidate: onnx.ModelProto) -> tuple[float, float]:
+        rel = measure_relative(
+            candidate.SerializeToString(), self.reference, self.target, max_seconds=self.max_seconds
+        )
+        return rel.ratio, rel.candidate.median_ms
+
+
+@dataclass
+class Evaluator:
+    """Everything a trial needs. `on` is the budgeted quantity: latency | flops | params."""
+
+    cg: ChannelGraph
+    bank: WeightBank
+    teacher: nn.Module
+    train_loader: object
+    val_loader: object
+    train_cfg: TrainConfig
+    judge: LatencyJudge | None
+    on: str = "latency"
+    device: str | None = None
+    metric: str = "qc"
+    progress: Callable[[dict], None] | None = None
+    base_flops: int = field(init=False)
+    base_params: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base_flops = max(count_flops(self.cg), 1)
+        self.base_params = max(count_params(self.cg), 1)
+
+    def cut(self, widths: dict[int, int]):
+        keep = self.cg.keep_mask(widths, self.bank.scores(self.cg))
+        slices = self.cg.param_slices(keep)
+        return keep, slices, self.bank.cut(slices)
+
+    def run(
+        self, number: int, widths: dict[int, int], epochs: int | None = None
+    ) -> tuple[Trial, nn.Module, dict]:
+        """Train and measure one candidate; returns (trial, fine-tuned module, slices)."""
+        t0 = time.perf_counter()
+        keep, slices, model = self.cut(widths)
+        flops, params = count_flops(self.cg, keep), count_params(self.cg, keep)
+        latency_ratio = latency_ms = None
+        if self.judge is not None:
+            latency_ratio, latency_ms = self.judge.measure(slice_onnx(self.cg, keep))
+        cfg = self.train_cfg if epochs is None else _with_epochs(self.train_cfg, epochs)
+        recalibrate_bn(model, self.train_loader, batches=10, device=self.device)
+        per_epoch: list[dict[int, float]] = []
+        fit(
+            model,
+            self.train_loader,
+            cfg,
+            teacher=self.teacher,
+            device=self.device,
+            progress=self.progress,
+            epoch_callback=(lambda _e, m: per_epoch.append(self.group_metrics(m)))
+            if self.metric == "qc"
+            else None,
+        )
+        acc = evaluate(model, self.val_loader, device=self.device)["accuracy"]
+        metrics = {g: max(e.get(g, 0.0) for e in per_epoch) for g in per_epoch[0]} if per_epoch else {}
+        ratio = {
+            "latency": latency_ratio,
+            "flops": flops / self.base_flops,
+            "params": params / self.base_params,
+        }[self.on]
+        trial = Trial(
+            number,
+            dict(widths),
+            TrialState.COMPLETE,
+            accuracy=acc,
+            ratio=ratio,
+            latency_ms=latency_ms,
+            latency_ratio=latency_ratio,
+            params=params,
+            flops=flops,
+            flops_ratio=flops / self.base_flops,
+            params_ratio=params / self.base_params,
+            seconds=time.perf_counter() - t0,
+            metrics=metrics,
+        )
+        return trial, model, slices
+
+    def group_metrics(self, model: nn.Module) -> dict[int, float]:
+        """CONetV2 per group: mean of its producers' output-unfolding QC and consumers' input-unfolding QC."""
+        state = model.state_dict()
+        weights = {
+            m.param: state[m.param].detach().cpu().numpy()
+            for m in self.cg.members.values()
+            if m.role in ("producer", "consumer") and m.param in state and state[m.param].dim() >= 2
+        }
+        metrics, _errors = weight_metrics(weights)
+        sums: dict[int, list[float]] = {}
+        for m in self.cg.members.values():
+            if m.param not in metrics or m.role not in ("producer", "consumer"):
+                continue
+            q = metrics[m.param]["out" if m.role == "producer" else "in"].qc
+            for gid in np.unique(self.cg.group_of_bundle[self.cg.bundle_of_id[m.ids]]).tolist():
+                sums.setdefault(gid, []).append(q)
+        return {g: float(np.mean(v)) for g, v in sums.items() if self.cg.groups[g].prunable}
+
+
+def _with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, epochs=epochs)
+
+
+def failed_trial(number: int, widths: dict[int, int], error: BaseException, seconds: float) -> Trial:
+    msg = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    log.warning("trial %d failed: %s", number, msg)
+    return Trial(number, dict(widths), TrialState.FAILED, seconds=seconds, error=msg)

@@ -1,0 +1,452 @@
+"""`onnxconet search`: model + data + budget -> the best widths, fine-tuned, as a checked ONNX file and a
+report. One function, `run_search`, that the CLI calls with a `SearchConfig`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import socket
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from onnxconet.data import load_data, make_loaders
+from onnxconet.errors import BudgetError, OnnxconetError
+from onnxconet.graph.ir import save_onnx
+from onnxconet.graph.stats import count_flops, count_params
+from onnxconet.latency.profile import Target, measure_relative
+from onnxconet.prepare import prepare
+from onnxconet.prune import onnx_outputs, torch_outputs
+from onnxconet.search.anneal import AnnealStrategy
+from onnxconet.search.base import Objective, Trial, TrialState
+from onnxconet.search.baselines import RandomStrategy, ScratchUniformStrategy, UniformStrategy
+from onnxconet.search.cost import CostModel
+from onnxconet.search.driver import Loop, Progress, atomic_save, keep_of, load_checkpoint, restore_bank
+from onnxconet.search.evaluate import Evaluator, LatencyJudge
+from onnxconet.space import WidthSpace, save_widths
+from onnxconet.surgery.inherit import WeightBank
+from onnxconet.surgery.onnx import check_onnx, slice_onnx
+from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("anneal", "random", "uniform", "l1")
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search run needs; the CLI fills it from its options."""
+
+    model: str | None = None
+    data: str = "digits"
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    strategy: str = "anneal"
+    budget: str = "0.5"
+    budget_on: str = "latency"
+    provider: str = "auto"
+    threads: int = 0
+    trials: int = 12
+    epochs_per_trial: int = 1
+    final_epochs: int = 4
+    pretrain_epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.05
+    alpha: float = 0.5
+    temperature: float = 4.0
+    min_ratio: float = 0.125
+    align: int = 1
+    penalty: float = 1.0
+    latency_seconds: float = 2.0
+    max_batches: int | None = None
+    out: str = "runs/search"
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+
+    def check(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise OnnxconetError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.budget_on not in ("latency", "flops", "params"):
+            raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
+        if self.trials < 1:
+            raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
+
+
+def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, float | None]:
+    """'0.5' -> ratio 0.5; '12ms' -> 12 / baseline ms (latency only). Returns (ratio, ms or None)."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            if on != "latency" or not baseline_ms:
+                raise OnnxconetError(f"--latency-budget {text}: milliseconds need --budget-on latency")
+            ms = float(t[:-2])
+            return ms / baseline_ms, ms
+        ratio = float(t)
+    except ValueError:
+        raise OnnxconetError(
+            f"--latency-budget {text!r} is neither a ratio (0.5) nor milliseconds (12ms)"
+        ) from None
+    if not 0 < ratio <= 1:
+        raise OnnxconetError(
+            f"--latency-budget {text}: a ratio must be in (0, 1], e.g. 0.5 for half the baseline"
+        )
+    return ratio, (ratio * baseline_ms if baseline_ms else None)
+
+
+def onnx_with_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    """The graph with its initializers replaced by the torch weights of the same names (state_dict keys)."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    for init in new.graph.initializer:
+        t = state.get(init.name)
+        if t is None:
+            continue
+        arr = t.detach().cpu().numpy()
+        if tuple(arr.shape) != tuple(init.dims):
+            raise OnnxconetError(
+                f"weight {init.name}: torch shape {tuple(arr.shape)} != ONNX {tuple(init.dims)}"
+            )
+        init.CopyFrom(
+            onnx.numpy_helper.from_array(
+                arr.astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)), init.name
+            )
+        )
+    return new
+
+
+def _emit(progress: Progress | None, event: str, **data) -> None:
+    if progress:
+        progress(event, data)
+
+
+def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
+    """Run a search end to end and write its directory; returns the result.json object."""
+    cfg.check()
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    history = out / "history.jsonl"
+    if history.is_file() and history.stat().st_size and not cfg.resume:
+        raise OnnxconetError(f"{history} exists: pass --resume to continue that run, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    _emit(progress, "stage", text="exporting the model and reading its channel groups")
+    prep = prepare(cfg.model, cfg.weights, cfg.input_shape)
+    if prep.loaded.module is None:
+        raise OnnxconetError(
+            f"{prep.loaded.spec}: search needs the torch model (a .py:factory or torchvision spec), "
+            "not an ONNX file"
+        )
+    cg = prep.graph
+    n_classes = (cg.graph.shape(cg.graph.outputs[0]) or (0,))[-1]
+    splits = load_data(cfg.data, prep.loaded.input_shape, seed=cfg.seed, num_classes=n_classes or None)
+    train_loader, val_loader, test_loader = make_loaders(splits, cfg.batch_size, cfg.seed)
+    tcfg = TrainConfig(
+        epochs=cfg.epochs_per_trial,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        max_batches=cfg.max_batches,
+        seed=cfg.seed,
+    )
+
+    teacher = _teacher(cfg, prep.loaded.module, train_loader, val_loader, tcfg, out, progress)
+    base_val = evaluate(teacher, val_loader, device=cfg.device, max_batches=cfg.max_batches)["accuracy"]
+    base_test = evaluate(teacher, test_loader, device=cfg.device)["accuracy"] if test_loader else None
+    baseline_proto = onnx_with_weights(prep.onnx_model, teacher.state_dict())
+    save_onnx(baseline_proto, str(out / "baseline.onnx"))
+    reference = baseline_proto.SerializeToString()
+    target = Target(provider=cfg.provider, threads=cfg.threads)
+    _emit(progress, "stage", text="measuring the baseline's latency")
+    # interleaved against itself: the same measurement conditions as every candidate (no thread spinning)
+    base_stats = measure_relative(reference, reference, target, max_seconds=2 * cfg.latency_seconds).reference
+    budget, budget_ms = parse_budget(cfg.budget, cfg.budget_on, base_stats.median_ms)
+
+    space = WidthSpace(cg, min_ratio=cfg.min_ratio, align=cfg.align)
+    if not len(space):
+        raise OnnxconetError(
+            f"{prep.loaded.spec}: no prunable group (see onnxconet inspect); nothing to search"
+        )
+    cost = CostModel(cg, space, cfg.budget_on)
+    judge = LatencyJudge(reference, target, cfg.latency_seconds)
+    _check_reachable(cfg, cg, space, cost, judge, budget)
+    objective = Objective(budget, cfg.penalty)
+    strategy = _make_strategy(cfg, space, objective, cost)
+
+    bank = WeightBank(teacher)
+    evaluator = Evaluator(
+        cg,
+        bank,
+        teacher,
+        train_loader,
+        val_loader,
+        tcfg,
+        judge if cfg.budget_on == "latency" or cfg.latency_seconds > 0 else None,
+        cfg.budget_on,
+        cfg.device,
+        "qc" if cfg.strategy == "anneal" else "none",
+        progress=(lambda d: _emit(progress, "train", **d)),
+    )
+    if getattr(strategy, "reinit", False):
+        evaluator.bank = _reinit_bank(teacher, cfg.seed)
+
+    def observe(trial: Trial) -> None:
+        if trial.state is TrialState.COMPLETE and trial.latency_ratio is not None:
+            cost.observe(trial.flops_ratio, trial.latency_ratio)
+
+    loop = Loop(strategy, evaluator, objective, out, cfg.trials, observe, progress)
+    header, records = loop.history.read() if loop.history.exists() else (None, [])
+    if header is None:
+        loop.history.append(
+            {"kind": "header", "config": _config_json(cfg), "fingerprint": cg.fingerprint(), "budget": budget}
+        )
+    elif header.get("fingerprint") != cg.fingerprint():
+        raise OnnxconetError(f"{history} belongs to another model (fingerprint); use another --out")
+    loop.replay(records)
+    if records and restore_bank(evaluator.bank, out):
+        _emit(progress, "stage", text="weight bank restored")
+    _emit(progress, "stage", text=f"searching: {cfg.trials} trials of {cfg.strategy}")
+    loop.run()
+
+    result = _finish(
+        cfg,
+        prep,
+        cg,
+        loop,
+        teacher,
+        evaluator,
+        train_loader,
+        val_loader,
+        test_loader,
+        tcfg,
+        target,
+        base_stats,
+        budget,
+        budget_ms,
+        base_val,
+        base_test,
+        out,
+        progress,
+    )
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    from onnxconet.report import write_report
+
+    write_report(result, out)
+    return result
+
+
+def _teacher(cfg, module, train_loader, val_loader, tcfg, out: Path, progress) -> torch.nn.Module:
+    teacher = copy.deepcopy(module)
+    if cfg.weights:
+        return teacher.eval()
+    ckpt = load_checkpoint(out / "teacher.pt") if cfg.resume else None
+    if ckpt is not None:
+        teacher.load_state_dict(ckpt)
+        _emit(progress, "stage", text="pretrained teacher restored")
+        return teacher.eval()
+    if cfg.pretrain_epochs > 0:
+        _emit(
+            progress,
+            "stage",
+            text=f"pretraining the original for {cfg.pretrain_epochs} epochs (no --weights given)",
+        )
+        fit(
+            teacher,
+            train_loader,
+            replace(tcfg, epochs=cfg.pretrain_epochs, alpha=0.0),
+            val_loader=val_loader,
+            device=cfg.device,
+            progress=lambda d: _emit(progress, "train", **d),
+        )
+        atomic_save(teacher.state_dict(), out / "teacher.pt")
+    return teacher.eval()
+
+
+def _reinit_bank(teacher: torch.nn.Module, seed: int) -> WeightBank:
+    fresh = copy.deepcopy(teacher)
+    torch.manual_seed(seed)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters") and m is not fresh:
+            m.reset_parameters()
+    return WeightBank(fresh)
+
+
+def _check_reachable(cfg, cg, space, cost: CostModel, judge: LatencyJudge, budget: float) -> None:
+    smallest = space.smallest()
+    if cfg.budget_on == "latency":
+        keep = cg.keep_mask(smallest)
+        ratio, _ = judge.measure(slice_onnx(cg, keep))
+        cost.observe(cost.exact(smallest)[0], ratio)
+    else:
+        ratio = cost.predict(smallest)
+    if ratio > budget:
+        raise BudgetError(
+            f"budget {budget:.3f} is out of reach: the smallest allowed widths (every group at "
+            f"{cfg.min_ratio:g} of its channels) give a {cfg.budget_on} ratio of {ratio:.3f}; raise "
+            f"--latency-budget to at least {ratio * 1.05:.2f} or lower --min-ratio"
+        )
+
+
+def _make_strategy(cfg, space, objective, cost):
+    if cfg.strategy == "anneal":
+        return AnnealStrategy(
+            space, objective, cost, cost.rescale(space.full(), 0.97 * objective.budget), seed=cfg.seed
+        )
+    if cfg.strategy == "random":
+        return RandomStrategy(space, objective, cost, seed=cfg.seed)
+    if cfg.strategy == "uniform":
+        return ScratchUniformStrategy(space, objective, cost, seed=cfg.seed)
+    return UniformStrategy(space, objective, cost, seed=cfg.seed)
+
+
+def _config_json(cfg: SearchConfig) -> dict:
+    d = asdict(cfg)
+    d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
+    d["model"] = cfg.model or "models/digits_cnn.py:digits_cnn"
+    return d
+
+
+def _finish(
+    cfg,
+    prep,
+    cg,
+    loop: Loop,
+    teacher,
+    evaluator,
+    train_loader,
+    val_loader,
+    test_loader,
+    tcfg,
+    target,
+    base_stats,
+    budget,
+    budget_ms,
+    base_val,
+    base_test,
+    out: Path,
+    progress,
+) -> dict:
+    trials = [Trial.from_json(r) for r in loop.records]
+    best = loop.best
+    if best is None:
+        done = [t for t in trials if t.state is TrialState.COMPLETE]
+        if not done:
+            raise OnnxconetError(
+                f"every trial failed (see {out / 'history.jsonl'}); the first error: "
+                f"{trials[0].error if trials else 'none'}"
+            )
+        best = min(done, key=lambda t: t.ratio)
+        log.warning(
+            "no trial met the budget; finishing the one closest to it (trial %d, ratio %.3f)",
+            best.number,
+            best.ratio,
+        )
+    _emit(progress, "stage", text=f"fine-tuning trial {best.number} for {cfg.final_epochs} epochs")
+    ckpt = load_checkpoint(out / "best_candidate.pt")
+    keep = keep_of(ckpt, best)
+    if keep is None:
+        keep = cg.keep_mask(best.widths, evaluator.bank.scores(cg))
+        model = evaluator.bank.cut(cg.param_slices(keep))
+        recalibrate_bn(model, train_loader, batches=10, device=cfg.device)
+    else:
+        model = evaluator.bank.cut(cg.param_slices(keep))
+        model.load_state_dict(ckpt["state"])
+    if cfg.final_epochs > 0:
+        fit(
+            model,
+            train_loader,
+            replace(tcfg, epochs=cfg.final_epochs),
+            teacher=teacher,
+            device=cfg.device,
+            progress=lambda d: _emit(progress, "train", **d),
+        )
+    model = model.cpu().eval()
+    val_acc = evaluate(model, val_loader, device="cpu", max_batches=cfg.max_batches)["accuracy"]
+    test_acc = evaluate(model, test_loader, device="cpu")["accuracy"] if test_loader else None
+
+    _emit(progress, "stage", text="writing best.onnx, checking it, re-measuring its latency")
+    best_proto = onnx_with_weights(slice_onnx(cg, keep), model.state_dict())
+    check_onnx(best_proto)
+    widths = cg.widths_of(keep)
+    meta = {
+        "onnxconet.widths": json.dumps({str(k): v for k, v in widths.items()}),
+        "onnxconet.accuracy": f"{val_acc:.4f}",
+        "onnxconet.fingerprint": cg.fingerprint(),
+        "onnxconet.model": prep.loaded.spec,
+    }
+    for k, v in meta.items():
+        best_proto.metadata_props.add(key=k, value=v)
+    best_path = out / "best.onnx"
+    save_onnx(best_proto, str(best_path))
+    save_widths(out / "best_widths.json", widths, cg, prep.loaded.spec)
+    x = np.random.default_rng(cfg.seed).standard_normal(prep.loaded.input_shape).astype(np.float32)
+    max_diff = float(np.abs(onnx_outputs(str(best_path), x) - torch_outputs(model, x)).max())
+    rel = measure_relative(
+        str(best_path), str(out / "baseline.onnx"), target, max_seconds=3 * cfg.latency_seconds
+    )
+    flops, params = count_flops(cg, keep), count_params(cg, keep)
+    base_flops, base_params = count_flops(cg), count_params(cg)
+    ratio_now = {"latency": rel.ratio, "flops": flops / base_flops, "params": params / base_params}[
+        cfg.budget_on
+    ]
+    best_rec = {
+        "trial": best.number,
+        "widths": {str(k): v for k, v in widths.items()},
+        "accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "search_accuracy": best.accuracy,
+        "latency_ms": rel.candidate.median_ms,
+        "latency_ratio": rel.ratio,
+        "speedup": 1.0 / rel.ratio,
+        "params": params,
+        "flops": flops,
+        "flops_ratio": flops / base_flops,
+        "params_ratio": params / base_params,
+        "budget_met": bool(ratio_now <= budget),
+        "max_abs_diff": max_diff,
+        "onnx": str(best_path),
+    }
+    records = [dict(r) for r in loop.records]
+    pareto = _pareto(records, cfg.budget_on)
+    return {
+        "config": {**_config_json(cfg), "strategy": cfg.strategy},
+        "baseline": {
+            "accuracy": base_val,
+            "test_accuracy": base_test,
+            "latency_ms": rel.reference.median_ms,
+            "params": base_params,
+            "flops": base_flops,
+            "onnx": str(out / "baseline.onnx"),
+        },
+        "budget": {"on": cfg.budget_on, "ratio": budget, "ms": budget_ms},
+        "best": best_rec,
+        "trials": records,
+        "pareto": pareto,
+        "groups": [{"id": g.id, "channels": g.channels, "modules": g.modules} for g in cg.prunable],
+        "provider": rel.candidate.provider,
+        "onnxruntime": ort.__version__,
+        "host": f"{socket.gethostname()} ({platform.processor() or platform.machine()}, {target.threads or 'auto'} threads)",
+    }
+
+
+def _pareto(records: list[dict], on: str) -> list[int]:
+    key = {"latency": "latency_ratio", "flops": "flops_ratio", "params": "params_ratio"}[on]
+    pts = [
+        (r[key], -r["accuracy"], r["trial"])
+        for r in records
+        if r.get("state") == "complete" and r.get(key) is not None and r.get("accuracy") is not None
+    ]
+    front, best_acc = [], -1.0
+    for x, neg_acc, n in sorted(pts):
+        if -neg_acc > best_acc:
+            front.append(n)
+            best_acc = -neg_acc
+    return front

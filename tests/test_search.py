@@ -1,0 +1,215 @@
+"""The search: strategy contract, resume after a kill, CLI smoke, bad inputs, unreachable budget."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from onnxconet.cli import app
+from onnxconet.errors import BudgetError
+from onnxconet.prepare import prepare
+from onnxconet.search.anneal import AnnealStrategy
+from onnxconet.search.base import Objective, Trial, TrialState
+from onnxconet.search.baselines import RandomStrategy, UniformStrategy
+from onnxconet.search.cost import CostModel
+from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.space import WidthSpace
+
+TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_graph():
+    return prepare(TINY).graph
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    """A learnable 5-class problem shaped like the tiny model's input: class = which quadrant is bright."""
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.integers(0, 5, n)
+    x = rng.normal(0, 0.3, (n, 3, 16, 16)).astype(np.float32)
+    for i, c in enumerate(y):
+        x[i, :, (c // 2) * 8 : (c // 2) * 8 + 8, (c % 2) * 8 : (c % 2) * 8 + 8] += 1.0 + 0.5 * (c == 4)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+def fake_trial(n, widths, space, rng, fail=False):
+    if fail:
+        return Trial(n, widths, TrialState.FAILED, error="boom")
+    frac = np.mean([widths[g.id] / g.hi for g in space])
+    metrics = {g.id: float(rng.random()) for g in space}
+    return Trial(
+        n, widths, TrialState.COMPLETE, accuracy=0.5 + 0.4 * frac, ratio=float(frac), metrics=metrics
+    )
+
+
+@pytest.mark.parametrize("kind", ["anneal", "random", "l1"])
+def test_strategy_contract(tiny_graph, kind):
+    """Widths stay in the space, the budget is respected by the proposals, a seed replays exactly, and
+    failed trials are tolerated."""
+
+    def make(seed):
+        space = WidthSpace(tiny_graph, min_ratio=0.25)
+        cost = CostModel(tiny_graph, space, "flops")
+        obj = Objective(0.5)
+        if kind == "anneal":
+            return AnnealStrategy(space, obj, cost, cost.rescale(space.full(), 0.5), seed=seed), space, cost
+        cls = RandomStrategy if kind == "random" else UniformStrategy
+        return cls(space, obj, cost, seed=seed), space, cost
+
+    runs = []
+    for _ in range(2):
+        strat, space, cost = make(seed=3)
+        rng = np.random.default_rng(0)
+        asked = []
+        for n in range(6):
+            w = strat.ask()
+            assert space.contains(w), w
+            assert cost.predict(w) <= 0.5 + 1e-9
+            asked.append(w)
+            strat.tell(fake_trial(n, w, space, rng, fail=(n == 2)))
+        runs.append(asked)
+    assert runs[0] == runs[1]
+    if kind != "l1":
+        assert len({json.dumps(w, sort_keys=True) for w in runs[0]}) > 1, "the strategy never moved"
+
+
+def test_anneal_metropolis_rejects_much_worse(tiny_graph):
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    cost = CostModel(tiny_graph, space, "flops")
+    s = AnnealStrategy(space, Objective(0.5), cost, space.uniform(0.5), seed=0, t0=1e-4)
+    w = s.ask()
+    assert s.tell(Trial(0, w, TrialState.COMPLETE, accuracy=0.9, ratio=0.4))["accepted"]
+    w = s.ask()
+    assert not s.tell(Trial(1, w, TrialState.COMPLETE, accuracy=0.2, ratio=0.4))["accepted"]
+    assert s.current.number == 0
+
+
+def cfg(tmp_path, data, **kw):
+    base = dict(
+        model=TINY,
+        data=data,
+        trials=3,
+        epochs_per_trial=1,
+        final_epochs=1,
+        pretrain_epochs=2,
+        batch_size=32,
+        budget="0.6",
+        budget_on="flops",
+        provider="cpu",
+        threads=1,
+        latency_seconds=0.2,
+        out=str(tmp_path / "run"),
+        min_ratio=0.25,
+    )
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_search_end_to_end_and_resume_after_kill(tmp_path, npz_data, monkeypatch):
+    from onnxconet.search import evaluate as ev
+
+    real_run = ev.Evaluator.run
+    calls = {"n": 0}
+
+    def killed_at_third(self, number, widths, epochs=None):
+        calls["n"] += 1
+        if number == 2:
+            raise KeyboardInterrupt
+        return real_run(self, number, widths, epochs)
+
+    monkeypatch.setattr(ev.Evaluator, "run", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg(tmp_path, npz_data, pretrain_epochs=5))
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    first = [ln for ln in lines if ln["kind"] == "trial"]
+    assert [t["trial"] for t in first] == [0, 1]
+
+    monkeypatch.setattr(ev.Evaluator, "run", real_run)
+    seen = []
+    res = run_search(
+        cfg(tmp_path, npz_data, resume=True, pretrain_epochs=5),
+        progress=lambda e, d: seen.append(d["trial"]) if e == "trial_start" else None,
+    )
+    assert seen == [2], "resume redid a finished trial"
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    trials = [ln for ln in lines if ln["kind"] == "trial"]
+    assert [t["trial"] for t in trials] == [0, 1, 2]
+    assert trials[:2] == first  # finished trials untouched
+    out = tmp_path / "run"
+    for f in ("best.onnx", "baseline.onnx", "result.json", "report.md", "pareto.png", "best_widths.json"):
+        assert (out / f).is_file(), f
+    best = res["best"]
+    assert best["flops_ratio"] <= 0.6 + 1e-9 and best["budget_met"]
+    assert best["max_abs_diff"] < 1e-4
+    assert 0 <= best["accuracy"] <= 1 and res["baseline"]["accuracy"] > 0.35  # chance is 0.2
+    assert set(res) >= {"config", "baseline", "best", "trials", "pareto"}
+    assert json.loads((out / "result.json").read_text())["best"]["trial"] == best["trial"]
+
+
+def test_search_cli_smoke_latency_budget(tmp_path, npz_data):
+    out = tmp_path / "cli"
+    r = runner.invoke(
+        app,
+        [
+            "search",
+            TINY,
+            "--data",
+            npz_data,
+            "--trials",
+            "2",
+            "--epochs-per-trial",
+            "1",
+            "--final-epochs",
+            "1",
+            "--pretrain-epochs",
+            "1",
+            "--latency-budget",
+            "0.9",
+            "--provider",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+            "--min-ratio",
+            "0.25",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["budget"]["on"] == "latency" and res["best"]["latency_ms"] > 0
+    assert (out / "best.onnx").is_file()
+    r = runner.invoke(app, ["search", TINY, "--data", npz_data, "--out", str(out)])
+    assert r.exit_code == 1 and "--resume" in r.stderr
+
+
+def test_unreachable_budget_is_an_error_before_training(tmp_path, npz_data):
+    with pytest.raises(BudgetError, match="out of reach"):
+        run_search(cfg(tmp_path, npz_data, budget="0.01", pretrain_epochs=0))
+    assert not (tmp_path / "run" / "history.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [("/nonexistent/folder", "does not exist"), ("digits", "classes"), ("npz:/nope.npz", "nope.npz")],
+)
+def test_bad_data_one_line(tmp_path, data, needle):
+    r = runner.invoke(app, ["search", TINY, "--data", data, "--out", str(tmp_path / "o"), "--trials", "1"])
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    r = runner.invoke(app, ["search", TINY, "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "imgs" in r.stderr
