@@ -12,9 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, WeightsOpt, _run, app, err, out
 
 
-def _renderer(progress: Progress, task_id, quiet: bool):
-    state = {"train": None}
-
+def _renderer(progress: Progress, task_id):
     def on_event(event: str, data: dict) -> None:
         if event == "stage":
             progress.console.print(f"[cyan]•[/] {data['text']}")
@@ -155,7 +153,7 @@ def search(
         transient=True,
     ) as progress:
         task = progress.add_task("preparing", total=trials)
-        result = _run(run_search, cfg, _renderer(progress, task, json_out))
+        result = _run(run_search, cfg, _renderer(progress, task))
     if json_out:
         print(json.dumps(result))
         return

@@ -120,7 +120,7 @@ def load_widths(path: str | Path, cg: ChannelGraph) -> dict[int, int]:
             f"--widths {path} was made for another model or input shape (fingerprint {fp}, this "
             f"model {cg.fingerprint()}); regenerate it with onnxconet inspect --widths-out"
         )
-    for gid, w in widths.items():
+    for gid in widths:
         if gid >= len(cg.groups):
             raise SurgeryError(
                 f"--widths {path}: group {gid} does not exist (groups 0..{len(cg.groups) - 1})"

@@ -24,6 +24,7 @@ from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.latency.profile import Target, measure_relative
 from onnxconet.prepare import prepare
 from onnxconet.prune import onnx_outputs, torch_outputs
+from onnxconet.report import pareto_front, write_report
 from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Trial, TrialState
 from onnxconet.search.baselines import RandomStrategy, ScratchUniformStrategy, UniformStrategy
@@ -237,8 +238,6 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         progress,
     )
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    from onnxconet.report import write_report
-
     write_report(result, out)
     return result
 
@@ -415,7 +414,8 @@ def _finish(
         "onnx": str(best_path),
     }
     records = [dict(r) for r in loop.records]
-    pareto = _pareto(records, cfg.budget_on)
+    key = {"latency": "latency_ratio", "flops": "flops_ratio", "params": "params_ratio"}[cfg.budget_on]
+    pareto = [records[i]["trial"] for i in pareto_front(records, x=key)]
     return {
         "config": {**_config_json(cfg), "strategy": cfg.strategy},
         "baseline": {
@@ -435,18 +435,3 @@ def _finish(
         "onnxruntime": ort.__version__,
         "host": f"{socket.gethostname()} ({platform.processor() or platform.machine()}, {target.threads or 'auto'} threads)",
     }
-
-
-def _pareto(records: list[dict], on: str) -> list[int]:
-    key = {"latency": "latency_ratio", "flops": "flops_ratio", "params": "params_ratio"}[on]
-    pts = [
-        (r[key], -r["accuracy"], r["trial"])
-        for r in records
-        if r.get("state") == "complete" and r.get(key) is not None and r.get("accuracy") is not None
-    ]
-    front, best_acc = [], -1.0
-    for x, neg_acc, n in sorted(pts):
-        if -neg_acc > best_acc:
-            front.append(n)
-            best_acc = -neg_acc
-    return front
