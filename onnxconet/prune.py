@@ -35,8 +35,12 @@ def torch_outputs(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) -> dict:
     """Keep round((1-ratio)*C) channels of every prunable group (L1-top), write `out`, compare it with the
     pruned torch model on a random input. Returns the `prune --json` object."""
+    from onnxconet.verify import freeze_failing
+
     cg = prep.graph
     widths = cg.uniform_widths(ratio)
+    if freeze_failing(prep, widths):
+        widths = cg.uniform_widths(ratio)
     keep = cg.keep_mask(widths)
     pruned = slice_onnx(cg, keep)
     check_onnx(pruned)

@@ -144,3 +144,13 @@ def test_inspect_onnx_file_and_usage_error(tmp_path):
     r = invoke("inspect", str(out), "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["prunable_channels"] == 20
     assert invoke("prune", "--bogus").exit_code == 2
+
+
+def test_prune_freezes_a_group_that_breaks_torch(tmp_path):
+    """models whose forward() hard-codes a channel count: the surgery check freezes that group."""
+    spec = str(Path(__file__).parent / "data" / "tiny_models.py") + ":hardcoded"
+    r = invoke("prune", spec, "--ratio", "0.5", "--out", str(tmp_path / "h.onnx"), "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["groups_frozen"] == 1 and res["groups_pruned"] == 1
+    assert res["max_abs_diff"] < 1e-4

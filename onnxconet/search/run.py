@@ -171,6 +171,9 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
     base_stats = measure_relative(reference, reference, target, max_seconds=2 * cfg.latency_seconds).reference
     budget, budget_ms = parse_budget(cfg.budget, cfg.budget_on, base_stats.median_ms)
 
+    from onnxconet.verify import freeze_failing
+
+    freeze_failing(prep, cg.uniform_widths(0.5))
     space = WidthSpace(cg, min_ratio=cfg.min_ratio, align=cfg.align)
     if not len(space):
         raise OnnxconetError(

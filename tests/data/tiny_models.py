@@ -30,3 +30,23 @@ def raises() -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+class HardCoded(nn.Module):
+    """forward() spells a channel count out (view(N, 8, -1)): the graph allows pruning that group, torch
+    does not; the surgery check must catch it and freeze the group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = self.b(x).view(x.size(0), 6, -1).mean(-1)
+        return self.head(x)
+
+
+def hardcoded() -> nn.Module:
+    return HardCoded()

@@ -1,0 +1,69 @@
+"""Verification beats cleverness: a width plan must give a torch model and an ONNX model that run, agree with
+each other, and equal the original with the removed channels zeroed. A group whose pruning breaks this (a
+forward() with hard-coded channel counts, an op whose rule is wrong) is found by checking groups one at a
+time and is frozen with the reason."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.prepare import Prepared
+from onnxconet.prune import onnx_outputs, torch_outputs
+from onnxconet.surgery.onnx import slice_onnx
+from onnxconet.surgery.torch import slice_torch, zero_pruned
+
+log = logging.getLogger(__name__)
+
+
+def check_plan(prep: Prepared, keep: np.ndarray, tol: float = 1e-3, seed: int = 0) -> str | None:
+    """None when the plan is sound, else a one-line description of what breaks."""
+    cg, module = prep.graph, prep.loaded.module
+    x = np.random.default_rng(seed).standard_normal(prep.loaded.input_shape).astype(np.float32)
+    try:
+        y_onnx = onnx_outputs(slice_onnx(cg, keep).SerializeToString(), x)
+    except Exception as e:  # noqa: BLE001
+        return f"the sliced ONNX does not run ({_first(e)})"
+    if module is None:
+        return None
+    try:
+        y_torch = torch_outputs(slice_torch(module, cg.param_slices(keep)), x)
+    except Exception as e:  # noqa: BLE001
+        return f"the sliced torch model does not run ({_first(e)})"
+    if y_torch.shape != y_onnx.shape:
+        return f"torch output {y_torch.shape} != ONNX output {y_onnx.shape}"
+    y_zero = torch_outputs(zero_pruned(module, cg, keep), x)
+    scale = max(1.0, float(np.abs(y_zero).max()))
+    if float(np.abs(y_torch - y_zero).max()) / scale > tol:
+        return "the sliced torch model differs from the original with those channels zeroed"
+    if float(np.abs(y_onnx - y_torch).max()) / scale > tol:
+        return "the sliced ONNX differs from the sliced torch model"
+    return None
+
+
+def freeze_failing(prep: Prepared, widths: dict[int, int]) -> list[int]:
+    """Check `widths`; when it fails, check each group alone and freeze the ones that fail. Returns them."""
+    cg: ChannelGraph = prep.graph
+    if check_plan(prep, cg.keep_mask(widths)) is None:
+        return []
+    frozen = []
+    with torch.no_grad():
+        for gid, w in sorted(widths.items()):
+            g = cg.groups[gid]
+            if w >= g.channels or not g.prunable:
+                continue
+            why = check_plan(prep, cg.keep_mask({gid: w}))
+            if why is not None:
+                g.prunable = False
+                g.reason = f"surgery check failed when pruning it: {why}; frozen"
+                frozen.append(gid)
+                log.warning("group %d (%s) frozen: %s", gid, ", ".join(g.modules[:2]), why)
+    return frozen
+
+
+def _first(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
