@@ -1,0 +1,98 @@
+"""anneal vs the baselines at the same budget, data and training epochs; mean ± std over seeds.
+
+    python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
+    python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
+
+Each cell is a full `onnxconet search` run (its directory under --out); the table reports the final test
+accuracy of the best candidate, its re-measured latency ratio and the search's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from onnxconet.search.run import SearchConfig, run_search
+
+MODELS = {"digits": "models/digits_cnn.py:digits_cnn", "resnet20": "models/resnet_cifar.py:resnet20"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="digits,resnet20")
+    ap.add_argument("--budgets", default="0.5,0.3")
+    ap.add_argument("--strategies", default="anneal,uniform,l1,random")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--epochs-per-trial", type=int, default=1)
+    ap.add_argument("--final-epochs", type=int, default=4)
+    ap.add_argument("--pretrain-epochs", type=int, default=8)
+    ap.add_argument("--budget-on", default="latency")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_search"))
+    args = ap.parse_args()
+    rows = []
+    print(
+        f"{'model':<9}{'budget':>7} {'strategy':<8}{'test acc %':>16}{'ratio':>14}{'met':>5}{'search s':>10}",
+        flush=True,
+    )
+    for model in args.models.split(","):
+        for budget in args.budgets.split(","):
+            for strategy in args.strategies.split(","):
+                accs, ratios, secs, met = [], [], [], 0
+                for seed in range(args.seeds):
+                    out = args.out / f"{model}_{budget}_{strategy}_{seed}"
+                    # the baselines evaluate one configuration (random: all trials), then fine-tune it the same way
+                    trials = args.trials if strategy in ("anneal", "random") else 1
+                    cfg = SearchConfig(
+                        model=MODELS.get(model, model),
+                        strategy=strategy,
+                        budget=budget,
+                        budget_on=args.budget_on,
+                        trials=trials,
+                        epochs_per_trial=args.epochs_per_trial,
+                        final_epochs=args.final_epochs + (args.trials - trials) * args.epochs_per_trial,
+                        pretrain_epochs=args.pretrain_epochs,
+                        out=str(out),
+                        seed=seed,
+                        resume=(out / "history.jsonl").exists(),
+                    )
+                    t0 = time.perf_counter()
+                    res = run_search(cfg)
+                    b = res["best"]
+                    accs.append(
+                        100 * (b["test_accuracy"] if b["test_accuracy"] is not None else b["accuracy"])
+                    )
+                    ratios.append(
+                        b["latency_ratio"] if args.budget_on == "latency" else b[f"{args.budget_on}_ratio"]
+                    )
+                    secs.append(time.perf_counter() - t0)
+                    met += bool(b["budget_met"])
+                sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                rsd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+                row = {
+                    "model": model,
+                    "budget": float(budget),
+                    "strategy": strategy,
+                    "acc": statistics.mean(accs),
+                    "acc_std": sd,
+                    "ratio": statistics.mean(ratios),
+                    "ratio_std": rsd,
+                    "met": met,
+                    "runs": len(accs),
+                    "seconds": statistics.mean(secs),
+                }
+                rows.append(row)
+                print(
+                    f"{model:<9}{budget:>7} {strategy:<8}{row['acc']:>9.1f} ± {sd:>4.1f}{row['ratio']:>8.3f} ± {rsd:.2f}"
+                    f"{met:>3}/{len(accs)}{row['seconds']:>10.0f}",
+                    flush=True,
+                )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_search.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
