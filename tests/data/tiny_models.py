@@ -50,3 +50,25 @@ class HardCoded(nn.Module):
 
 def hardcoded() -> nn.Module:
     return HardCoded()
+
+
+class Mix(nn.Module):
+    """Concat of a plain and a grouped branch, a depthwise conv, a flatten with spatial extent into a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Conv2d(8, 6, 1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        self.dw = nn.Sequential(nn.Conv2d(10, 10, 3, padding=1, groups=10), nn.BatchNorm2d(10), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(10 * 4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(torch.flatten(self.pool(self.dw(x)), 1))
+
+
+def mix() -> nn.Module:
+    return Mix()
