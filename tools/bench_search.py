@@ -3,8 +3,9 @@
     python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
     python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
 
-Each cell is a full `onnxconet search` run (its directory under --out); the table reports the final test
-accuracy of the best candidate, its re-measured latency ratio and the search's wall time.
+Each cell is a full `onnxconet search` run (its directory under --out) from the same pretrained teacher per
+(model, seed); the table reports the final test accuracy of the best candidate, its re-measured latency ratio,
+how many runs met the budget as measured, and the search's wall time.
 """
 
 from __future__ import annotations
@@ -15,9 +16,33 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
+from onnxconet.data import load_data, make_loaders
+from onnxconet.prepare import prepare
 from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.train.loop import TrainConfig, fit
 
 MODELS = {"digits": "models/digits_cnn.py:digits_cnn", "resnet20": "models/resnet_cifar.py:resnet20"}
+
+
+def pretrain(spec: str, seed: int, args) -> str:
+    """Train the original once per (model, seed); every strategy then starts from the same teacher."""
+    path = args.out / f"teacher_{Path(spec.split(':')[0]).stem}_{seed}.pt"
+    if not path.is_file():
+        prep = prepare(spec)
+        splits = load_data("digits", prep.loaded.input_shape, seed=seed)
+        train, val, _ = make_loaders(splits, 64, seed)
+        torch.manual_seed(seed)
+        fit(
+            prep.loaded.module,
+            train,
+            TrainConfig(epochs=args.pretrain_epochs, alpha=0.0, seed=seed),
+            val_loader=val,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(prep.loaded.module.state_dict(), path)
+    return str(path)
 
 
 def main() -> None:
@@ -34,6 +59,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_search"))
     args = ap.parse_args()
     rows = []
+    teachers = {}
     print(
         f"{'model':<9}{'budget':>7} {'strategy':<8}{'test acc %':>16}{'ratio':>14}{'met':>5}{'search s':>10}",
         flush=True,
@@ -46,8 +72,11 @@ def main() -> None:
                     out = args.out / f"{model}_{budget}_{strategy}_{seed}"
                     # the baselines evaluate one configuration (random: all trials), then fine-tune it the same way
                     trials = args.trials if strategy in ("anneal", "random") else 1
+                    weights = teachers.get((model, seed)) or pretrain(MODELS.get(model, model), seed, args)
+                    teachers[(model, seed)] = weights
                     cfg = SearchConfig(
                         model=MODELS.get(model, model),
+                        weights=weights,
                         strategy=strategy,
                         budget=budget,
                         budget_on=args.budget_on,
