@@ -1,7 +1,9 @@
-"""Verification beats cleverness: a width plan must give a torch model and an ONNX model that run, agree with
-each other, and equal the original with the removed channels zeroed. A group whose pruning breaks this (a
-forward() with hard-coded channel counts, an op whose rule is wrong) is found by checking groups one at a
-time and is frozen with the reason."""
+"""Verification beats cleverness: a width plan must give a torch model and an ONNX model that both run and
+agree with each other. A group whose pruning breaks this (a forward() with hard-coded channel counts, an op
+whose rule is wrong) is found by checking groups one at a time and is frozen with the reason.
+
+(Equality with the original with the removed channels zeroed is the tests' oracle, not checked here: it does
+not hold through ops that normalize across channels, e.g. ConvNeXt's LayerNorm over C.)"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from onnxconet.graph.groups import ChannelGraph
 from onnxconet.prepare import Prepared
 from onnxconet.prune import onnx_outputs, torch_outputs
 from onnxconet.surgery.onnx import slice_onnx
-from onnxconet.surgery.torch import slice_torch, zero_pruned
+from onnxconet.surgery.torch import slice_torch
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,7 @@ def check_plan(prep: Prepared, keep: np.ndarray, tol: float = 1e-3, seed: int = 
         return f"the sliced torch model does not run ({_first(e)})"
     if y_torch.shape != y_onnx.shape:
         return f"torch output {y_torch.shape} != ONNX output {y_onnx.shape}"
-    y_zero = torch_outputs(zero_pruned(module, cg, keep), x)
-    scale = max(1.0, float(np.abs(y_zero).max()))
-    if float(np.abs(y_torch - y_zero).max()) / scale > tol:
-        return "the sliced torch model differs from the original with those channels zeroed"
+    scale = max(1.0, float(np.abs(y_torch).max()))
     if float(np.abs(y_onnx - y_torch).max()) / scale > tol:
         return "the sliced ONNX differs from the sliced torch model"
     return None

@@ -741,3 +741,28 @@ def test_unnamed_nodes_get_distinct_rewritten_constants(infer):
     keep = drop_mask(cg, {gid(cg, "conv1.weight"): [1], gid(cg, "conv2.weight"): [0, 2]})
     sliced = check_surgery(cg, keep, b.input_data())
     assert init_shapes(sliced)["fc.weight"] == (5, 3 * 36 + 2 * 36)
+
+
+# ------------------------------------------------------------------------------------------ gather on channels
+def test_gather_constant_indices_on_channels(infer):
+    """ConvNeXt's exported `as_strided`: flatten to [C*1*1], Gather with constant indices [1, C, 1, 1]."""
+    b = GraphBuilder()
+    h = b.op1("GlobalAveragePool", [b.relu(b.conv(b.x, "conv1", 3, 4, k=3))])
+    flat = b.op1("Reshape", [h, b.ints([-1])])
+    g_idx = b.const(np.arange(4, dtype=np.int64).reshape(1, 4, 1, 1))
+    picked = b.op1("Gather", [flat, g_idx], axis=0)
+    y = b.conv(picked, "conv2", 4, 2)
+    cg = ChannelGraph(b.build([y], infer=infer))
+    assert partition(cg)[frozenset({"conv1"})] == (4, 1, True)
+    keep = drop_mask(cg, {gid(cg, "conv1.weight"): [1, 2]})
+    sliced = check_surgery(cg, keep, b.input_data())
+    assert init_shapes(sliced)["conv2.weight"] == (2, 2, 1, 1)
+
+
+def test_gather_of_one_channel_freezes(infer):
+    b = GraphBuilder()
+    h = b.relu(b.conv(b.x, "conv1", 3, 4, k=3))
+    one = b.op1("Gather", [h, b.const(np.array(2, dtype=np.int64))], axis=1, name="pick")
+    y = b.op1("Add", [one, one])
+    cg = ChannelGraph(b.build([y], infer=infer))
+    assert_frozen(cg, gid(cg, "conv1.weight"), "pick")

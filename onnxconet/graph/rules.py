@@ -531,12 +531,27 @@ def gather(ctx: Analyzer, node: Node) -> None:
     xs = ctx.shape(node.inputs[0])
     axis = int(node.attr("axis", 0)) % len(xs)
     if axis in xm.axes:
-        return ctx.unknown(node, "gathers along the channel axis")
+        return _gather_channels(ctx, node, xm, axis)
     idx = ctx.shape(node.inputs[1])
     if idx is None:
         return ctx.unknown(node, "its indices shape is unknown")
     shift = len(idx) - 1
     ctx.set(node.outputs[0], ChanMap(tuple(a + shift if a > axis else a for a in xm.axes), xm.ids))
+
+
+def _gather_channels(ctx: Analyzer, node: Node, xm: ChanMap, axis: int) -> None:
+    """Gather along the channel axis with constant indices (e.g. the exporter's `as_strided`): the output holds
+    the indexed channels; the surgery rewrites the indices to the kept positions."""
+    idx = ctx.const(node.inputs[1])
+    if idx is None or not xm.on_axis(axis) or idx.ndim == 0:
+        return ctx.unknown(node, "gathers along the channel axis with indices that are not a constant selection")
+    block = np.take(xm.ids, np.asarray(idx, dtype=np.int64) % len(xm.ids))
+    varying = [k for k in range(block.ndim) if not np.all(block == np.take(block, [0], axis=k))]
+    if len(varying) != 1:
+        return ctx.unknown(node, "gathers channels into several axes")
+    k = varying[0]
+    ids = block[tuple(slice(None) if d == k else 0 for d in range(block.ndim))]
+    ctx.set(node.outputs[0], ChanMap((axis + k,), ids))
 
 
 @rule("Shape", "Size")

@@ -105,12 +105,30 @@ def _rewrite_extents(cg: ChannelGraph, keep: np.ndarray, node: gs.Node, i: int, 
     _const_input(node, i, target)
 
 
+def _rewrite_gather(cg: ChannelGraph, keep: np.ndarray, node: gs.Node) -> None:
+    """Constant indices along a channel axis: keep the kept channels' entries, renumbered to new positions."""
+    xm, om = cg.maps.get(node.inputs[0].name), cg.maps.get(node.outputs[0].name)
+    axis = int(node.attrs.get("axis", 0))
+    if xm is None or om is None or not xm.is_1d or (axis % 64) not in [a % 64 for a in xm.axes]:
+        return
+    kept_in = keep[cg.bundle_of_id[xm.ids]]
+    if kept_in.all():
+        return
+    idx = np.asarray(cg.graph.const(node.inputs[1].name), dtype=np.int64) % len(xm.ids)
+    newpos = np.cumsum(kept_in) - 1
+    k = om.axes[0] - xm.axes[0]
+    mask = keep[cg.bundle_of_id[om.ids]]
+    _const_input(node, 1, np.compress(mask, newpos[idx], axis=k).astype(np.int64))
+
+
 def _rewrite_node(cg: ChannelGraph, keep: np.ndarray, node: gs.Node) -> None:
     op = node.op
     if op in ("Reshape", "Expand"):
         _rewrite_extents(cg, keep, node, 1)
     elif op == "Resize":
         _rewrite_extents(cg, keep, node, 3, node.attrs.get("axes"))  # sizes (scales are 1 on channels)
+    elif op == "Gather":
+        _rewrite_gather(cg, keep, node)
     elif op == "Split":
         maps = [cg.maps.get(o.name) for o in node.outputs]
         if all(m is not None for m in maps):
