@@ -152,6 +152,19 @@ class Graph:
             a, b = self.shape(node.inputs[0]), self.shape(node.inputs[1])
             if a and b and len(b) == 2 and len(a) >= 2 and None not in a:
                 return (*a[:-1], b[1])
+        if node.op == "Reshape":
+            a, target = self.shape(node.inputs[0]), self.const(node.inputs[1])
+            if a is not None and None not in a and target is not None:
+                dims = [int(a[i]) if d == 0 and not node.attr("allowzero", 0) else int(d) for i, d in enumerate(target)]
+                if dims.count(-1) == 1:
+                    known = int(np.prod([d for d in dims if d != -1]))
+                    dims[dims.index(-1)] = int(np.prod(a)) // max(known, 1)
+                return tuple(dims) if int(np.prod(dims)) == int(np.prod(a)) else None
+        if node.op == "Flatten":
+            a = self.shape(node.inputs[0])
+            if a is not None and None not in a:
+                k = int(node.attr("axis", 1)) % (len(a) + 1)
+                return (int(np.prod(a[:k])), int(np.prod(a[k:])))
         if node.op == "Transpose":
             a = self.shape(node.inputs[0])
             if a is not None:
