@@ -199,6 +199,96 @@ def prune(
     )
 
 
+@app.command()
+def profile(
+    target: ModelArg = None,
+    provider: Annotated[
+        str, typer.Option("--provider", help="auto (TensorRT, else CUDA, else CPU), cpu, cuda or tensorrt.")
+    ] = "auto",
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Exit 1 when the asked provider cannot load instead of using CPU."),
+    ] = False,
+    threads: Annotated[
+        int, typer.Option("--threads", min=0, help="Intra-op threads; 0 = the physical cores available.")
+    ] = 0,
+    batch: Annotated[
+        int | None, typer.Option("--batch", min=1, help="Batch size (a model spec is exported with it).")
+    ] = None,
+    input_shape: InputShapeOpt = None,
+    widths: Annotated[
+        Path | None,
+        typer.Option(
+            "--widths", help="Widths file (inspect --widths-out, or a search's) to slice the model to."
+        ),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare", help="Another .onnx or model spec: also report the ratio, timed interleaved."
+        ),
+    ] = None,
+    weights: WeightsOpt = None,
+    seconds: Annotated[
+        float, typer.Option("--seconds", min=0.05, help="Time cap of each measurement.")
+    ] = 5.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure a model's latency with onnxruntime (an .onnx file, or a model spec exported and optionally
+    sliced to --widths); with --compare, its latency ratio to another model, timed interleaved."""
+    from onnxconet.load import parse_input_shape
+    from onnxconet.profile import profile_model
+
+    shape = _run(parse_input_shape, input_shape)
+    with err.status("preparing…", spinner="dots") as spin:
+        res = _run(
+            profile_model,
+            target,
+            provider=provider,
+            strict=strict,
+            threads=threads,
+            batch=batch,
+            input_shape=shape,
+            widths=str(widths) if widths else None,
+            compare=compare,
+            weights=str(weights) if weights else None,
+            max_seconds=seconds,
+            status=lambda text: spin.update(text),
+        )
+    if json_out:
+        print(json.dumps(res))
+        return
+    t = Table(title=f"{res['target']} — onnxruntime latency", header_style="bold")
+    for c in ("median", "p10", "p90", "mean ± std", "runs"):
+        t.add_column(c, justify="right")
+    t.add_row(
+        f"{res['median_ms']:.3f} ms",
+        f"{res['p10_ms']:.3f} ms",
+        f"{res['p90_ms']:.3f} ms",
+        f"{res['mean_ms']:.3f} ± {res['std_ms']:.3f}",
+        str(res["runs"]),
+    )
+    out.print(t)
+    macs = "n/a" if res["flops"] is None else f"{res['flops'] / 1e6:.1f} M"
+    params = "n/a" if res["params"] is None else f"{res['params'] / 1e6:.3f} M"
+    out.print(
+        f"{res['provider']}, {res['threads']} threads, input {tuple(res['input_shape'])}, onnxruntime "
+        f"{res['onnxruntime']}; MACs {macs}, params {params}"
+        + (f"; widths {res['widths']}" if res["widths"] else "")
+    )
+    if res["fallback"]:
+        out.print(f"[bold yellow]warning:[/] {res['fallback']}", highlight=False, soft_wrap=True)
+    if "ratio" in res:
+        c = res["compare"]
+        flops_ratio = f"; MACs ratio {res['flops'] / c['flops']:.3f}" if res["flops"] and c["flops"] else ""
+        out.print(
+            f"vs {c['target']}: latency ratio {res['ratio']:.3f} (p10 {res['ratio_p10']:.3f}, p90 "
+            f"{res['ratio_p90']:.3f}; interleaved, {c['rounds']} rounds: {c['interleaved_target_ms']:.3f} ms vs "
+            f"{c['median_ms']:.3f} ms){flops_ratio}",
+            highlight=False,
+        )
+
+
 def _raise(e: Exception):
     raise e
 

@@ -1,0 +1,221 @@
+"""One candidate, measured: widths -> sliced ONNX -> latency relative to the full-width reference.
+
+This is what the search calls for every candidate it wants measured. The candidate is cut from the exported
+graph (`slice_onnx`, milliseconds; no torch re-export), timed interleaved with the reference in this process
+(`measure_relative`: the ratio is what a noisy machine can compare), and reported with its FLOPs and params
+so every result can state its realized speedup next to its FLOPs reduction.
+
+Cache: a `LatencyCache` holds three lines per measured candidate, all keyed by the candidate's graph hash
+and the target (`LatencyCache.key`) plus ``"relative_to"`` (the reference's graph hash):
+the candidate's stats from the interleaved run, the reference's stats from it (key on the reference's hash,
+``"relative_to"`` the candidate's), and the per-round ratio statistics under ``"quantity": "ratio"`` (in that
+line the ``*_ms`` fields hold dimensionless ratios). A repeated query returns the same numbers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxconet.errors import LatencyError
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.graph.stats import count_flops, count_params
+from onnxconet.latency.cache import LatencyCache, graph_hash
+from onnxconet.latency.profile import LatencyStats, ModelLike, Target, measure_relative
+from onnxconet.surgery.onnx import slice_onnx
+
+log = logging.getLogger(__name__)
+
+_PROTO_LIMIT = 2**31 - 1
+# per channel graph: (L1 scores, full FLOPs, full params); computed once
+_graph_info: WeakKeyDictionary[ChannelGraph, tuple[np.ndarray, int, int]] = WeakKeyDictionary()
+# reference models already serialized and hashed, by identity (holding the object keeps its id unique)
+_refs: OrderedDict[int, tuple[Any, bytes | str, str]] = OrderedDict()
+
+
+def graph_info(cg: ChannelGraph) -> tuple[np.ndarray, int, int]:
+    """(per-bundle L1 scores, full-width FLOPs, full-width params) of `cg`, computed once per graph."""
+    info = _graph_info.get(cg)
+    if info is None:
+        info = (cg.l1_scores(), count_flops(cg), count_params(cg))
+        _graph_info[cg] = info
+    return info
+
+
+def reference_source(reference: ModelLike) -> tuple[bytes | str, str]:
+    """What onnxruntime opens for the reference (bytes, or a path for files) and its graph hash; memoized."""
+    hit = _refs.get(id(reference))
+    if hit is not None and hit[0] is reference:
+        _refs.move_to_end(id(reference))
+        return hit[1], hit[2]
+    if isinstance(reference, onnx.ModelProto):
+        if reference.ByteSize() >= _PROTO_LIMIT:
+            raise LatencyError("reference model is > 2 GB; save it with external data and pass the file path")
+        src: bytes | str = reference.SerializeToString()
+    elif isinstance(reference, (str, os.PathLike)):
+        src = os.fspath(reference)
+        if not os.path.isfile(src):
+            raise LatencyError(f"reference model {src} not found")
+    elif isinstance(reference, (bytes, bytearray, memoryview)):
+        src = bytes(reference)
+    else:
+        raise LatencyError(f"cannot time a reference given as {type(reference).__name__}")
+    h = graph_hash(src)
+    _refs[id(reference)] = (reference, src, h)
+    while len(_refs) > 4:
+        _refs.popitem(last=False)
+    return src, h
+
+
+def _rel_keys(cand_hash: str, ref_hash: str, target: Target, shape: Any) -> tuple[dict, dict, dict]:
+    base_c = LatencyCache.key(cand_hash, target, shape, target.provider)
+    base_r = LatencyCache.key(ref_hash, target, shape, target.provider)
+    return (
+        base_c | {"relative_to": ref_hash},
+        base_r | {"relative_to": cand_hash},
+        base_c | {"relative_to": ref_hash, "quantity": "ratio"},
+    )
+
+
+def measure_candidate(
+    cg: ChannelGraph,
+    widths: Mapping[int, int],
+    reference_onnx: ModelLike,
+    target: Target,
+    cache: LatencyCache | None = None,
+    *,
+    scores: np.ndarray | None = None,
+    warmup: int = 10,
+    min_rounds: int = 20,
+    max_rounds: int = 1000,
+    max_seconds: float = 5.0,
+    rel_ci: float = 0.02,
+) -> dict:
+    """Slice `cg`'s model to `widths` and time it interleaved with the full-width reference.
+
+    Args:
+        cg: channel graph of the exported model (its batch must be `target.batch`).
+        widths: group id -> channels (groups not listed stay at full width).
+        reference_onnx: the full-width model (ModelProto, bytes or path); serialized and hashed once.
+        target: provider, threads, batch.
+        cache: a `LatencyCache`; a candidate measured before on the same target is not timed again.
+        scores: per-bundle scores choosing which channels stay (default: L1 norm of the producers).
+        warmup, min_rounds, max_rounds, max_seconds, rel_ci: the timing budget (`measure_relative`).
+
+    Returns:
+        ``{"widths", "latency_ms", "reference_ms", "ratio", "ratio_p10", "ratio_p90", "speedup", "flops",
+        "params", "flops_ratio", "params_ratio", "provider", "fallback", "threads", "batch", "onnxruntime",
+        "rounds", "slice_seconds", "measure_seconds", "cached", "graph_hash"}``: latency in ms of the
+        candidate and the reference from the interleaved run, ratio = median over rounds of
+        candidate / reference time, speedup = 1 / ratio.
+
+    Raises:
+        SurgeryError: widths outside the groups' ranges. LatencyError: a model does not load, the provider
+        is unavailable under `target.strict`, or the batch does not match the export.
+    """
+    t0 = time.perf_counter()
+    full_scores, flops0, params0 = graph_info(cg)
+    keep = cg.keep_mask(widths, full_scores if scores is None else scores)
+    model = slice_onnx(cg, keep)
+    flops, params = count_flops(cg, keep), count_params(cg, keep)
+    ref_src, ref_hash = reference_source(reference_onnx)
+    tmp = None
+    if model.ByteSize() >= _PROTO_LIMIT:  # protobuf cannot serialize it: external data next to a temp file
+        tmp = tempfile.TemporaryDirectory(prefix="onnxconet-cand-")
+        cand_src: bytes | str = os.path.join(tmp.name, "candidate.onnx")
+        onnx.save(model, cand_src, save_as_external_data=True, location="candidate.onnx.data")
+    else:
+        cand_src = model.SerializeToString()
+    del model
+    try:
+        cand_hash = graph_hash(cand_src)
+        slice_s = time.perf_counter() - t0
+        shape = None if target.input_shape is None else (target.batch, *target.input_shape[1:])
+        k_c, k_r, k_ratio = _rel_keys(cand_hash, ref_hash, target, shape)
+        hit = None
+        if cache is not None:
+            got = (cache.get(k_c), cache.get(k_r), cache.get(k_ratio))
+            if all(g is not None for g in got):
+                hit = got
+        t1 = time.perf_counter()
+        if hit is not None:
+            cs, rs, ratio_st = hit
+            if target.strict and cs.fallback:
+                raise LatencyError(
+                    f"cached measurement fell back ({cs.fallback}); drop strict or fix the provider"
+                )
+            ratio, p10, p90, rounds = ratio_st.median_ms, ratio_st.p10_ms, ratio_st.p90_ms, ratio_st.runs
+            log.debug("latency cache hit for candidate %s: ratio %.4f", cand_hash[:12], ratio)
+        else:
+            rel = measure_relative(
+                cand_src,
+                ref_src,
+                target,
+                warmup=warmup,
+                min_rounds=min_rounds,
+                max_rounds=max_rounds,
+                max_seconds=max_seconds,
+                rel_ci=rel_ci,
+            )
+            cs, rs = rel.candidate, rel.reference
+            ratio, p10, p90, rounds = rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds
+            if cache is not None:
+                cache.put(k_c, cs)
+                cache.put(k_r, rs)
+                cache.put(k_ratio, _ratio_stats(rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds, cs))
+        measure_s = time.perf_counter() - t1
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {
+        "widths": {str(k): int(v) for k, v in sorted(widths.items())},
+        "latency_ms": cs.median_ms,
+        "reference_ms": rs.median_ms,
+        "ratio": ratio,
+        "ratio_p10": p10,
+        "ratio_p90": p90,
+        "speedup": 1.0 / ratio if ratio > 0 else float("inf"),
+        "flops": flops,
+        "params": params,
+        "flops_ratio": flops / flops0 if flops0 else 1.0,
+        "params_ratio": params / params0 if params0 else 1.0,
+        "provider": cs.provider,
+        "fallback": cs.fallback,
+        "threads": cs.threads,
+        "batch": cs.batch,
+        "onnxruntime": cs.onnxruntime,
+        "rounds": rounds,
+        "slice_seconds": slice_s,
+        "measure_seconds": measure_s,
+        "cached": hit is not None,
+        "graph_hash": cand_hash,
+    }
+
+
+def _ratio_stats(ratio: float, p10: float, p90: float, rounds: int, like: LatencyStats) -> LatencyStats:
+    """Per-round ratio statistics in a LatencyStats container (the *_ms fields hold ratios)."""
+    return LatencyStats(
+        median_ms=ratio,
+        p10_ms=p10,
+        p90_ms=p90,
+        mean_ms=ratio,
+        std_ms=0.0,
+        runs=rounds,
+        provider=like.provider,
+        requested=like.requested,
+        fallback=like.fallback,
+        threads=like.threads,
+        batch=like.batch,
+        input_shape=like.input_shape,
+        onnxruntime=ort.__version__,
+    )

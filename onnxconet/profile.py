@@ -1,0 +1,213 @@
+"""`onnxconet profile`: latency of a model (or of a pruned candidate) measured with onnxruntime.
+
+TARGET is an ONNX file (timed as it is, from its path) or a model spec (exported once at the asked batch and
+input shape; sliced to a widths file first when one is given). With `compare`, the target is also timed
+interleaved with another model and the ratio target / other is reported (what a noisy machine can compare).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxconet.errors import InputShapeError, LatencyError, ModelSpecError, OnnxconetError
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.graph.stats import count_flops, count_params
+from onnxconet.latency.profile import CPU, CUDA, TRT, Target, measure, measure_relative
+
+log = logging.getLogger(__name__)
+
+_PROVIDER_NAMES = {CPU: "cpu", CUDA: "cuda", TRT: "tensorrt"}
+
+
+@dataclass
+class _Timed:
+    """A model ready to time: what onnxruntime opens, its FLOPs/params, and the input shape it runs on."""
+
+    spec: str
+    source: bytes | str
+    flops: int | None
+    params: int | None
+    input_shape: tuple[int, ...] | None
+    cg: ChannelGraph | None = None
+    full: bytes | None = None  # the unsliced export of a model spec (compare reuses it for the same spec)
+
+
+def _is_onnx(spec: str) -> bool:
+    return spec.lower().endswith(".onnx")
+
+
+def _batch_shape(
+    spec: str, batch: int | None, input_shape: tuple[int, ...] | None
+) -> tuple[int, tuple | None]:
+    """The batch to time and the input shape to export with (None: the spec's own, batch replaced)."""
+    if input_shape is not None and batch is not None and input_shape[0] != batch:
+        raise InputShapeError(
+            f"batch mismatch: --input-shape has batch {input_shape[0]} but --batch is {batch}; drop one of them"
+        )
+    b = batch if batch is not None else (input_shape[0] if input_shape is not None else 1)
+    if b < 1:
+        raise InputShapeError(f"--batch {b} must be >= 1")
+    return b, input_shape
+
+
+def _graph_counts(cg: ChannelGraph, keep=None) -> tuple[int | None, int | None]:
+    return count_flops(cg, keep), count_params(cg, keep)
+
+
+def _load(
+    spec: str,
+    *,
+    weights: str | None,
+    batch: int,
+    input_shape: tuple[int, ...] | None,
+    widths: str | None,
+    status: Callable[[str], None],
+) -> _Timed:
+    from onnxconet.prepare import prepare
+
+    if _is_onnx(spec):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelSpecError(f"{spec}: file not found")
+        if weights:
+            raise ModelSpecError(f"--weights applies to torch models, not to the ONNX file {spec}")
+        if widths is None:
+            flops = params = None
+            try:  # FLOPs/params need the channel graph; timing does not
+                from onnxconet.graph.ir import load_onnx
+
+                cg = ChannelGraph(load_onnx(str(path)), spec)
+                flops, params = _graph_counts(cg)
+            except OnnxconetError as e:
+                log.warning("%s: FLOPs and params not counted (%s)", spec, e)
+            return _Timed(spec, str(path), flops, params, input_shape)
+        status(f"reading the channel groups of {spec}…")
+        prep = prepare(spec)
+    else:
+        shape = None
+        if input_shape is not None:
+            shape = (batch, *input_shape[1:])
+        elif batch != 1:
+            from onnxconet.load import load_model
+
+            shape = (batch, *load_model(spec).input_shape[1:])
+        status(f"exporting {spec} to ONNX (batch {batch})…")
+        prep = prepare(spec, weights, shape)
+    cg = prep.graph
+    full = prep.onnx_model.SerializeToString() if prep.onnx_model.ByteSize() < 2**31 - 1 else None
+    if widths is None:
+        if full is None:
+            raise LatencyError(
+                f"{spec} is > 2 GB once exported; export it with external data and profile the file"
+            )
+        flops, params = _graph_counts(cg)
+        return _Timed(spec, full, flops, params, input_shape, cg, full)
+    from onnxconet.space import load_widths
+    from onnxconet.surgery.onnx import slice_onnx
+
+    w = load_widths(widths, cg)
+    status(f"slicing {spec} to {widths}…")
+    keep = cg.keep_mask(w)
+    model = slice_onnx(cg, keep)
+    if model.ByteSize() >= 2**31 - 1:
+        raise LatencyError(
+            f"{spec} sliced to {widths} is > 2 GB; write it with external data and profile the file"
+        )
+    flops, params = _graph_counts(cg, keep)
+    return _Timed(spec, model.SerializeToString(), flops, params, input_shape, cg, full)
+
+
+def profile_model(
+    target: str | None,
+    *,
+    provider: str = "auto",
+    strict: bool = False,
+    threads: int = 0,
+    batch: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    widths: str | None = None,
+    compare: str | None = None,
+    weights: str | None = None,
+    max_seconds: float = 5.0,
+    status: Callable[[str], None] | None = None,
+) -> dict:
+    """Time `target` on onnxruntime (and, with `compare`, interleaved against another model).
+
+    Args:
+        target: an .onnx file or a model spec (None: the built-in digits CNN).
+        provider: auto | cpu | cuda | tensorrt.
+        strict: raise when the asked provider does not load instead of falling back to CPU.
+        threads: intra-op threads (0: the physical cores this process may use).
+        batch: batch size (default: that of `input_shape`, else 1); a model spec is exported with it.
+        input_shape: N,C,H,W to export a model spec with (or the concrete shape of an ONNX file with
+            symbolic dims).
+        widths: a widths file (`onnxconet inspect --widths-out`, or written by a search) to slice the target to.
+        compare: another .onnx file or model spec; reports "ratio" = target latency / its latency.
+        weights: state_dict file for a model spec.
+        max_seconds: time cap of each measurement.
+        status: called with a short text at each stage (the CLI's spinner).
+
+    Returns:
+        ``{"target", "provider", "requested", "fallback", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms",
+        "runs", "threads", "batch", "input_shape", "onnxruntime", "flops", "params", "widths"}`` plus, with
+        `compare`, ``"ratio", "ratio_p10", "ratio_p90", "compare"`` (the other model's spec, median ms, FLOPs,
+        params, and the interleaved medians of both). "fallback" is None unless the asked provider did not load.
+    """
+    status = status or (lambda _text: None)
+    spec = target or "models/digits_cnn.py:digits_cnn"
+    tgt = Target(provider=provider, threads=threads, strict=strict)  # validates the provider name first
+    b, shape = _batch_shape(spec, batch, input_shape)
+    tgt = Target(provider=provider, threads=threads, strict=strict, batch=b, input_shape=shape)
+    timed = _load(spec, weights=weights, batch=b, input_shape=shape, widths=widths, status=status)
+    status(f"timing {spec} on onnxruntime ({provider})…")
+    stats = measure(timed.source, tgt, max_seconds=max_seconds)
+    other = None
+    if compare is not None:
+        if compare == spec and timed.full is not None and timed.cg is not None:
+            other = _Timed(compare, timed.full, *_graph_counts(timed.cg), shape)
+        else:  # exported (a spec) at the shape the target was timed with
+            other = _load(
+                compare, weights=None, batch=b, input_shape=stats.input_shape, widths=None, status=status
+            )
+    out = {
+        "target": spec,
+        "provider": stats.provider,
+        "requested": provider,
+        "fallback": stats.fallback,
+        "median_ms": stats.median_ms,
+        "p10_ms": stats.p10_ms,
+        "p90_ms": stats.p90_ms,
+        "mean_ms": stats.mean_ms,
+        "std_ms": stats.std_ms,
+        "runs": stats.runs,
+        "threads": stats.threads,
+        "batch": stats.batch,
+        "input_shape": list(stats.input_shape),
+        "onnxruntime": stats.onnxruntime,
+        "flops": timed.flops,
+        "params": timed.params,
+        "widths": widths,
+    }
+    if other is not None:
+        status(f"timing {spec} interleaved with {compare}…")
+        # on the provider the first measurement really used: no second round of failed GPU attempts and warnings
+        used = _PROVIDER_NAMES.get(stats.provider, provider)
+        pinned = Target(provider=used, threads=threads, strict=strict, batch=b, input_shape=shape)
+        rel = measure_relative(timed.source, other.source, pinned, max_seconds=max_seconds)
+        out |= {
+            "ratio": rel.ratio,
+            "ratio_p10": rel.ratio_p10,
+            "ratio_p90": rel.ratio_p90,
+            "compare": {
+                "target": compare,
+                "median_ms": rel.reference.median_ms,
+                "flops": other.flops,
+                "params": other.params,
+                "rounds": rel.rounds,
+                "interleaved_target_ms": rel.candidate.median_ms,
+            },
+        }
+    return out

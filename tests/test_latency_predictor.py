@@ -1,0 +1,211 @@
+"""Latency predictor: features from the graph, monotone in widths, fit + JSON round trip, differentiable
+expectation, calibration against real measurements; measure_candidate and its cache."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onnxconet.errors import LatencyError, SurgeryError
+from onnxconet.graph.stats import count_flops
+from onnxconet.latency.cache import LatencyCache
+from onnxconet.latency.candidate import measure_candidate
+from onnxconet.latency.predictor import LatencyFeatures, LatencyPredictor, calibrate, probe_widths
+from onnxconet.latency.profile import Target
+from onnxconet.prepare import prepare
+from onnxconet.space import WidthSpace
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "data" / "tiny_models.py") + ":tiny_res"
+RESNET20 = str(ROOT / "models" / "resnet_cifar.py") + ":resnet20"
+CPU1 = Target(provider="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return prepare(TINY)
+
+
+@pytest.fixture(scope="module")
+def r20():
+    return prepare(RESNET20)
+
+
+def synthetic(features: LatencyFeatures, widths_list, seed=0, noise=0.0):
+    """Ratios from a known non-negative combination of the features (plus optional relative noise)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(0, 1, len(features.names))
+    theta /= theta.sum() * 1.1  # intercept 1/11 of the reference
+    y = 1 / 11 + features.matrix(widths_list) @ theta
+    return y * (1 + noise * rng.standard_normal(len(y)))
+
+
+@pytest.fixture(scope="module")
+def mix():
+    """Concat of a plain and a grouped branch, a depthwise conv, flatten -> linear."""
+    return prepare(str(ROOT / "tests" / "data" / "tiny_models.py") + ":mix")
+
+
+@pytest.mark.parametrize("which", ["tiny", "mix", "r20"])
+def test_features_read_the_graph(which, request):
+    cg = request.getfixturevalue(which).graph
+    f = LatencyFeatures(cg)
+    assert f.gids == [g.id for g in cg.prunable]
+    assert np.allclose(f.matrix([{}])[0], 1.0)  # every feature is normalized to 1 at full width
+    assert sum(layer.macs for layer in f.layers) == pytest.approx(count_flops(cg), rel=1e-9)
+    # the MACs the predictor sees at any widths are the graph's (count_flops of the sliced plan)
+    space = WidthSpace(cg)
+    rng = np.random.default_rng(0)
+    configs = [space.sample(rng) for _ in range(5)] + [space.smallest()]
+    want = [count_flops(cg, cg.keep_mask(w)) for w in configs]
+    assert np.allclose(f.macs(configs), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("which", ["tiny", "mix", "r20"])
+def test_prediction_is_monotone_in_every_group(which, request):
+    cg = request.getfixturevalue(which).graph
+    f = LatencyFeatures(cg)
+    space = WidthSpace(cg)
+    rng = np.random.default_rng(1)
+    probes = [space.sample(rng) for _ in range(12)]
+    pred = LatencyPredictor.fit(f, probes, synthetic(f, probes, noise=0.05), 10.0)
+    for _ in range(20):
+        w = space.sample(rng)
+        base = pred.predict_ratio(w)
+        for g in space:
+            for delta in (-g.step, g.step):
+                w2 = dict(w)
+                w2[g.id] = min(g.hi, max(g.lo, w[g.id] + delta))
+                p2 = pred.predict_ratio(w2)
+                if w2[g.id] > w[g.id]:
+                    assert p2 >= base - 1e-12, (g.id, w[g.id], w2[g.id])
+                elif w2[g.id] < w[g.id]:
+                    assert p2 <= base + 1e-12, (g.id, w[g.id], w2[g.id])
+    assert pred.predict_ratio(space.smallest()) < pred.predict_ratio(space.full())
+
+
+def test_fit_recovers_a_known_model_and_reports_measurements(r20):
+    cg = r20.graph
+    f = LatencyFeatures(cg)
+    space = WidthSpace(cg)
+    probes = probe_widths(space, 16, seed=0)
+    assert len(probes) == 16 and all(space.contains(w) for w in probes)
+    assert len({tuple(sorted(w.items())) for w in probes}) == 16
+    pred = LatencyPredictor.fit(f, probes, synthetic(f, probes), 5.0)
+    assert pred.report.measurements == 16
+    assert pred.report.loo_median_abs_err < 0.05
+    rng = np.random.default_rng(7)
+    test = [space.sample(rng) for _ in range(30)]
+    ev = pred.evaluate(test, synthetic(f, test))
+    assert ev["spearman"] > 0.95 and ev["median_abs_err"] < 0.05
+    assert pred.predict_ms(space.full()) == pytest.approx(5.0 * pred.predict_ratio(space.full()))
+    with pytest.raises(LatencyError, match="one ratio per"):
+        LatencyPredictor.fit(f, probes, [0.5], 5.0)
+    with pytest.raises(LatencyError, match="positive"):
+        LatencyPredictor.fit(f, probes[:2], [0.5, -1.0], 5.0)
+
+
+def test_json_round_trip_and_fingerprint_check(r20, tiny, tmp_path):
+    cg = r20.graph
+    f = LatencyFeatures(cg)
+    space = WidthSpace(cg)
+    probes = probe_widths(space, 10, seed=3)
+    pred = LatencyPredictor.fit(f, probes, synthetic(f, probes, noise=0.02), 3.0, target={"threads": 1})
+    path = tmp_path / "pred.json"
+    pred.save(path)
+    back = LatencyPredictor.load(path, cg)
+    rng = np.random.default_rng(0)
+    test = [space.sample(rng) for _ in range(10)]
+    assert np.allclose(back.predict_ratio(test), pred.predict_ratio(test), rtol=1e-12)
+    assert back.reference_ms == 3.0 and back.target == {"threads": 1}
+    assert back.report.measurements == pred.report.measurements
+    json.loads(path.read_text())  # plain JSON
+    with pytest.raises(LatencyError, match="another model"):
+        LatencyPredictor.load(path, tiny.graph)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "onnxconet-latency-predictor/1", "fingerprint": "x"}')
+    with pytest.raises(LatencyError, match="corrupt"):
+        LatencyPredictor.load(bad)
+    with pytest.raises(LatencyError, match="not found"):
+        LatencyPredictor.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("which", ["mix", "r20"])
+def test_expected_latency_is_the_exact_expectation_and_differentiable(which, request):
+    cg = request.getfixturevalue(which).graph
+    f = LatencyFeatures(cg)
+    space = WidthSpace(cg)
+    probes = probe_widths(space, 12, seed=1)
+    pred = LatencyPredictor.fit(f, probes, synthetic(f, probes, noise=0.03), 4.0)
+    groups = list(space)[:3]  # enumerate every combination of 3 options for 3 groups: 27 configs
+    options = {g.id: [g.lo, (g.lo + g.hi) // 2 // g.step * g.step, g.hi] for g in groups}
+    logits = {g.id: torch.randn(3, requires_grad=True) for g in groups}
+    probs = {gid: torch.softmax(v, 0) for gid, v in logits.items()}
+    e = pred.expected_latency(probs, options)
+    brute = 0.0
+    for combo in itertools.product(range(3), repeat=3):
+        w = {g.id: options[g.id][i] for g, i in zip(groups, combo, strict=True)}
+        p = np.prod([float(probs[g.id][i].detach()) for g, i in zip(groups, combo, strict=True)])
+        brute += p * pred.predict_ms(w)
+    assert float(e.detach()) == pytest.approx(brute, rel=1e-5)
+    e.backward()
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in logits.values())
+    # one-hot distributions give the point prediction; a larger width never lowers the expectation
+    onehot = {g.id: torch.tensor([0.0, 0.0, 1.0]) for g in groups}
+    assert float(pred.expected_latency(onehot, options, unit="ratio")) == pytest.approx(
+        pred.predict_ratio({}), rel=1e-6
+    )
+    low = {g.id: torch.tensor([1.0, 0.0, 0.0]) for g in groups}
+    assert float(pred.expected_latency(low, options)) <= float(pred.expected_latency(onehot, options))
+    with pytest.raises(LatencyError, match="probabilities"):
+        pred.expected_latency({groups[0].id: torch.ones(2)}, options)
+
+
+def test_measure_candidate_and_its_cache(tiny, tmp_path):
+    cg = tiny.graph
+    cache = LatencyCache(tmp_path / "lat.jsonl")
+    w = {gid: c // 2 for gid, c in cg.full_widths().items()}
+    budget = {"warmup": 2, "min_rounds": 10, "max_seconds": 0.3}
+    r = measure_candidate(cg, w, tiny.onnx_model, CPU1, cache, **budget)
+    assert set(r) >= {
+        "latency_ms",
+        "reference_ms",
+        "ratio",
+        "flops",
+        "params",
+        "flops_ratio",
+        "provider",
+        "cached",
+    }
+    assert r["provider"] == "CPUExecutionProvider" and r["threads"] == 1 and not r["cached"]
+    assert 0 < r["ratio"] < 5 and r["latency_ms"] > 0 and r["rounds"] >= 1
+    assert r["flops"] == count_flops(cg, cg.keep_mask(w)) and r["flops_ratio"] < 1
+    assert r["ratio_p10"] <= r["ratio"] <= r["ratio_p90"]
+    assert r["slice_seconds"] < 5
+    assert len(LatencyCache(cache.path)) == 3  # candidate, reference beside it, ratio
+    again = measure_candidate(cg, w, tiny.onnx_model, CPU1, LatencyCache(cache.path), **budget)
+    assert again["cached"] and again["ratio"] == r["ratio"] and again["latency_ms"] == r["latency_ms"]
+    other = measure_candidate(cg, cg.full_widths(), tiny.onnx_model, CPU1, cache, **budget)
+    assert not other["cached"] and other["flops_ratio"] == 1.0
+    with pytest.raises(SurgeryError):
+        measure_candidate(cg, {1: 10_000}, tiny.onnx_model, CPU1)
+
+
+def test_calibrated_predictor_is_close_to_measured(r20):
+    """Real measurements on a small CIFAR ResNet (1.3 ms at 1 thread): a loose bound, the machine is shared."""
+    cg = r20.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    budget = {"warmup": 3, "min_rounds": 15, "max_seconds": 0.35}
+    pred, results = calibrate(cg, r20.onnx_model, CPU1, space=space, n=8, seed=0, **budget)
+    assert pred.report.measurements == 8 and len(results) == 8
+    assert pred.target["threads"] == 1 and pred.reference_ms > 0
+    rng = np.random.default_rng(99)
+    test = [space.sample(rng) for _ in range(4)] + [space.uniform(0.5)]
+    measured = [measure_candidate(cg, w, r20.onnx_model, CPU1, **budget)["ratio"] for w in test]
+    ev = pred.evaluate(test, measured)
+    assert ev["median_abs_err"] < 0.25, (ev, measured)

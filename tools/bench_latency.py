@@ -1,0 +1,349 @@
+"""Latency measurement figures: cost of one measured candidate, repeatability, predictor quality, realized
+speedup vs FLOPs. Prints tables; figures go to the README / the issue's closing note.
+
+    python tools/bench_latency.py                                   # everything (slow: ~30 min on 2 cores)
+    python tools/bench_latency.py --sections cost,speedup --seconds 1.5
+    python tools/bench_latency.py --sections predictor --models resnet18 --configs 30 --threads 1,2
+    python tools/bench_latency.py --sections repeat --repeats 5 --json out/bench_latency.json
+
+Sections:
+    cost       one measured candidate (a random width sample): slice + session creation + interleaved timing,
+               next to re-exporting that candidate from torch (slice_torch + export_onnx)
+    repeat     coefficient of variation over --repeats profiles: of the full model's median (separate
+               `measure` calls) and of a 50%-width candidate's interleaved ratio to the full model
+    predictor  calibrate a predictor on --probes measured candidates, then compare its predictions with
+               --configs other random width samples measured interleaved: Spearman, median |error|
+    speedup    uniform pruning ratios 0.25 / 0.5 / 0.75: measured latency ratio vs FLOPs ratio
+
+All measurements are interleaved with the full-width reference (`measure_candidate`) on the CPU provider.
+On a shared machine, other processes steal cores: with 2 intra-op threads a run's speed depends on whether
+it got both cores, which moves ratios between repeats; 1 thread is far steadier (compare --threads 1,2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import onnx
+import torch
+from scipy.stats import spearmanr
+
+from onnxconet.graph.export import export_onnx
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.latency.candidate import graph_info, measure_candidate, reference_source
+from onnxconet.latency.predictor import calibrate
+from onnxconet.latency.profile import Runner, Target, measure, physical_cores
+from onnxconet.prepare import prepare
+from onnxconet.space import WidthSpace
+from onnxconet.surgery.onnx import slice_onnx
+from onnxconet.surgery.torch import slice_torch
+
+ALL_SECTIONS = ("cost", "repeat", "predictor", "speedup")
+
+
+def _cv(xs: list[float]) -> float:
+    return float(np.std(xs, ddof=1) / np.mean(xs)) if len(xs) > 1 else float("nan")
+
+
+def fold_castlike(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """CastLike(x, like) -> Cast(x, to=dtype of like) wherever that dtype is known statically.
+
+    The dynamo exporter (optimize=False) writes conv biases as Expand(CastLike(0, input), Shape(weight)) and
+    Clip bounds as CastLike(bound, x). onnxruntime cannot constant-fold a CastLike whose second input is an
+    activation, so the conv bias stays a runtime value and Conv+BatchNormalization, Conv+Clip/Relu fusion and
+    the NCHWc layout are all skipped. With Cast, everything folds. Same channel groups (same fingerprint).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    types |= {t.name: t.data_type for t in g.initializer}
+    n = 0
+    for i, node in enumerate(g.node):
+        if node.op_type == "CastLike" and types.get(node.input[1]):
+            cast = onnx.helper.make_node(
+                "Cast", [node.input[0]], list(node.output), name=node.name, to=types[node.input[1]]
+            )
+            g.node[i].CopyFrom(cast)
+            n += 1
+    return m, n
+
+
+def _load(name: str, res: int, cache: dict, fold: bool = False):
+    if name not in cache:
+        t0 = time.perf_counter()
+        prep = prepare(f"torchvision:{name}", None, (1, 3, res, res))
+        note = ""
+        if fold:
+            model, n = fold_castlike(prep.onnx_model)
+            prep = dataclasses.replace(prep, onnx_model=model, graph=ChannelGraph(model, prep.loaded.spec))
+            note = f", {n} CastLike -> Cast"
+        cache[name] = prep
+        print(f"  [{name}: exported + groups in {time.perf_counter() - t0:.1f} s{note}]", flush=True)
+    return cache[name]
+
+
+def _uniform(cg: ChannelGraph, prune: float, align: int) -> dict[int, int]:
+    """Every group at 1 - prune of its width (`uniform_widths`), or the nearest multiple of `align`."""
+    if align <= 1:
+        return cg.uniform_widths(prune)
+    return WidthSpace(cg, min_ratio=0.01, align=align).uniform(1 - prune)
+
+
+def section_cost(models, args, preps) -> list[dict]:
+    print(f"\n(a) one measured candidate, {args.cost_threads} threads, timing cap {args.seconds} s")
+    print(
+        f"{'model':<16}{'end-to-end s':>13}{'slice s':>9}{'sessions s':>11}{'slice+sess s':>13}{'timing s':>10}"
+        f"{'rounds':>7}{'ratio':>7}{'torch slice+export s':>21}"
+    )
+    rows = []
+    target = Target(provider="cpu", threads=args.cost_threads)
+    for name in models:
+        prep = _load(name, args.res, preps, args.fold_casts)
+        cg = prep.graph
+        space = WidthSpace(cg, align=args.align)
+        widths = space.sample(np.random.default_rng(123))
+        ref = prep.onnx_model
+        graph_info(cg)  # L1 scores + full FLOPs: once per model, like the search
+        reference_source(ref)  # serialized + hashed once per model, like the search
+        t0 = time.perf_counter()
+        r = measure_candidate(cg, widths, ref, target, max_seconds=args.seconds)
+        total = time.perf_counter() - t0
+        # session creation, isolated (measure_candidate creates the same two sessions inside its timing)
+        keep = cg.keep_mask(widths)
+        cand = slice_onnx(cg, keep).SerializeToString()
+        ref_bytes, _ = reference_source(ref)
+        t1 = time.perf_counter()
+        Runner(cand, target, spin=False)
+        Runner(ref_bytes, target, spin=False)
+        sess = time.perf_counter() - t1
+        # the alternative: rebuild the pruned torch model and export it
+        t2 = time.perf_counter()
+        pruned = slice_torch(prep.loaded.module, cg.param_slices(keep))
+        export_onnx(pruned, prep.loaded.input_shape, name=f"{name}-pruned")
+        reexport = time.perf_counter() - t2
+        timing = r["measure_seconds"] - sess
+        row = {
+            "model": name,
+            "end_to_end_s": total,
+            "slice_s": r["slice_seconds"],
+            "sessions_s": sess,
+            "timing_s": timing,
+            "rounds": r["rounds"],
+            "ratio": r["ratio"],
+            "torch_reexport_s": reexport,
+        }
+        rows.append(row)
+        print(
+            f"{name:<16}{total:>13.2f}{r['slice_seconds']:>9.3f}{sess:>11.3f}{r['slice_seconds'] + sess:>13.3f}"
+            f"{timing:>10.2f}{r['rounds']:>7}{r['ratio']:>7.3f}{reexport:>21.2f}",
+            flush=True,
+        )
+    return rows
+
+
+def section_repeat(models, args, preps) -> list[dict]:
+    print(f"\n(b) repeatability over {args.repeats} profiles (timing cap {args.seconds} s each)")
+    print(
+        f"{'model':<16}{'threads':>8}{'median ms (each profile)':>44}{'CV':>7}{'ratio @50% (each)':>38}{'CV':>7}"
+    )
+    rows = []
+    for name in models:
+        prep = _load(name, args.res, preps, args.fold_casts)
+        cg = prep.graph
+        widths = _uniform(cg, 0.5, args.align)
+        for threads in args.threads:
+            target = Target(provider="cpu", threads=threads)
+            medians = [measure(prep.onnx_model.SerializeToString(), target, max_seconds=args.seconds).median_ms
+                       for _ in range(args.repeats)]  # fmt: skip
+            ratios = [
+                measure_candidate(cg, widths, prep.onnx_model, target, max_seconds=args.seconds)["ratio"]
+                for _ in range(args.repeats)
+            ]
+            row = {"model": name, "threads": threads, "medians_ms": medians, "cv_median": _cv(medians),
+                   "ratios": ratios, "cv_ratio": _cv(ratios)}  # fmt: skip
+            rows.append(row)
+            print(
+                f"{name:<16}{threads:>8}{' '.join(f'{m:.2f}' for m in medians):>44}{row['cv_median']:>7.1%}"
+                f"{' '.join(f'{r:.3f}' for r in ratios):>38}{row['cv_ratio']:>7.1%}",
+                flush=True,
+            )
+    return rows
+
+
+def section_predictor(models, args, preps) -> list[dict]:
+    print(
+        f"\n(c) predictor: fitted on measured probes ({args.probes}), checked on {args.configs} other random width"
+        f" samples (timing cap {args.seconds} s each)"
+    )
+    print(
+        f"{'model':<16}{'threads':>8}{'measurements':>13}{'LOO err':>8}{'spearman':>9}{'median |err|':>13}"
+        f"{'p90 |err|':>10}{'max |err|':>10}{'fit s':>7}{'predict µs':>11}{'ratio range':>12}"
+        f"{'retest: spearman':>17}{'med |diff|':>11}{'pred vs mean: sp':>17}{'med |err|':>10}"
+    )
+    rows = []
+    for name in models:
+        prep = _load(name, args.res, preps, args.fold_casts)
+        cg = prep.graph
+        space = WidthSpace(cg, align=args.align)
+        for threads in args.threads:
+            target = Target(provider="cpu", threads=threads)
+            n = None if args.probes == "auto" else int(args.probes)
+            pred, _ = calibrate(
+                cg, prep.onnx_model, target, space=space, n=n, seed=0, max_seconds=args.seconds
+            )
+            rng = np.random.default_rng(1000)
+            configs = [space.sample(rng) for _ in range(args.configs)]
+            measured = [
+                measure_candidate(cg, w, prep.onnx_model, target, max_seconds=args.seconds)["ratio"]
+                for w in configs
+            ]
+            ev = pred.evaluate(configs, measured)
+            retest = {}
+            if not args.no_retest:  # the same configs measured again: how far the measurement itself agrees
+                again = [
+                    measure_candidate(cg, w, prep.onnx_model, target, max_seconds=args.seconds)["ratio"]
+                    for w in configs
+                ]
+                a, b = np.asarray(measured), np.asarray(again)
+                retest = {
+                    "again": again,
+                    "retest_spearman": float(spearmanr(a, b).statistic),
+                    "retest_median_abs_diff": float(np.median(np.abs(a - b) / a)),
+                    "vs_mean": pred.evaluate(configs, (a + b) / 2),
+                }
+            t0 = time.perf_counter()
+            for w in configs:
+                pred.predict_ratio(w)
+            us = (time.perf_counter() - t0) / len(configs) * 1e6
+            row = {"model": name, "threads": threads, "measurements": pred.report.measurements,
+                   "loo_err": pred.report.loo_median_abs_err, **ev, "predict_us": us,
+                   "measured": measured, "predicted": [float(pred.predict_ratio(w)) for w in configs],
+                   "terms": pred.report.terms, **retest}  # fmt: skip
+            rows.append(row)
+            print(
+                f"{name:<16}{threads:>8}{pred.report.measurements:>13}{pred.report.loo_median_abs_err:>8.1%}"
+                f"{ev['spearman']:>9.3f}{ev['median_abs_err']:>13.1%}{ev['p90_abs_err']:>10.1%}"
+                f"{ev['max_abs_err']:>10.1%}{pred.report.seconds:>7.2f}{us:>11.0f}"
+                f"{f'{min(measured):.2f}-{max(measured):.2f}':>12}"
+                + (
+                    f"{retest['retest_spearman']:>17.3f}{retest['retest_median_abs_diff']:>11.1%}"
+                    f"{retest['vs_mean']['spearman']:>17.3f}{retest['vs_mean']['median_abs_err']:>10.1%}"
+                    if retest
+                    else ""
+                ),
+                flush=True,
+            )
+    return rows
+
+
+def section_speedup(models, args, preps) -> list[dict]:
+    print(f"\n(d) realized speedup vs FLOPs at uniform pruning ratios ({args.cost_threads} threads)")
+    print(
+        f"{'model':<16}{'prune':>6}{'MACs ratio':>11}{'params ratio':>13}{'latency ratio':>14}{'p10-p90':>13}"
+        f"{'speedup':>8}{'MACs speedup':>13}{'realized/ideal':>15}"
+    )
+    rows = []
+    target = Target(provider="cpu", threads=args.cost_threads)
+    for name in models:
+        prep = _load(name, args.res, preps, args.fold_casts)
+        cg = prep.graph
+        for ratio in (0.25, 0.5, 0.75):
+            r = measure_candidate(
+                cg, _uniform(cg, ratio, args.align), prep.onnx_model, target, max_seconds=args.seconds
+            )
+            speed, ideal = 1 / r["ratio"], 1 / r["flops_ratio"]
+            spread = f"{r['ratio_p10']:.2f}-{r['ratio_p90']:.2f}"
+            rows.append({"model": name, "prune": ratio, **{k: r[k] for k in (
+                "flops_ratio", "params_ratio", "ratio", "ratio_p10", "ratio_p90", "latency_ms", "reference_ms")}})  # fmt: skip
+            print(
+                f"{name:<16}{ratio:>6.2f}{r['flops_ratio']:>11.3f}{r['params_ratio']:>13.3f}{r['ratio']:>14.3f}"
+                f"{spread:>13}{speed:>8.2f}{ideal:>13.2f}{speed / ideal:>15.2f}",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--sections", default=",".join(ALL_SECTIONS), help="comma list of " + ", ".join(ALL_SECTIONS)
+    )
+    ap.add_argument("--models", default=None, help="comma list of torchvision models (default per section)")
+    ap.add_argument("--res", type=int, default=224)
+    ap.add_argument("--seconds", type=float, default=1.5, help="timing cap of each measurement")
+    ap.add_argument(
+        "--threads", default="2", help="intra-op threads for repeat/predictor, comma list (e.g. 1,2)"
+    )
+    ap.add_argument("--cost-threads", type=int, default=2, help="intra-op threads for cost/speedup")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--probes",
+        default="auto",
+        help="measurements the predictor is fitted on: auto (groups + 8, 16..40) or N",
+    )
+    ap.add_argument(
+        "--configs", type=int, default=30, help="random width samples the predictor is checked on"
+    )
+    ap.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    ap.add_argument(
+        "--fold-casts",
+        action="store_true",
+        help="time the export with CastLike folded to Cast (what onnxruntime can fuse; see fold_castlike)",
+    )
+    ap.add_argument(
+        "--align",
+        type=int,
+        default=1,
+        help="widths in multiples of this (WidthSpace align; 16 = the AVX-512 NCHWc block, 8 on AVX2)",
+    )
+    ap.add_argument("--no-retest", action="store_true", help="predictor: skip measuring the configs twice")
+    args = ap.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in ALL_SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}; choose from {ALL_SECTIONS}")
+    torch.set_num_threads(2)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    import onnxruntime as ort
+
+    print(
+        f"onnxruntime {ort.__version__}, CPU provider, {physical_cores()} physical cores, input 1x3x{args.res}x"
+        f"{args.res}, load average at start {load:.1f} (other processes share this machine: figures are noisy)"
+    )
+    preps: dict = {}
+    defaults = {
+        "cost": ["resnet18", "mobilenet_v2", "efficientnet_b0"],
+        "repeat": ["resnet18", "mobilenet_v2", "efficientnet_b0"],
+        "predictor": ["resnet18", "mobilenet_v2"],
+        "speedup": ["resnet18", "mobilenet_v2", "efficientnet_b0"],
+    }
+    fns = {
+        "cost": section_cost,
+        "repeat": section_repeat,
+        "predictor": section_predictor,
+        "speedup": section_speedup,
+    }
+    out: dict = {"args": vars(args), "load_start": load}
+    for s in sections:
+        models = args.models.split(",") if args.models else defaults[s]
+        t0 = time.perf_counter()
+        out[s] = fns[s](models, args, preps)
+        print(
+            f"  [{s}: {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f}]",
+            flush=True,
+        )
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
