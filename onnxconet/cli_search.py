@@ -60,7 +60,8 @@ def search(
         str,
         typer.Option(
             "--strategy",
-            help="anneal (CONetV2 metric + simulated annealing), or the baselines random | uniform | l1.",
+            help="anneal (CONetV2 metric + simulated annealing), dmasking (FBNetV2 channel-masking supernet "
+            "with a latency-predictor cost), or the baselines random | uniform | l1.",
         ),
     ] = "anneal",
     latency_budget: Annotated[
@@ -104,6 +105,8 @@ def search(
     min_ratio: Annotated[
         float, typer.Option("--min-ratio", help="Smallest width of a group, as a share of its channels.")
     ] = 0.125,
+    align: Annotated[int, typer.Option("--align", help="Widths in multiples of this where a group is wide enough "
+                                       "(CPU kernels run fastest on multiples of 8/16).")] = 8,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Run directory (history, checkpoints, best.onnx, report).")
     ] = Path("runs/search"),

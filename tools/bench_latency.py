@@ -29,11 +29,10 @@ import os
 import time
 
 import numpy as np
-import onnx
 import torch
 from scipy.stats import spearmanr
 
-from onnxconet.graph.export import export_onnx
+from onnxconet.graph.export import export_onnx, fold_castlike
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.latency.candidate import graph_info, measure_candidate, reference_source
 from onnxconet.latency.predictor import calibrate
@@ -48,30 +47,6 @@ ALL_SECTIONS = ("cost", "repeat", "predictor", "speedup")
 
 def _cv(xs: list[float]) -> float:
     return float(np.std(xs, ddof=1) / np.mean(xs)) if len(xs) > 1 else float("nan")
-
-
-def fold_castlike(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """CastLike(x, like) -> Cast(x, to=dtype of like) wherever that dtype is known statically.
-
-    The dynamo exporter (optimize=False) writes conv biases as Expand(CastLike(0, input), Shape(weight)) and
-    Clip bounds as CastLike(bound, x). onnxruntime cannot constant-fold a CastLike whose second input is an
-    activation, so the conv bias stays a runtime value and Conv+BatchNormalization, Conv+Clip/Relu fusion and
-    the NCHWc layout are all skipped. With Cast, everything folds. Same channel groups (same fingerprint).
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
-    types |= {t.name: t.data_type for t in g.initializer}
-    n = 0
-    for i, node in enumerate(g.node):
-        if node.op_type == "CastLike" and types.get(node.input[1]):
-            cast = onnx.helper.make_node(
-                "Cast", [node.input[0]], list(node.output), name=node.name, to=types[node.input[1]]
-            )
-            g.node[i].CopyFrom(cast)
-            n += 1
-    return m, n
 
 
 def _load(name: str, res: int, cache: dict, fold: bool = False):

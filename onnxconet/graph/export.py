@@ -52,7 +52,8 @@ def export_onnx(
     except Exception as e:  # noqa: BLE001 - exporter errors are many and long
         log.debug("exporter output:\n%s", sink.getvalue())
         raise GraphError(f"{name}: torch.onnx.export failed: {_first_line(e)}") from None
-    model = prog.model_proto
+    model, folded = fold_castlike(prog.model_proto)
+    log.debug("%d CastLike nodes turned into Cast", folded)
     log.info(
         "exported %s to ONNX in %.1f s (%d nodes)", name, time.perf_counter() - t0, len(model.graph.node)
     )
@@ -66,6 +67,31 @@ def export_onnx(
             missing[0],
         )
     return model
+
+
+def fold_castlike(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """CastLike(x, like) -> Cast(x, to=dtype of like) wherever that dtype is known statically.
+
+    The dynamo exporter (optimize=False) writes conv biases as Expand(CastLike(0, input), Shape(weight)) and
+    Clip bounds as CastLike(bound, x). onnxruntime cannot constant-fold a CastLike whose second input is an
+    activation, so Conv+BatchNormalization and Conv+activation fusion and the NCHWc layout are all skipped:
+    measured interleaved, the folded graph runs at 0.64 (resnet18), 0.43 (mobilenet_v2), 0.44
+    (efficientnet_b0) of the unfolded one's latency. Same channel groups (same fingerprint).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    types |= {t.name: t.data_type for t in g.initializer}
+    n = 0
+    for i, node in enumerate(g.node):
+        if node.op_type == "CastLike" and types.get(node.input[1]):
+            cast = onnx.helper.make_node(
+                "Cast", [node.input[0]], list(node.output), name=node.name, to=types[node.input[1]]
+            )
+            g.node[i].CopyFrom(cast)
+            n += 1
+    return m, n
 
 
 def _params_missing(module: torch.nn.Module, model: onnx.ModelProto) -> list[str]:

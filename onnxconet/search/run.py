@@ -9,7 +9,7 @@ import logging
 import platform
 import socket
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Trial, TrialState
 from onnxconet.search.baselines import RandomStrategy, ScratchUniformStrategy, UniformStrategy
 from onnxconet.search.cost import CostModel
+from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.driver import Loop, Progress, atomic_save, keep_of, load_checkpoint, restore_bank
 from onnxconet.search.evaluate import Evaluator, LatencyJudge
 from onnxconet.space import WidthSpace, save_widths
@@ -37,7 +38,7 @@ from onnxconet.surgery.onnx import check_onnx, slice_onnx
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("anneal", "random", "uniform", "l1")
+STRATEGIES = ("anneal", "dmasking", "random", "uniform", "l1")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class SearchConfig:
     alpha: float = 0.5
     temperature: float = 4.0
     min_ratio: float = 0.125
-    align: int = 1
+    align: int = 8
     penalty: float = 1.0
     latency_seconds: float = 2.0
     max_batches: int | None = None
@@ -70,6 +71,7 @@ class SearchConfig:
     resume: bool = False
     seed: int = 0
     device: str | None = None
+    dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking.py)
 
     def check(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -78,6 +80,8 @@ class SearchConfig:
             raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
         if self.trials < 1:
             raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
+        if self.strategy == "dmasking":
+            DMaskingConfig.from_dict(self.dmasking)
 
 
 def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, float | None]:
@@ -201,6 +205,8 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
     )
     if getattr(strategy, "reinit", False):
         evaluator.bank = _reinit_bank(teacher, cfg.seed)
+    if hasattr(strategy, "attach"):  # dmasking trains its supernet from the evaluator's teacher and data
+        strategy.attach(evaluator, out, progress=progress, resume=cfg.resume)
 
     def observe(trial: Trial) -> None:
         if trial.state is TrialState.COMPLETE and trial.latency_ratio is not None:
@@ -241,6 +247,9 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         progress,
     )
     result["seconds"] = round(time.perf_counter() - t_start, 1)
+    if getattr(strategy, "logits_history", None):
+        result["logits_history"] = strategy.logits_history
+        result["dmasking"] = strategy.summary
     write_report(result, out)
     return result
 
@@ -301,6 +310,16 @@ def _make_strategy(cfg, space, objective, cost):
     if cfg.strategy == "anneal":
         return AnnealStrategy(
             space, objective, cost, cost.rescale(space.full(), 0.97 * objective.budget), seed=cfg.seed
+        )
+    if cfg.strategy == "dmasking":
+        return DMaskingStrategy(
+            space,
+            objective,
+            cost,
+            DMaskingConfig.from_dict(cfg.dmasking),
+            seed=cfg.seed,
+            trials=cfg.trials,
+            epochs_per_trial=cfg.epochs_per_trial,
         )
     if cfg.strategy == "random":
         return RandomStrategy(space, objective, cost, seed=cfg.seed)
