@@ -142,6 +142,7 @@ def search(
         batch_size=batch_size,
         lr=lr,
         min_ratio=min_ratio,
+        align=align,
         out=str(out_dir),
         resume=resume,
         seed=seed,

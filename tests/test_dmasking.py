@@ -1,0 +1,344 @@
+"""dmasking (FBNetV2's DMaskingNAS): staircase masks, where they act, gradients to the logits, expected cost,
+derived widths, a smoke run and resume after a kill."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from onnxconet.graph.stats import count_flops, count_params
+from onnxconet.prepare import prepare
+from onnxconet.search.base import Objective, Trial, TrialState
+from onnxconet.search.cost import CostModel
+from onnxconet.search.dmasking import (
+    DMaskingConfig,
+    DMaskingStrategy,
+    EffectiveCost,
+    put_on_budget,
+)
+from onnxconet.search.masks import Supernet, importance_ranks, staircase_matrix, width_options
+from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.space import WidthSpace
+from onnxconet.surgery.torch import slice_torch, zero_pruned
+
+TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
+
+
+class Grouped(nn.Module):
+    """A grouped conv (divisor 2 on its input group) and a plain conv, no BN on the last producer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.c = nn.Conv2d(16, 24, 1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c(self.b(self.a(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return prepare(TINY)
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "grouped.py"
+    src = Path(__file__).read_text()
+    start = src.index("class Grouped")
+    end = src.index("@pytest.fixture")
+    path.write_text(
+        "import torch\nfrom torch import nn\n\nINPUT_SHAPE = (1, 3, 16, 16)\n\n\n"
+        + src[start:end]
+        + "\ndef grouped():\n    return Grouped()\n"
+    )
+    return prepare(f"{path}:grouped")
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    """Class = which quadrant is bright (as in test_search.py)."""
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.integers(0, 5, n)
+    x = rng.normal(0, 0.3, (n, 3, 16, 16)).astype(np.float32)
+    for i, c in enumerate(y):
+        x[i, :, (c // 2) * 8 : (c // 2) * 8 + 8, (c % 2) * 8 : (c % 2) * 8 + 8] += 1.0 + 0.5 * (c == 4)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+# --------------------------------------------------------------------------------------- staircase
+def test_staircase_hand_example():
+    """8 bundles, options of 2, 4 and 8 bundles with weights .2 .3 .5: ranks 0-1 keep 1.0, ranks 2-3 keep .8
+    (options 4 and 8), ranks 4-7 keep .5 (option 8 only)."""
+    T = torch.from_numpy(staircase_matrix([2, 4, 8], 8))
+    m = T @ torch.tensor([0.2, 0.3, 0.5])
+    assert torch.allclose(m, torch.tensor([1.0, 1.0, 0.8, 0.8, 0.5, 0.5, 0.5, 0.5]))
+    # one-hot on an option = keep exactly that many bundles
+    assert (T @ torch.tensor([0.0, 1.0, 0.0])).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_staircase_follows_importance(tiny):
+    """The mask of a channel depends on its rank by score: the highest-scoring channel is masked last."""
+    cg = tiny.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    options = width_options(cg, space, 4, align=1)
+    scores = np.random.default_rng(1).random(len(cg.group_of_bundle))
+    net = Supernet(tiny.loaded.module, cg, options, scores)
+    gid = 2  # conv1's 12 channels: options 3, 6, 9, 12
+    assert options[gid] == [3, 6, 9, 12]
+    masks = net.channel_masks({g: torch.tensor([0.1, 0.2, 0.3, 0.4]) if g == gid else torch.eye(len(o))[-1]
+                               for g, o in options.items()})  # fmt: skip
+    m = masks["conv1.1"]  # the BN after conv1: the mask goes after the norm
+    rank = importance_ranks(cg, scores)[
+        cg.bundle_of_id[[s for s in net.sites if s.module == "conv1.1"][0].ids]
+    ]
+    expected = torch.tensor([1.0, 0.9, 0.7, 0.4])[torch.from_numpy(rank // 3)]
+    assert torch.allclose(m, expected)
+    assert m[int(np.argmin(rank))] == 1.0 and m[int(np.argmax(rank))] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("which", ["tiny", "grouped"])
+def test_one_hot_masks_equal_pruning(which, tiny, grouped):
+    """With one-hot weights the masked supernet computes exactly the pruned network (keep_mask, same scores):
+    masks sit where the channel's value is final (after the BN, or on the producer when no BN follows)."""
+    prep = tiny if which == "tiny" else grouped
+    cg, model = prep.graph, prep.loaded.module.eval()
+    space = WidthSpace(cg, min_ratio=0.25)
+    options = width_options(cg, space, 6, align=1)
+    scores = cg.l1_scores()
+    net = Supernet(model, cg, options, scores)
+    assert net.gids == sorted(options) and not net.skipped
+    kinds = {s.module: s.kind for s in net.sites}
+    assert all(k == "norm" for m, k in kinds.items() if m != "c")
+    if which == "grouped":
+        assert kinds.get("c") == "producer"
+        assert any(cg.groups[g].divisor == 2 for g in net.gids)
+    net.attach()
+    rng = np.random.default_rng(0)
+    x = torch.randn(4, *prep.loaded.input_shape[1:])
+    with torch.no_grad():
+        full = model(x)
+        for _ in range(4):
+            widths = {g: int(rng.choice(o)) for g, o in options.items()}
+            net.set_weights(net.one_hot(widths))
+            masked = model(x)
+            net.set_weights(None)
+            keep = cg.keep_mask(widths, scores)
+            assert torch.allclose(masked, zero_pruned(model, cg, keep)(x), atol=1e-5)
+            assert torch.allclose(masked, slice_torch(model, cg.param_slices(keep)).eval()(x), atol=1e-5)
+        assert torch.equal(model(x), full)  # no weights set: the plain model
+    net.detach()
+    with torch.no_grad():
+        net.set_weights(net.one_hot({g: o[0] for g, o in options.items()}))
+        assert torch.equal(model(x), full)  # hooks removed
+        net.set_weights(None)
+
+
+def test_gradients_reach_logits(tiny):
+    """The task loss and the cost term both give every group's logits a gradient (train-mode BN included)."""
+    cg = tiny.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    model = tiny.loaded.module.train()
+    options = width_options(cg, space, 4, align=1)
+    net = Supernet(model, cg, options, cg.l1_scores())
+    net.attach()
+    torch.manual_seed(0)
+    net.set_weights(net.sample(2.0))
+    loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 16, 16)), torch.randint(0, 5, (8,)))
+    loss.backward()
+    for gid in net.gids:
+        g = net.logits[str(gid)].grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, gid
+    net.zero_grad()
+    cost = EffectiveCost(cg, "flops").expected_ratio(net.probs(2.0), net.options)
+    cost.backward()
+    for gid in net.gids:
+        assert net.logits[str(gid)].grad.abs().sum() > 0, gid
+    net.detach()
+
+
+# --------------------------------------------------------------------------------------- expected cost
+@pytest.mark.parametrize("on", ["flops", "params"])
+def test_effective_cost_exact(grouped, on):
+    """One-hot distributions give exactly count_flops / count_params; a distribution gives the expectation."""
+    cg = grouped.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    ec = EffectiveCost(cg, on)
+    count = count_flops if on == "flops" else count_params
+    assert ec.base == pytest.approx(count(cg))
+    options = {g.id: g.options() for g in space}
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        widths = space.sample(rng)
+        exact = count(cg, cg.keep_mask(widths)) / count(cg)
+        probs = {g: torch.eye(len(o), dtype=torch.float64)[o.index(widths[g])] for g, o in options.items()}
+        assert float(ec.expected_ratio(probs, options)) == pytest.approx(exact, rel=1e-9)
+    probs = {g: torch.softmax(torch.randn(len(o), dtype=torch.float64), 0) for g, o in options.items()}
+    e = float(ec.expected_ratio(probs, options))
+    draws = [
+        ec.ratio({g: int(rng.choice(o, p=probs[g].numpy())) for g, o in options.items()}) for _ in range(3000)
+    ]
+    assert e == pytest.approx(np.mean(draws), rel=0.02)
+
+
+# --------------------------------------------------------------------------------------- derivation
+def test_derived_widths_respect_divisors_and_budget(grouped):
+    """Argmax, expected and sampled derivations land on allowed widths (multiples of the divisor, in the
+    space) under the budget as predicted; replaying with the same seed gives the same widths."""
+    cg = grouped.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    cost = CostModel(cg, space, "flops")
+
+    def make():
+        s = DMaskingStrategy(space, Objective(0.4), cost, DMaskingConfig(options=4, align=1), seed=5)
+        rng = np.random.default_rng(3)
+        s.logits = {g: rng.normal(0, 2, len(o)) for g, o in s.options.items()}
+        s.final_tau, s.trained = 1.0, True
+        return s
+
+    runs = []
+    for _ in range(2):
+        s = make()
+        asked = []
+        for n in range(5):
+            w = s.ask()
+            asked.append(w)
+            for gid, width in w.items():
+                assert width % cg.groups[gid].divisor == 0
+            assert space.contains(w), w
+            assert s.effective.ratio(w) <= 0.4 + 1e-9
+            assert s.effective.ratio(w) > 0.25  # put onto the budget, not far below it
+            facts = s.tell(Trial(n, w, TrialState.COMPLETE, accuracy=0.5, ratio=s.effective.ratio(w)))
+            assert facts["derived"] == ["argmax", "expected", "sample", "sample", "sample"][n]
+        runs.append(asked)
+    assert runs[0] == runs[1]
+    assert any(cg.groups[g].divisor == 2 for g in runs[0][0])
+
+
+def test_put_on_budget_scales_both_ways():
+    snap = lambda g, w: int(min(64, max(8, round(w / 8) * 8)))  # noqa: E731
+    predict = lambda w: sum(v * v for v in w.values()) / (2 * 64 * 64)  # noqa: E731
+    for start in ({0: 64, 1: 64}, {0: 8, 1: 16}):
+        w, _ = put_on_budget(start, 0.5, predict, snap)
+        assert predict(w) <= 0.5
+        assert predict({g: snap(g, v + 8) for g, v in w.items()}) > 0.5
+
+
+def test_config_rejects_unknown_options():
+    from onnxconet.errors import OnnxconetError
+
+    with pytest.raises(OnnxconetError, match="unknown dmasking option"):
+        DMaskingConfig.from_dict({"epocs": 3})
+    with pytest.raises(OnnxconetError, match="loss"):
+        DMaskingConfig.from_dict({"loss": "mse"})
+
+
+# --------------------------------------------------------------------------------------- end to end
+def cfg(tmp_path, data, **kw):
+    base = dict(
+        model=TINY,
+        data=data,
+        strategy="dmasking",
+        trials=2,
+        epochs_per_trial=1,
+        final_epochs=1,
+        pretrain_epochs=3,
+        batch_size=32,
+        budget="0.5",
+        budget_on="flops",
+        provider="cpu",
+        threads=1,
+        latency_seconds=0.2,
+        out=str(tmp_path / "run"),
+        min_ratio=0.25,
+        dmasking={"epochs": 2, "options": 4, "align": 1},
+    )
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_dmasking_smoke(tmp_path, npz_data):
+    """A dmasking run on the tiny model end to end: the best meets the budget, result.json carries the logits'
+    history (one entry per supernet epoch), the report plots it, best.onnx matches torch."""
+    res = run_search(cfg(tmp_path, npz_data))
+    best = res["best"]
+    assert best["budget_met"] and best["flops_ratio"] <= 0.5 + 1e-9
+    assert best["max_abs_diff"] < 1e-4
+    hist = res["logits_history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert set(hist[-1]["probs"]) == {str(g) for g in res["dmasking"]["searched_groups"]}
+    assert all(abs(sum(p) - 1) < 1e-3 for p in hist[-1]["probs"].values())
+    trials = res["trials"]
+    assert [t["derived"] for t in trials] == ["argmax", "expected"] or trials[1]["derived"] == "sample"
+    assert "logits_history" in trials[0] and trials[0]["supernet"]["epochs"] == 2
+    out = tmp_path / "run"
+    assert (
+        (out / "widths.png").is_file() and (out / "best.onnx").is_file() and (out / "dmasking.pt").is_file()
+    )
+    assert json.loads((out / "result.json").read_text())["logits_history"][-1]["epoch"] == 2
+    assert "expected width" in (out / "report.md").read_text()
+
+
+def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):
+    """Killed in the second supernet epoch: the resumed run does not redo the first. Killed during the derived
+    trials: the resumed run trains no supernet step and redoes no finished trial."""
+    from onnxconet.search import dmasking as dm
+    from onnxconet.search import evaluate as ev
+
+    real_step, real_run = dm.search_step, ev.Evaluator.run
+    calls = {"n": 0, "kill": False}
+    ckpt_path = tmp_path / "run" / "dmasking.pt"
+
+    def step(*a, **k):
+        if calls["kill"] and ckpt_path.is_file():  # the first step after epoch 1 was checkpointed
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(*a, **k)
+
+    def killed_trial(self, number, widths, epochs=None):
+        if number == 1:
+            raise KeyboardInterrupt
+        return real_run(self, number, widths, epochs)
+
+    monkeypatch.setattr(dm, "search_step", step)
+    calls["kill"] = True
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg(tmp_path, npz_data, final_epochs=0))
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert int(ckpt["epoch"]) == 1
+    steps_per_epoch = int(ckpt["step"])
+    assert calls["n"] == steps_per_epoch > 0
+
+    calls.update(n=0, kill=False)
+    monkeypatch.setattr(ev.Evaluator, "run", killed_trial)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg(tmp_path, npz_data, final_epochs=0, resume=True))
+    assert calls["n"] == steps_per_epoch, "a finished supernet epoch was redone"
+    history = [json.loads(ln) for ln in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    first = [r for r in history if r["kind"] == "trial"]
+    assert [r["trial"] for r in first] == [0]
+
+    calls["n"] = 0
+    monkeypatch.setattr(ev.Evaluator, "run", real_run)
+    seen = []
+    res = run_search(
+        cfg(tmp_path, npz_data, final_epochs=0, resume=True),
+        progress=lambda e, d: seen.append(d["trial"]) if e == "trial_start" else None,
+    )
+    assert calls["n"] == 0 and seen == [1]
+    # (Trial.from_json fills a replayed record's "extra" in place; compare the rest)
+    assert {k: v for k, v in res["trials"][0].items() if k != "extra"} == {
+        k: v for k, v in first[0].items() if k != "extra"
+    }
+    assert [h["epoch"] for h in res["logits_history"]] == [0, 1, 2]
