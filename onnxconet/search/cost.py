@@ -12,12 +12,14 @@ from onnxconet.space import WidthSpace
 
 
 class CostModel:
-    """ratio(widths) for the budgeted quantity. For latency: r = a + b * flops_ratio, least squares over the
-    measured (flops_ratio, latency_ratio) pairs plus the baseline point (1, 1); before two measurements
-    exist it is the FLOPs ratio itself."""
+    """ratio(widths) for the budgeted quantity. For latency with a calibrated `predictor`
+    (latency/predictor.py): its prediction times the median measured/predicted ratio of the trials so far.
+    Without one: r = a + b * flops_ratio, least squares over the measured (flops_ratio, latency_ratio) pairs
+    plus the baseline point (1, 1); before two measurements exist it is the FLOPs ratio itself."""
 
-    def __init__(self, cg: ChannelGraph, space: WidthSpace, on: str = "latency") -> None:
-        self.cg, self.space, self.on = cg, space, on
+    def __init__(self, cg: ChannelGraph, space: WidthSpace, on: str = "latency", predictor=None) -> None:
+        self.cg, self.space, self.on, self.predictor = cg, space, on, predictor
+        self.corrections: list[float] = []
         self.base_flops = max(count_flops(cg), 1)
         self.base_params = max(count_params(cg), 1)
         self._zero = np.zeros(len(cg.group_of_bundle))
@@ -29,7 +31,11 @@ class CostModel:
         keep = self.cg.keep_mask(widths, self._zero)
         return count_flops(self.cg, keep) / self.base_flops, count_params(self.cg, keep) / self.base_params
 
-    def observe(self, flops_ratio: float, latency_ratio: float) -> None:
+    def observe(self, flops_ratio: float, latency_ratio: float, widths: dict[int, int] | None = None) -> None:
+        if self.predictor is not None and widths is not None:
+            self.corrections.append(
+                float(latency_ratio) / max(float(self.predictor.predict_ratio(widths)), 1e-6)
+            )
         self.points.append((float(flops_ratio), float(latency_ratio)))
         x = np.array([p[0] for p in self.points])
         y = np.array([p[1] for p in self.points])
@@ -43,6 +49,9 @@ class CostModel:
             return f
         if self.on == "params":
             return p
+        if self.predictor is not None:
+            corr = float(np.median(self.corrections)) if self.corrections else 1.0
+            return float(self.predictor.predict_ratio(widths)) * corr
         return self.a + self.b * f
 
     def rescale(self, widths: dict[int, int], target: float, iters: int = 18) -> dict[int, int]:

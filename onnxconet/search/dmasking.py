@@ -569,8 +569,8 @@ class DMaskingStrategy(Strategy):
         ev = self.evaluator
         if ev is None:
             raise OnnxconetError("DMaskingStrategy.attach(evaluator, out) must be called before ask()")
-        if self.on == "latency" and self.predictor is None:
-            self.predictor = self._latency_predictor()
+        if self.on == "latency" and self.predictor is None:  # the run's calibrated predictor when it has one
+            self.predictor = getattr(self.cost, "predictor", None) or self._latency_predictor()
         c, tcfg = self.config, ev.train_cfg
         device = resolve_device(ev.device)
         scores = ev.bank.scores(self.cg)  # the original's L1: the staircase order

@@ -66,6 +66,7 @@ class SearchConfig:
     align: int = 8
     penalty: float = 1.0
     latency_seconds: float = 2.0
+    probes: int = 12
     max_batches: int | None = None
     out: str = "runs/search"
     resume: bool = False
@@ -183,7 +184,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         raise OnnxconetError(
             f"{prep.loaded.spec}: no prunable group (see onnxconet inspect); nothing to search"
         )
-    cost = CostModel(cg, space, cfg.budget_on)
+    cost = CostModel(cg, space, cfg.budget_on, _predictor(cfg, cg, space, reference, target, out, progress))
     judge = LatencyJudge(reference, target, cfg.latency_seconds)
     _check_reachable(cfg, cg, space, cost, judge, budget)
     objective = Objective(budget, cfg.penalty)
@@ -210,7 +211,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
 
     def observe(trial: Trial) -> None:
         if trial.state is TrialState.COMPLETE and trial.latency_ratio is not None:
-            cost.observe(trial.flops_ratio, trial.latency_ratio)
+            cost.observe(trial.flops_ratio, trial.latency_ratio, trial.widths)
 
     loop = Loop(strategy, evaluator, objective, out, cfg.trials, observe, progress)
     header, records = loop.history.read() if loop.history.exists() else (None, [])
@@ -281,6 +282,28 @@ def _teacher(cfg, module, train_loader, val_loader, tcfg, out: Path, progress) -
     return teacher.eval()
 
 
+def _predictor(cfg, cg, space, reference: bytes, target, out: Path, progress):
+    """A latency predictor calibrated on a few measured probes (saved in the run directory for --resume and
+    shared with dmasking), so every strategy proposes widths that land on the budget as measured."""
+    if cfg.budget_on != "latency" or cfg.probes <= 0:
+        return None
+    from onnxconet.latency.predictor import LatencyPredictor, calibrate
+    from onnxconet.search.dmasking import PREDICTOR
+
+    path = out / PREDICTOR
+    if path.is_file() and cfg.resume:
+        try:
+            return LatencyPredictor.load(path, cg)
+        except OnnxconetError as e:
+            log.warning("%s: %s; calibrating a new one", path, e)
+    _emit(progress, "stage", text=f"calibrating the latency predictor on {cfg.probes} measured candidates")
+    pred, _ = calibrate(
+        cg, reference, target, space=space, n=cfg.probes, seed=cfg.seed, max_seconds=cfg.latency_seconds / 2
+    )
+    pred.save(path)
+    return pred
+
+
 def _reinit_bank(teacher: torch.nn.Module, seed: int) -> WeightBank:
     fresh = copy.deepcopy(teacher)
     torch.manual_seed(seed)
@@ -295,7 +318,7 @@ def _check_reachable(cfg, cg, space, cost: CostModel, judge: LatencyJudge, budge
     if cfg.budget_on == "latency":
         keep = cg.keep_mask(smallest)
         ratio, _ = judge.measure(slice_onnx(cg, keep))
-        cost.observe(cost.exact(smallest)[0], ratio)
+        cost.observe(cost.exact(smallest)[0], ratio, smallest)
     else:
         ratio = cost.predict(smallest)
     if ratio > budget:
