@@ -342,3 +342,66 @@ def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):
         k: v for k, v in first[0].items() if k != "extra"
     }
     assert [h["epoch"] for h in res["logits_history"]] == [0, 1, 2]
+
+
+def test_dmasking_latency_budget_fbnet_loss(tmp_path, npz_data):
+    """Budget on measured latency: the cost term is the calibrated predictor's expected latency (here with
+    FBNet's multiplicative loss); the run finishes with a measured latency and the predictor saved."""
+    res = run_search(
+        cfg(
+            tmp_path,
+            npz_data,
+            budget="0.9",
+            budget_on="latency",
+            trials=1,
+            probes=4,
+            dmasking={"epochs": 2, "options": 4, "align": 1, "loss": "fbnet", "warmup": 0.0},
+        )
+    )
+    hist = res["logits_history"]
+    assert all(np.isfinite(h["expected_ratio"]) and 0 < h["expected_ratio"] < 2 for h in hist)
+    assert hist[-1]["arch_loss"] is not None and np.isfinite(hist[-1]["arch_loss"])
+    assert any(v != 0 for p in hist[-1]["logits"].values() for v in p)  # the logits moved
+    assert res["best"]["latency_ms"] > 0 and (tmp_path / "run" / "latency_predictor.json").is_file()
+
+
+def test_latency_candidates_are_checked_by_measurement(grouped, tmp_path):
+    """When a derived candidate measures over the budget (the predictor is 30% optimistic here), it is corrected
+    and put back on the budget before the driver sees it; the checks are cached, so a replay asks the same."""
+    from types import SimpleNamespace
+
+    cg = grouped.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    params = EffectiveCost(cg, "params")
+    base = sum(int(np.prod(t.dims)) for t in cg.graph.initializers.values() if t.data_type == 1)
+
+    def measure(model):  # "latency" = 1.3 x the params ratio of the sliced ONNX
+        return 1.3 * sum(
+            int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == 1
+        ) / base, 1.0
+
+    calls = []
+    judge = SimpleNamespace(measure=lambda m: calls.append(1) or measure(m))
+
+    def make(resume):
+        s = DMaskingStrategy(space, Objective(0.5), CostModel(cg, space, "latency"), DMaskingConfig(align=1))
+        s.predictor = SimpleNamespace(predict_ratio=params.ratio)
+        s.attach(
+            SimpleNamespace(judge=judge, bank=SimpleNamespace(scores=lambda cg: cg.l1_scores())),
+            tmp_path,
+            resume=resume,
+        )
+        rng = np.random.default_rng(0)
+        s.logits = {g: rng.normal(0, 1, len(o)) for g, o in s.options.items()}
+        s.final_tau, s.trained = 1.0, True
+        return s
+
+    s = make(False)
+    asked = [s.ask() for _ in range(3)]
+    for w in asked:
+        assert 1.3 * params.ratio(w) <= 0.5 * s.config.margin + 1e-9
+        assert params.ratio(w) > 0.25  # corrected onto the budget, not collapsed
+    n_calls = len(calls)
+    assert n_calls >= 3 and (tmp_path / "dmasking_checks.json").is_file()
+    s2 = make(True)
+    assert [s2.ask() for _ in range(3)] == asked and len(calls) == n_calls
