@@ -58,7 +58,7 @@ class Trial:
         known = set(cls.__dataclass_fields__)
         extra = {k: v for k, v in d.items() if k not in known}
         d = {k: v for k, v in d.items() if k in known}
-        d.setdefault("extra", {}).update(extra)
+        d["extra"] = {**d.get("extra", {}), **extra}  # a new dict: the caller's record stays as it was
         return cls(**d)
 
 
