@@ -192,7 +192,11 @@ def prune(
         f"{res['flops_after'] / max(res['flops_before'], 1):.3f}",
     )
     out.print(t)
-    diff = "n/a (ONNX input)" if res["max_abs_diff"] is None else f"{res['max_abs_diff']:.2e}"
+    diff = (
+        "n/a (ONNX input)"
+        if res["max_abs_diff"] is None
+        else f"{res['max_abs_diff']:.2e} (relative to max |output|: {res['max_rel_diff']:.1e})"
+    )
     out.print(
         f"wrote {res['onnx']}: {res['groups_pruned']} groups pruned, {res['groups_frozen']} frozen; "
         f"output {tuple(res['output_shape'])}; onnxruntime vs pruned torch max |diff| = {diff}"

@@ -52,7 +52,7 @@ def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) ->
         raise SurgeryError(
             f"{out}: the pruned ONNX does not run in onnxruntime: {str(e).splitlines()[0][:300]}"
         ) from None
-    max_diff = None
+    max_diff = rel_diff = None
     if prep.loaded.module is not None:
         pt = slice_torch(prep.loaded.module, cg.param_slices(keep))
         y_torch = torch_outputs(pt, x)
@@ -61,6 +61,9 @@ def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) ->
                 f"{out}: output shape {y_onnx.shape} differs from the pruned torch model's {y_torch.shape}"
             )
         max_diff = float(np.abs(y_torch - y_onnx).max())
+        # relative to the output's scale: random-init nets can output 1e6 (inception_v3), where float32 rounding
+        # alone makes absolute differences of order 1
+        rel_diff = max_diff / max(float(np.abs(y_torch).max()), 1e-30)
     frozen = [g for g in cg.groups if not g.prunable and not g.fixed_io]
     total, prunable = cg.total_channels()
     return {
@@ -72,6 +75,7 @@ def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) ->
         "groups_pruned": sum(1 for g in cg.prunable if widths[g.id] < g.channels),
         "groups_frozen": len(frozen),
         "max_abs_diff": max_diff,
+        "max_rel_diff": rel_diff,
         "output_shape": list(y_onnx.shape),
         "groups": len(cg.groups),
         "total_channels": total,

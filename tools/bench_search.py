@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits,resnet20")
     ap.add_argument("--budgets", default="0.5,0.3")
-    ap.add_argument("--strategies", default="anneal,uniform,l1,random")
+    ap.add_argument("--strategies", default="anneal,dmasking,uniform,l1,random")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--epochs-per-trial", type=int, default=1)
@@ -70,8 +70,8 @@ def main() -> None:
                 accs, ratios, secs, met = [], [], [], 0
                 for seed in range(args.seeds):
                     out = args.out / f"{model}_{budget}_{strategy}_{seed}"
-                    # the baselines evaluate one configuration (random: all trials), then fine-tune it the same way
-                    trials = args.trials if strategy in ("anneal", "random") else 1
+                    # uniform and l1 evaluate one configuration, then fine-tune it as long as the others search
+                    trials = args.trials if strategy in ("anneal", "random", "dmasking") else 1
                     weights = teachers.get((model, seed)) or pretrain(MODELS.get(model, model), seed, args)
                     teachers[(model, seed)] = weights
                     cfg = SearchConfig(

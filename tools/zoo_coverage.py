@@ -64,6 +64,7 @@ def run_one(name: str, ratio: float, timeout: float, workdir: Path) -> dict:
         "flops_ratio": res["flops_after"] / res["flops_before"],
         "params_ratio": res["params_after"] / res["params_before"],
         "max_abs_diff": res["max_abs_diff"],
+        "max_rel_diff": res.get("max_rel_diff"),
         "export_s": res["export_seconds"],
         "groups_s": res["groups_seconds"],
     }
@@ -80,7 +81,7 @@ def main() -> None:
     names = args.models or zoo(args.all)
     rows = []
     print(
-        f"{'model':<28}{'groups':>7}{'prunable%':>10}{'FLOPs':>8}{'params':>8}{'diff':>10}{'secs':>7}  status",
+        f"{'model':<28}{'groups':>7}{'prunable%':>10}{'FLOPs':>8}{'params':>8}{'diff':>10}{'rel diff':>10}{'secs':>7}  status",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,12 +91,12 @@ def main() -> None:
             if r["status"] == "ok":
                 print(
                     f"{name:<28}{r['groups']:>7}{r['prunable_pct']:>10.1f}{r['flops_ratio']:>8.3f}{r['params_ratio']:>8.3f}"
-                    f"{r['max_abs_diff']:>10.1e}{r['seconds']:>7.1f}  ok",
+                    f"{r['max_abs_diff']:>10.1e}{r['max_rel_diff']:>10.1e}{r['seconds']:>7.1f}  ok",
                     flush=True,
                 )
             else:
                 print(
-                    f"{name:<28}{'':>7}{'':>10}{'':>8}{'':>8}{'':>10}{r['seconds']:>7.1f}  {r['status']}",
+                    f"{name:<28}{'':>7}{'':>10}{'':>8}{'':>8}{'':>10}{'':>10}{r['seconds']:>7.1f}  {r['status']}",
                     flush=True,
                 )
     ok = [r for r in rows if r["status"] == "ok"]

@@ -49,6 +49,18 @@ a small dataset takes a few hundred, and the logits move by well under 1 (digits
 τ >= 3). The argmax is then a weak signal, which is why trial 1 (the expected width) and the samples exist; the
 driver keeps the best feasible one. `arch_lr` is configurable.
 
+Input resolution (`--resolutions`, FBNetV2's spatial search; `search/resolution.py` builds the per-resolution
+graphs and costs): one more logits vector β over the resolutions, Gumbel-softmax with the same τ. The weights
+step samples one resolution (hard) and resizes its batch to it (bilinear, align_corners=False); the teacher's
+soft targets come from the batch as loaded (the original's own input). The logits step takes the expectation
+over resolutions of the task loss, Σ_r w_r · L_r with w = GumbelSoftmax(β; τ) (one forward per resolution, all
+under the same width masks: exact gradients for β, no straight-through noise on a choice that has few
+options; one-hot forward with straight-through gradients under hard="both"). Cost: Σ_r p_r · scale_r ·
+E_r[ratio] with p = softmax(β / τ), E_r the expected width cost on r's graph and scale_r its full-width cost
+relative to the baseline at the model's own input shape (which the budget stays relative to). Derivation:
+the argmax resolution r* (ties: the larger) is bound (`use_resolution`) and every derived candidate is put
+on the budget with r*'s cost, measured sliced from r*'s graph; `run_search` trains, validates and exports at r*.
+
 Resume: the supernet state (weights, logits, both optimizers, the logits' history) is checkpointed after every
 epoch in `dmasking.pt`; a killed run continues at the next epoch, and once the supernet is done the derived
 trials are replayed from the history without training anything.
@@ -385,13 +397,21 @@ def search_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One search step: a weights step on `batch` (masks from a fresh Gumbel sample, no graph to the logits),
     then, given `arch_batch`, a logits step (task loss + cost term; the weights get no gradient).
+    With searched resolutions, the weights step runs at one sampled resolution and the logits step takes the
+    expectation over them (module docstring).
     Returns the detached (weights loss, logits loss or None, expected ratio or None)."""
+    from onnxconet.search.resolution import resize
+
     wparams = [p for p in model.parameters() if p.requires_grad]
     x, y = batch
     hard = strategy.config.hard
+    sizes = [r.size for r in strategy.resolutions] if strategy.resolutions else None
     with torch.no_grad():
         net.set_weights(net.sample(tau, generator, hard=hard in ("weights", "both")))
         t_logits = primary_logits(teacher(x)).float() if teacher is not None and alpha > 0 else None
+        if sizes:
+            w = _gumbel(net.logits["resolution"], tau, generator, hard=True)
+            x = resize(x, sizes[int(w.argmax())])
     out = primary_logits(model(x)).float()
     loss = distillation_loss(out, t_logits, y, alpha, temperature)
     wopt.zero_grad(set_to_none=True)
@@ -407,8 +427,17 @@ def search_step(
         net.set_weights(net.sample(tau, generator, hard=hard == "both"))
         with torch.no_grad():
             ta = primary_logits(teacher(xa)).float() if teacher is not None and alpha > 0 else None
-        task = distillation_loss(primary_logits(model(xa)).float(), ta, ya, alpha, temperature)
-        ratio = strategy.expected_ratio(net.probs(tau), net.options)
+        if sizes:
+            rl = net.logits["resolution"]
+            w = _gumbel(rl, tau, generator, hard=hard == "both")
+            task = sum(
+                w[i] * distillation_loss(primary_logits(model(resize(xa, r))).float(), ta, ya, alpha, temperature)
+                for i, r in enumerate(sizes)
+            )
+            ratio = strategy.expected_ratio(net.probs(tau), net.options, torch.softmax(rl / tau, dim=0))
+        else:
+            task = distillation_loss(primary_logits(model(xa)).float(), ta, ya, alpha, temperature)
+            ratio = strategy.expected_ratio(net.probs(tau), net.options)
         aloss = strategy.arch_loss(task, ratio)
         aopt.zero_grad(set_to_none=True)
         aloss.backward()
@@ -418,6 +447,23 @@ def search_step(
         for p in wparams:
             p.requires_grad_(True)
     return loss.detach(), aloss.detach(), ratio.detach()
+
+
+def _gumbel(logits: torch.Tensor, tau: float, generator: torch.Generator | None, hard: bool) -> torch.Tensor:
+    """GumbelSoftmax(logits; τ) as `Supernet.sample` draws it (hard: one-hot forward, straight-through)."""
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
+    soft = torch.softmax((logits - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))) / tau, dim=0)
+    if not hard:
+        return soft
+    one = torch.zeros_like(soft)
+    one[int(soft.detach().argmax())] = 1.0
+    return one - soft.detach() + soft
+
+
+def _argmax_last(a) -> int:
+    """Index of the largest value, the last one on ties (the larger resolution)."""
+    a = np.asarray(a)
+    return int(len(a) - 1 - np.argmax(a[::-1]))
 
 
 # --------------------------------------------------------------------------------------- strategy
@@ -465,6 +511,9 @@ class DMaskingStrategy(Strategy):
         self.told = 0
         self._pending: dict[str, Any] = {}
         self._checks: dict[str, float] | None = None
+        self.resolutions: list | None = None  # search/resolution.Resolution, ascending sizes
+        self.resolution = None  # the bound one (after the supernet)
+        self.res_logits: np.ndarray | None = None
 
     # ---- wiring
     def attach(self, evaluator, out: str | os.PathLike, progress=None, resume: bool = False) -> None:
@@ -474,6 +523,22 @@ class DMaskingStrategy(Strategy):
         self.out = Path(out)
         self.progress = progress
         self.resume = resume
+
+    def set_resolutions(self, resolutions: list) -> None:
+        """Search the input resolution too (`search/resolution.Resolution`s with their costs bound)."""
+        self.resolutions = sorted(resolutions, key=lambda r: r.size) or None
+
+    def use_resolution(self, size: int) -> None:
+        """Bind the resolution the derived candidates are cut, put on the budget and measured at."""
+        res = next((r for r in self.resolutions or [] if r.size == int(size)), None)
+        if res is None:
+            raise OnnxconetError(
+                f"resolution {size} is not one of the searched {[r.size for r in self.resolutions or []]}; "
+                "use another --out"
+            )
+        self.resolution = res
+        self.cg = res.cg
+        self.summary["resolution"] = res.size
 
     def _emit(self, text: str) -> None:
         log.info("dmasking: %s", text)
@@ -513,14 +578,30 @@ class DMaskingStrategy(Strategy):
         return pred
 
     def expected_ratio(
-        self, probs: Mapping[int, torch.Tensor], options: Mapping[int, Sequence[int]]
+        self,
+        probs: Mapping[int, torch.Tensor],
+        options: Mapping[int, Sequence[int]],
+        res_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """E[budgeted ratio] under the distributions `probs` (differentiable)."""
+        """E[budgeted ratio] under the distributions `probs` (and `res_probs` over the searched resolutions;
+        differentiable)."""
+        if self.resolutions and res_probs is not None:
+            parts = [
+                p * r.scale
+                * (r.predictor.expected_latency(probs, options, unit="ratio") if self.on == "latency"
+                   else r.effective.expected_ratio(probs, options))
+                for p, r in zip(res_probs, self.resolutions, strict=True)
+            ]  # fmt: skip
+            return torch.stack(parts).sum()
         if self.on == "latency":
             return self.predictor.expected_latency(probs, options, unit="ratio")
         return self.effective.expected_ratio(probs, options)
 
-    def predict_raw(self, widths: Mapping[int, int]) -> float:
+    def predict_raw(self, widths: Mapping[int, int], res=None) -> float:
+        res = res or self.resolution
+        if res is not None:
+            cost = res.predictor.predict_ratio(widths) if self.on == "latency" else res.effective.ratio(widths)
+            return float(cost) * res.scale
         if self.on == "latency":
             return float(self.predictor.predict_ratio(widths))
         return float(self.effective.ratio(widths))
@@ -542,7 +623,10 @@ class DMaskingStrategy(Strategy):
         if c.loss == "hinge":
             return task + c.penalty * torch.relu(ratio / self.objective.budget - 1.0)
         if self.on == "latency":
-            unit = self.predictor.reference_ms * 1000.0  # µs
+            pred, scale = self.predictor, 1.0
+            if pred is None and self.resolutions:
+                pred, scale = self.resolutions[-1].predictor, self.resolutions[-1].scale
+            unit = pred.reference_ms / scale * 1000.0  # µs of the baseline
         elif self.on == "flops":
             unit = self.effective.base / 1e6  # MMACs
         else:
@@ -567,6 +651,7 @@ class DMaskingStrategy(Strategy):
         if (
             meta.get("options") != {str(k): v for k, v in self.options.items()}
             or meta.get("epochs") != self.epochs
+            or meta.get("resolutions") != self._res_sizes()
         ):
             log.warning("%s was made with other options or epochs; starting the supernet over", path)
             return None
@@ -592,7 +677,8 @@ class DMaskingStrategy(Strategy):
         ev = self.evaluator
         if ev is None:
             raise OnnxconetError("DMaskingStrategy.attach(evaluator, out) must be called before ask()")
-        if self.on == "latency" and self.predictor is None:  # the run's calibrated predictor when it has one
+        if self.on == "latency" and self.predictor is None and not self.resolutions:
+            # the run's calibrated predictor when it has one
             self.predictor = getattr(self.cost, "predictor", None) or self._latency_predictor()
         c, tcfg = self.config, ev.train_cfg
         device = resolve_device(ev.device)
@@ -600,6 +686,8 @@ class DMaskingStrategy(Strategy):
         model = ev.bank.module().to(device).train()
         teacher = ev.teacher.to(device).eval()
         net = Supernet(model, self.cg, self.options, scores).to(device)
+        if self.resolutions:  # one more logits vector: over the input resolutions
+            net.logits["resolution"] = nn.Parameter(torch.zeros(len(self.resolutions), device=device))
         self.searched, self.skipped = list(net.gids), dict(net.skipped)
         if not net.gids:
             raise OnnxconetError(
@@ -687,6 +775,8 @@ class DMaskingStrategy(Strategy):
                     from onnxconet.search.driver import atomic_save
 
                     meta = {"options": {str(k): v for k, v in self.options.items()}, "epochs": self.epochs}
+                    if self.resolutions:
+                        meta["resolutions"] = self._res_sizes()
                     atomic_save(
                         {
                             "epoch": epoch + 1, "step": step, "seconds": seconds, "meta": json.dumps(meta),
@@ -700,6 +790,18 @@ class DMaskingStrategy(Strategy):
             net.detach()
         self.logits = {gid: net.logits[str(gid)].detach().cpu().numpy().astype(float) for gid in net.gids}
         self.final_tau = c.tau0 * c.tau_decay**self.epochs
+        if self.resolutions:
+            self.res_logits = net.logits["resolution"].detach().cpu().numpy().astype(float)
+            sizes = self._res_sizes()
+            self.summary.update(
+                {
+                    "resolutions": sizes,
+                    "resolution_scales": [round(r.scale, 4) for r in self.resolutions],
+                    "resolution_logits": self.res_logits.tolist(),
+                }
+            )
+            self.use_resolution(sizes[_argmax_last(self.res_logits)])
+            self._emit(f"input resolution: {self.resolution.size} (of {sizes})")
         self.summary.update(
             {
                 "epochs": self.epochs,
@@ -716,10 +818,25 @@ class DMaskingStrategy(Strategy):
         ev.bank = RankedBank(copy.deepcopy(source).cpu(), scores)
         self.trained = True
 
+    def _res_sizes(self) -> list[int] | None:
+        return [r.size for r in self.resolutions] if self.resolutions else None
+
     def _snapshot(self, net: Supernet, epoch: int, tau: float, stats: dict | None) -> dict:
+        extra, res = {}, None
         with torch.no_grad():
             probs = net.probs(tau)
-            ratio = float(self.expected_ratio(probs, net.options))
+            rp = None
+            if self.resolutions:
+                rl = net.logits["resolution"].detach()
+                rp = torch.softmax(rl / tau, dim=0)
+                res = self.resolutions[_argmax_last(rl.cpu().numpy())]
+                extra = {
+                    "resolutions": self._res_sizes(),
+                    "resolution_logits": [round(float(v), 5) for v in rl.cpu()],
+                    "resolution_probs": [round(float(v), 5) for v in rp.cpu()],
+                    "argmax_resolution": res.size,
+                }
+            ratio = float(self.expected_ratio(probs, net.options, rp))
         argmax = net.argmax_widths()
         return {
             "epoch": epoch,
@@ -731,7 +848,8 @@ class DMaskingStrategy(Strategy):
             },
             "expected_ratio": ratio,
             "argmax": {str(g): w for g, w in argmax.items()},
-            "argmax_ratio": self.predict_raw(argmax),
+            "argmax_ratio": self.predict_raw(argmax, res),
+            **extra,
             **(stats or {}),
         }
 
@@ -847,6 +965,8 @@ class DMaskingStrategy(Strategy):
             "objective": None if math.isinf(j) else j,
             **{k: v for k, v in pending.items() if k != "predicted_raw"},
         }
+        if self.resolution is not None:
+            facts["resolution"] = self.resolution.size
         if self.told == 1:
             facts["supernet"] = self.summary
             facts["logits_history"] = self.logits_history

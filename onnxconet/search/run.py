@@ -31,6 +31,7 @@ from onnxconet.search.baselines import RandomStrategy, ScratchUniformStrategy, U
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.driver import Loop, Progress, atomic_save, keep_of, load_checkpoint, restore_bank
+from onnxconet.search.resolution import ResizedLoader, bind_costs, check_resolutions, graphs_at
 from onnxconet.search.evaluate import Evaluator, LatencyJudge
 from onnxconet.space import WidthSpace, save_widths
 from onnxconet.surgery.inherit import WeightBank
@@ -73,6 +74,7 @@ class SearchConfig:
     seed: int = 0
     device: str | None = None
     dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking.py)
+    resolutions: list[int] | None = None  # square input sizes searched by dmasking (search/resolution.py)
 
     def check(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -83,6 +85,13 @@ class SearchConfig:
             raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
         if self.strategy == "dmasking":
             DMaskingConfig.from_dict(self.dmasking)
+        if self.resolutions is not None:
+            if self.strategy != "dmasking":
+                raise OnnxconetError(
+                    f"--resolutions is searched by --strategy dmasking only (not {self.strategy}); "
+                    "add --strategy dmasking or drop --resolutions"
+                )
+            self.resolutions = check_resolutions(self.resolutions)
 
 
 def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, float | None]:
@@ -151,6 +160,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
             "not an ONNX file"
         )
     cg = prep.graph
+    resolutions = graphs_at(prep, cfg.resolutions) if cfg.resolutions else None
     n_classes = (cg.graph.shape(cg.graph.outputs[0]) or (0,))[-1]
     splits = load_data(cfg.data, prep.loaded.input_shape, seed=cfg.seed, num_classes=n_classes or None)
     train_loader, val_loader, test_loader = make_loaders(splits, cfg.batch_size, cfg.seed)
@@ -189,6 +199,14 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
     _check_reachable(cfg, cg, space, cost, judge, budget)
     objective = Objective(budget, cfg.penalty)
     strategy = _make_strategy(cfg, space, objective, cost)
+    if resolutions:
+        bind_costs(
+            resolutions, cg, space, cfg.budget_on, teacher=teacher, reference=reference, target=target,
+            base_predictor=cost.predictor, probes=max(4, (cfg.probes or strategy.config.probes) // 2),
+            latency_seconds=cfg.latency_seconds, seed=cfg.seed, out=out, resume=cfg.resume,
+            emit=lambda text: _emit(progress, "stage", text=text),
+        )  # fmt: skip
+        strategy.set_resolutions(resolutions)
 
     bank = WeightBank(teacher)
     evaluator = Evaluator(
@@ -221,6 +239,16 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         )
     elif header.get("fingerprint") != cg.fingerprint():
         raise OnnxconetError(f"{history} belongs to another model (fingerprint); use another --out")
+    chosen = None
+    if resolutions:  # the supernet picks the resolution; the rest of the run works at it
+        strategy.train_supernet()
+        recorded = next((r["resolution"] for r in records if r.get("resolution")), None)
+        if recorded is not None:  # a resumed run keeps the resolution its trials were made at
+            strategy.use_resolution(recorded)
+        chosen = strategy.resolution
+        evaluator.cg = chosen.cg
+        evaluator.train_loader = ResizedLoader(train_loader, chosen.size)
+        evaluator.val_loader = ResizedLoader(val_loader, chosen.size)
     loop.replay(records)
     if records and restore_bank(evaluator.bank, out):
         _emit(progress, "stage", text="weight bank restored")
@@ -246,6 +274,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         base_test,
         out,
         progress,
+        chosen,
     )
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     if getattr(strategy, "logits_history", None):
@@ -355,6 +384,8 @@ def _config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or "models/digits_cnn.py:digits_cnn"
+    if d.get("resolutions") is None:
+        d.pop("resolutions", None)  # runs without it keep their config as before
     return d
 
 
@@ -377,7 +408,13 @@ def _finish(
     base_test,
     out: Path,
     progress,
+    res=None,
 ) -> dict:
+    base_cg, input_shape = cg, tuple(prep.loaded.input_shape)
+    if res is not None:  # the searched input resolution: cut, train, validate, export and test at it
+        cg, input_shape = res.cg, res.input_shape(input_shape)
+        train_loader, val_loader = ResizedLoader(train_loader, res.size), ResizedLoader(val_loader, res.size)
+        test_loader = ResizedLoader(test_loader, res.size) if test_loader is not None else None
     trials = [Trial.from_json(r) for r in loop.records]
     best = loop.best
     if best is None:
@@ -426,18 +463,20 @@ def _finish(
         "onnxconet.fingerprint": cg.fingerprint(),
         "onnxconet.model": prep.loaded.spec,
     }
+    if res is not None:
+        meta["onnxconet.resolution"] = str(res.size)
     for k, v in meta.items():
         best_proto.metadata_props.add(key=k, value=v)
     best_path = out / "best.onnx"
     save_onnx(best_proto, str(best_path))
     save_widths(out / "best_widths.json", widths, cg, prep.loaded.spec)
-    x = np.random.default_rng(cfg.seed).standard_normal(prep.loaded.input_shape).astype(np.float32)
+    x = np.random.default_rng(cfg.seed).standard_normal(input_shape).astype(np.float32)
     max_diff = float(np.abs(onnx_outputs(str(best_path), x) - torch_outputs(model, x)).max())
     rel = measure_relative(
         str(best_path), str(out / "baseline.onnx"), target, max_seconds=3 * cfg.latency_seconds
     )
     flops, params = count_flops(cg, keep), count_params(cg, keep)
-    base_flops, base_params = count_flops(cg), count_params(cg)
+    base_flops, base_params = count_flops(base_cg), count_params(base_cg)
     ratio_now = {"latency": rel.ratio, "flops": flops / base_flops, "params": params / base_params}[
         cfg.budget_on
     ]
@@ -461,7 +500,11 @@ def _finish(
     records = [dict(r) for r in loop.records]
     key = {"latency": "latency_ratio", "flops": "flops_ratio", "params": "params_ratio"}[cfg.budget_on]
     pareto = [records[i]["trial"] for i in pareto_front(records, x=key)]
+    extra = {}
+    if res is not None:
+        extra = {"resolution": res.size, "input_shape": list(input_shape)}
     return {
+        **extra,
         "config": {**_config_json(cfg), "strategy": cfg.strategy},
         "baseline": {
             "accuracy": base_val,
