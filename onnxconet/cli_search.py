@@ -107,6 +107,14 @@ def search(
     ] = 0.125,
     align: Annotated[int, typer.Option("--align", help="Widths in multiples of this where a group is wide enough "
                                        "(CPU kernels run fastest on multiples of 8/16).")] = 8,
+    resolutions: Annotated[
+        str | None,
+        typer.Option(
+            "--resolutions",
+            help="dmasking only: also search the square input size among these (e.g. 24,28,32); the budget "
+            "stays relative to the original at its own input; best.onnx takes the chosen size.",
+        ),
+    ] = None,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Run directory (history, checkpoints, best.onnx, report).")
     ] = Path("runs/search"),
@@ -123,6 +131,7 @@ def search(
     distillation, scored by accuracy against measured latency; the best is fine-tuned and written as
     OUT/best.onnx with a report. With no arguments: the built-in digits CNN on digits, budget 0.5."""
     from onnxconet.load import parse_input_shape
+    from onnxconet.search.resolution import parse_resolutions
     from onnxconet.search.run import SearchConfig, run_search
 
     cfg = SearchConfig(
@@ -147,6 +156,7 @@ def search(
         resume=resume,
         seed=seed,
         device=device,
+        resolutions=_run(parse_resolutions, resolutions),
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -170,6 +180,12 @@ def search(
         + ("[green]met[/]" if b["budget_met"] else "[red]not met[/]")
     )
     out.print(
-        f"wrote {b['onnx']} (onnxruntime vs torch max |diff| {b['max_abs_diff']:.1e}), "
+        (
+            f"input resolution {result['resolution']}x{result['resolution']} (searched over "
+            f"{result['config'].get('resolutions')}); "
+            if result.get("resolution")
+            else ""
+        )
+        + f"wrote {b['onnx']} (onnxruntime vs torch max |diff| {b['max_abs_diff']:.1e}), "
         f"{Path(cfg.out) / 'report.md'}, {Path(cfg.out) / 'result.json'}"
     )

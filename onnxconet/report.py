@@ -402,6 +402,17 @@ def _verdict(result: dict, on: str) -> str:
     return f"**Budget NOT met**: the best's {short} is {v:.3f} > {limit:.3f}."
 
 
+def _resolution_line(result: dict) -> str:
+    shape = result.get("input_shape") or []
+    base = (result.get("baseline") or {}).get("input_shape") or []
+    searched = (result.get("config") or {}).get("resolutions")
+    return (
+        f"Input resolution searched over {searched}: **{result['resolution']}×{result['resolution']}** chosen; "
+        f"the best takes input {tuple(shape)} (the baseline {tuple(base)}), and every ratio is to the baseline "
+        "at its own input."
+    )
+
+
 def _budget_line(result: dict, on: str) -> str:
     budget, base = result.get("budget") or {}, result.get("baseline") or {}
     limit = _num(budget.get("ratio"))
@@ -530,6 +541,7 @@ def _markdown(result: dict, trials: list[dict], front: list[int], on: str, paths
         f"Strategy **{cfg.get('strategy', '?')}**, {len(trials)} trials ({n_done} completed, "
         f"{len(trials) - n_done} failed){where}. {_budget_line(result, on)}",
         "",
+        *([_resolution_line(result), ""] if result.get("resolution") else []),
         *([verdict, ""] if (verdict := _verdict(result, on)) else []),
         "## Baseline vs best",
         "",

@@ -431,7 +431,8 @@ def search_step(
             rl = net.logits["resolution"]
             w = _gumbel(rl, tau, generator, hard=hard == "both")
             task = sum(
-                w[i] * distillation_loss(primary_logits(model(resize(xa, r))).float(), ta, ya, alpha, temperature)
+                w[i]
+                * distillation_loss(primary_logits(model(resize(xa, r))).float(), ta, ya, alpha, temperature)
                 for i, r in enumerate(sizes)
             )
             ratio = strategy.expected_ratio(net.probs(tau), net.options, torch.softmax(rl / tau, dim=0))
@@ -600,7 +601,9 @@ class DMaskingStrategy(Strategy):
     def predict_raw(self, widths: Mapping[int, int], res=None) -> float:
         res = res or self.resolution
         if res is not None:
-            cost = res.predictor.predict_ratio(widths) if self.on == "latency" else res.effective.ratio(widths)
+            cost = (
+                res.predictor.predict_ratio(widths) if self.on == "latency" else res.effective.ratio(widths)
+            )
             return float(cost) * res.scale
         if self.on == "latency":
             return float(self.predictor.predict_ratio(widths))

@@ -31,8 +31,8 @@ from onnxconet.search.baselines import RandomStrategy, ScratchUniformStrategy, U
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.driver import Loop, Progress, atomic_save, keep_of, load_checkpoint, restore_bank
-from onnxconet.search.resolution import ResizedLoader, bind_costs, check_resolutions, graphs_at
 from onnxconet.search.evaluate import Evaluator, LatencyJudge
+from onnxconet.search.resolution import ResizedLoader, bind_costs, check_resolutions, graphs_at
 from onnxconet.space import WidthSpace, save_widths
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import check_onnx, slice_onnx
@@ -513,6 +513,7 @@ def _finish(
             "params": base_params,
             "flops": base_flops,
             "onnx": str(out / "baseline.onnx"),
+            **({"input_shape": list(prep.loaded.input_shape)} if res is not None else {}),
         },
         "budget": {"on": cfg.budget_on, "ratio": budget, "ms": budget_ms},
         "best": best_rec,
