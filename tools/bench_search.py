@@ -2,6 +2,7 @@
 
     python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
     python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
+    python tools/bench_search.py --trials 6 --final-epochs 2 --pretrain-epochs 4 --max-batches 4 --probes 6  # README
 
 Each cell is a full `onnxconet search` run (its directory under --out) from the same pretrained teacher per
 (model, seed); the table reports the final test accuracy of the best candidate, its re-measured latency ratio,
@@ -56,6 +57,10 @@ def main() -> None:
     ap.add_argument("--final-epochs", type=int, default=4)
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--budget-on", default="latency")
+    ap.add_argument(
+        "--max-batches", type=int, default=None, help="batches per training epoch of the searches (default all; the teacher always sees all)"
+    )
+    ap.add_argument("--probes", type=int, default=12, help="measured candidates the latency predictor is fitted on")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_search"))
     args = ap.parse_args()
     rows = []
@@ -84,6 +89,8 @@ def main() -> None:
                         epochs_per_trial=args.epochs_per_trial,
                         final_epochs=args.final_epochs + (args.trials - trials) * args.epochs_per_trial,
                         pretrain_epochs=args.pretrain_epochs,
+                        max_batches=args.max_batches,
+                        probes=args.probes,
                         out=str(out),
                         seed=seed,
                         resume=(out / "history.jsonl").exists(),

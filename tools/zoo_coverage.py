@@ -5,7 +5,7 @@ FLOPs ratio, params ratio, seconds, status; then totals. Usage:
 
     python tools/zoo_coverage.py                 # the 68 CNN classifiers (no vit_*, swin_*, maxvit_t)
     python tools/zoo_coverage.py --all           # plus the transformers (they may freeze, never crash)
-    python tools/zoo_coverage.py resnet18 googlenet --ratio 0.3 --jobs 1 --json out/zoo.json
+    python tools/zoo_coverage.py resnet18 googlenet --ratio 0.3 --json out/zoo.json
 """
 
 from __future__ import annotations
