@@ -8,8 +8,9 @@ so every result can state its realized speedup next to its FLOPs reduction.
 Cache: a `LatencyCache` holds three lines per measured candidate, all keyed by the candidate's graph hash
 and the target (`LatencyCache.key`) plus ``"relative_to"`` (the reference's graph hash):
 the candidate's stats from the interleaved run, the reference's stats from it (key on the reference's hash,
-``"relative_to"`` the candidate's), and the per-round ratio statistics under ``"quantity": "ratio"`` (in that
-line the ``*_ms`` fields hold dimensionless ratios). A repeated query returns the same numbers at once.
+``"relative_to"`` the candidate's), and the ratio statistics under ``"quantity": "ratio/p10"`` (in that
+line the ``*_ms`` fields hold dimensionless ratios: the median field the ratio of 10th percentiles, the
+percentile fields those of the per-round ratios). A repeated query returns the same numbers at once.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _rel_keys(cand_hash: str, ref_hash: str, target: Target, shape: Any) -> tupl
     return (
         base_c | {"relative_to": ref_hash},
         base_r | {"relative_to": cand_hash},
-        base_c | {"relative_to": ref_hash, "quantity": "ratio"},
+        base_c | {"relative_to": ref_hash, "quantity": "ratio/p10"},
     )
 
 
@@ -116,8 +117,8 @@ def measure_candidate(
         ``{"widths", "latency_ms", "reference_ms", "ratio", "ratio_p10", "ratio_p90", "speedup", "flops",
         "params", "flops_ratio", "params_ratio", "provider", "fallback", "threads", "batch", "onnxruntime",
         "rounds", "slice_seconds", "measure_seconds", "cached", "graph_hash"}``: latency in ms of the
-        candidate and the reference from the interleaved run, ratio = median over rounds of
-        candidate / reference time, speedup = 1 / ratio.
+        candidate and the reference from the interleaved run, ratio = candidate / reference
+        10th-percentile time (`measure_relative`), speedup = 1 / ratio.
 
     Raises:
         SurgeryError: widths outside the groups' ranges. LatencyError: a model does not load, the provider
