@@ -67,6 +67,7 @@ def test_costs_per_resolution(tiny):
     s, res = strategy_at(tiny, [8, 12, 16])
     assert [r.size for r in res] == [8, 12, 16] and res[2].cg is tiny.graph
     assert res[2].scale == 1.0
+    assert all(r.cg.fingerprint() == tiny.graph.fingerprint() for r in res)  # widths files stay valid
     assert 0.24 < res[0].scale < 0.27 and 0.55 < res[1].scale < 0.58
     w = {g: s.options[g][0] for g in s.options}
     probs = {g: torch.eye(len(o), dtype=torch.float64)[0] for g, o in s.options.items()}

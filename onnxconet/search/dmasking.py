@@ -771,6 +771,7 @@ class DMaskingStrategy(Strategy):
                 self._emit(
                     f"supernet epoch {epoch + 1}/{self.epochs}: loss {stats['train_loss']:.3f}, τ {tau:.2f}, "
                     f"E[{self.on} ratio] {snap['expected_ratio']:.3f}, argmax {snap['argmax_ratio']:.3f}"
+                    + (f", resolution {snap['argmax_resolution']}" if self.resolutions else "")
                     + (" (logits frozen)" if frozen else "")
                 )
                 path = self._checkpoint_path()
