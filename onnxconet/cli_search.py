@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, WeightsOpt, _run, app, err, out
@@ -15,7 +16,7 @@ from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, WeightsOpt, _run, ap
 def _renderer(progress: Progress, task_id):
     def on_event(event: str, data: dict) -> None:
         if event == "stage":
-            progress.console.print(f"[cyan]•[/] {data['text']}")
+            progress.console.print(f"[cyan]•[/] {escape(data['text'])}")  # texts hold E[...] and paths
         elif event == "trial_start":
             progress.update(
                 task_id, total=data["trials"], description=f"trial {data['trial'] + 1}/{data['trials']}"
@@ -32,7 +33,7 @@ def _renderer(progress: Progress, task_id):
             r = data["record"]
             progress.advance(task_id)
             if r["state"] != "complete":
-                progress.console.print(f"  trial {r['trial']}: [red]failed[/] {r.get('error')}")
+                progress.console.print(f"  trial {r['trial']}: [red]failed[/] {escape(str(r.get('error')))}")
                 return
             ratio = r.get("ratio")
             best = data.get("best_accuracy")
