@@ -213,3 +213,46 @@ def test_empty_image_folder(tmp_path):
     (tmp_path / "imgs").mkdir()
     r = runner.invoke(app, ["search", TINY, "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "imgs" in r.stderr
+
+
+def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeypatch):
+    """The most accurate feasible trial re-measures over the budget: the next one that stays within it is
+    finished instead, and the re-measured ratios are reported; nothing feasible -> the lowest re-measured."""
+    from types import SimpleNamespace
+
+    import onnxconet.search.run as run_mod
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    full = {g.id: g.hi for g in space}
+    half = space.uniform(0.5)
+    small = space.uniform(0.25)
+    trials = [
+        Trial(0, full, TrialState.COMPLETE, accuracy=0.99, ratio=0.48),  # measured in budget, really 0.6
+        Trial(1, half, TrialState.COMPLETE, accuracy=0.95, ratio=0.45),
+        Trial(2, small, TrialState.COMPLETE, accuracy=0.90, ratio=0.30),
+        Trial(3, full, TrialState.COMPLETE, accuracy=1.0, ratio=0.9),  # infeasible
+    ]
+
+    def size(model):  # output channels of every conv: tells the three trials' candidates apart
+        return sum(int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 4)
+
+    true_ratio = {}
+    for t, r in zip(trials[:3], (0.6, 0.47, 0.31), strict=True):
+        true_ratio[size(run_mod.slice_onnx(tiny_graph, tiny_graph.keep_mask(t.widths)))] = r
+    assert len(true_ratio) == 3
+
+    def fake_measure(cand, ref, target, max_seconds):
+        import onnx
+
+        return SimpleNamespace(ratio=true_ratio[size(onnx.load_from_string(cand))])
+
+    monkeypatch.setattr(run_mod, "measure_relative", fake_measure)
+    objective = Objective(0.5)
+    loop = SimpleNamespace(best=trials[0], objective=objective)
+    ev = SimpleNamespace(judge=object(), bank=SimpleNamespace(scores=lambda cg: cg.l1_scores()))
+    cfg = SearchConfig(out=str(tmp_path), latency_seconds=0.1)
+    best, checks = run_mod._confirm_best(cfg, tiny_graph, loop, trials, ev, None, 0.5, tmp_path, None)
+    assert best.number == 1 and checks == {0: 0.6, 1: 0.47}
+
+    tight = run_mod._confirm_best(cfg, tiny_graph, loop, trials, ev, None, 0.305, tmp_path, None)
+    assert tight[0].number == 2 and set(tight[1]) == {0, 1, 2}  # none within 0.305: the lowest re-measured

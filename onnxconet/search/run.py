@@ -389,6 +389,44 @@ def _config_json(cfg: SearchConfig) -> dict:
     return d
 
 
+def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: Path, progress, top: int = 3):
+    """The trial to finish: with a latency budget, the most accurate feasible trials (by the objective, plus the
+    one with the most headroom) are re-measured as long as the final check will be, and the first that stays
+    within the budget wins. One short measurement per trial must not decide what ships: the default search
+    on a loaded 2-core machine picked a trial measured at 0.464 that re-measured at 0.512 (budget 0.5).
+
+    Returns (trial or None when none was feasible, {trial number: re-measured ratio}).
+    """
+    best = loop.best
+    if best is None or cfg.budget_on != "latency" or evaluator.judge is None:
+        return best, {}
+    feasible = [t for t in trials if loop.objective.feasible(t)]
+    ranked = sorted(feasible, key=loop.objective, reverse=True)[:top]
+    roomiest = min(feasible, key=lambda t: t.ratio)
+    if roomiest not in ranked:
+        ranked.append(roomiest)
+    _emit(progress, "stage", text=f"re-measuring the {len(ranked)} best feasible trials before choosing")
+    checks: dict[int, float] = {}
+    for t in ranked:
+        keep = cg.keep_mask(t.widths, evaluator.bank.scores(cg))
+        rel = measure_relative(
+            slice_onnx(cg, keep).SerializeToString(),
+            str(out / "baseline.onnx"),
+            target,
+            max_seconds=3 * cfg.latency_seconds,
+        )
+        checks[t.number] = round(rel.ratio, 4)
+        if rel.ratio <= budget:
+            if t.number != best.number:
+                log.info("trial %d re-measured over the budget; finishing trial %d", best.number, t.number)
+            return t, checks
+    choice = min(ranked, key=lambda t: checks[t.number])
+    log.warning(
+        "no trial stayed within the budget when re-measured; finishing the lowest (trial %d)", choice.number
+    )
+    return choice, checks
+
+
 def _finish(
     cfg,
     prep,
@@ -416,7 +454,7 @@ def _finish(
         train_loader, val_loader = ResizedLoader(train_loader, res.size), ResizedLoader(val_loader, res.size)
         test_loader = ResizedLoader(test_loader, res.size) if test_loader is not None else None
     trials = [Trial.from_json(r) for r in loop.records]
-    best = loop.best
+    best, confirmed = _confirm_best(cfg, cg, loop, trials, evaluator, target, budget, out, progress)
     if best is None:
         done = [t for t in trials if t.state is TrialState.COMPLETE]
         if not done:
@@ -494,6 +532,7 @@ def _finish(
         "flops_ratio": flops / base_flops,
         "params_ratio": params / base_params,
         "budget_met": bool(ratio_now <= budget),
+        **({"confirm_ratios": confirmed} if confirmed else {}),
         "max_abs_diff": max_diff,
         "onnx": str(best_path),
     }
