@@ -2,7 +2,12 @@
 
     python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
     python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
-    python tools/bench_search.py --trials 6 --final-epochs 2 --pretrain-epochs 4 --max-batches 4 --probes 6  # README
+
+The figures in docs/measurements.md (short training, so 3 seeds x 2 budgets x 5 strategies fit in an hour):
+    python tools/bench_search.py --models digits --trials 5 --final-epochs 2 --pretrain-epochs 4 \
+        --max-batches 5 --probes 6 --threads 1
+    python tools/bench_search.py --models resnet20 --strategies anneal,uniform,l1,random --trials 5 \
+        --final-epochs 2 --pretrain-epochs 8 --max-batches 10 --probes 6 --threads 1
 
 Each cell is a full `onnxconet search` run (its directory under --out) from the same pretrained teacher per
 (model, seed); the table reports the final test accuracy of the best candidate, its re-measured latency ratio,
@@ -58,9 +63,20 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--budget-on", default="latency")
     ap.add_argument(
-        "--max-batches", type=int, default=None, help="batches per training epoch of the searches (default all; the teacher always sees all)"
+        "--max-batches",
+        type=int,
+        default=None,
+        help="batches per training epoch of the searches (default all; the teacher always sees all)",
     )
-    ap.add_argument("--probes", type=int, default=12, help="measured candidates the latency predictor is fitted on")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads of the latency target (0: all cores)",
+    )
+    ap.add_argument(
+        "--probes", type=int, default=12, help="measured candidates the latency predictor is fitted on"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench_search"))
     args = ap.parse_args()
     rows = []
@@ -91,6 +107,7 @@ def main() -> None:
                         pretrain_epochs=args.pretrain_epochs,
                         max_batches=args.max_batches,
                         probes=args.probes,
+                        threads=args.threads,
                         out=str(out),
                         seed=seed,
                         resume=(out / "history.jsonl").exists(),
