@@ -254,5 +254,12 @@ def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeyp
     best, checks = run_mod._confirm_best(cfg, tiny_graph, loop, trials, ev, None, 0.5, tmp_path, None)
     assert best.number == 1 and checks == {0: 0.6, 1: 0.47}
 
+    # 0.47 is within 0.48 but not within the confirmation margin: the trial with room (0.31) is preferred
+    margin = run_mod._confirm_best(cfg, tiny_graph, loop, trials, ev, None, 0.48, tmp_path, None)
+    assert margin[0].number == 2 and margin[1] == {0: 0.6, 1: 0.47, 2: 0.31}
+    # nothing within the margin, but within the budget: the most accurate of those
+    only = run_mod._confirm_best(cfg, tiny_graph, loop, trials, ev, None, 0.315, tmp_path, None)
+    assert only[0].number == 2
+
     tight = run_mod._confirm_best(cfg, tiny_graph, loop, trials, ev, None, 0.305, tmp_path, None)
     assert tight[0].number == 2 and set(tight[1]) == {0, 1, 2}  # none within 0.305: the lowest re-measured

@@ -39,6 +39,8 @@ from onnxconet.surgery.onnx import check_onnx, slice_onnx
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)
+# a latency trial is confirmed when re-measured at or under this share of the budget (measurement noise)
+CONFIRM_MARGIN = 0.97
 STRATEGIES = ("anneal", "dmasking", "random", "uniform", "l1")
 
 
@@ -389,11 +391,23 @@ def _config_json(cfg: SearchConfig) -> dict:
     return d
 
 
+def _measure_repeated(candidate, reference: str, target, seconds: float, repeats: int = 3):
+    """`measure_relative` `repeats` times; the run with the median ratio. On 2 cores one measurement's ratio
+    moves by about ±5 % (the default's best: 0.42-0.47 over six measurements of the same file)."""
+    runs = sorted(
+        (measure_relative(candidate, reference, target, max_seconds=seconds) for _ in range(repeats)),
+        key=lambda r: r.ratio,
+    )
+    return runs[len(runs) // 2]
+
+
 def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: Path, progress, top: int = 3):
     """The trial to finish: with a latency budget, the most accurate feasible trials (by the objective, plus the
-    one with the most headroom) are re-measured as long as the final check will be, and the first that stays
-    within the budget wins. One short measurement per trial must not decide what ships: the default search
-    on a loaded 2-core machine picked a trial measured at 0.464 that re-measured at 0.512 (budget 0.5).
+    one with the most headroom) are re-measured (median of 3) and the first that stays within `CONFIRM_MARGIN`
+    of the budget wins; else the most accurate within the budget; else the lowest. One short measurement per
+    trial must not decide what ships: the default search on a loaded 2-core machine picked a trial measured at
+    0.464 that re-measured at 0.512 (budget 0.5), and on a quiet one a trial confirmed at 0.453 measured 0.502
+    in the final check.
 
     Returns (trial or None when none was feasible, {trial number: re-measured ratio}).
     """
@@ -409,17 +423,19 @@ def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: P
     checks: dict[int, float] = {}
     for t in ranked:
         keep = cg.keep_mask(t.widths, evaluator.bank.scores(cg))
-        rel = measure_relative(
-            slice_onnx(cg, keep).SerializeToString(),
-            str(out / "baseline.onnx"),
-            target,
-            max_seconds=3 * cfg.latency_seconds,
+        rel = _measure_repeated(
+            slice_onnx(cg, keep).SerializeToString(), str(out / "baseline.onnx"), target, cfg.latency_seconds
         )
         checks[t.number] = round(rel.ratio, 4)
-        if rel.ratio <= budget:
+        if rel.ratio <= budget * CONFIRM_MARGIN:
             if t.number != best.number:
-                log.info("trial %d re-measured over the budget; finishing trial %d", best.number, t.number)
+                log.info(
+                    "trial %d re-measured near or over the budget; finishing trial %d", best.number, t.number
+                )
             return t, checks
+    within = [t for t in ranked if checks[t.number] <= budget]
+    if within:
+        return within[0], checks
     choice = min(ranked, key=lambda t: checks[t.number])
     log.warning(
         "no trial stayed within the budget when re-measured; finishing the lowest (trial %d)", choice.number
@@ -510,9 +526,7 @@ def _finish(
     save_widths(out / "best_widths.json", widths, cg, prep.loaded.spec)
     x = np.random.default_rng(cfg.seed).standard_normal(input_shape).astype(np.float32)
     max_diff = float(np.abs(onnx_outputs(str(best_path), x) - torch_outputs(model, x)).max())
-    rel = measure_relative(
-        str(best_path), str(out / "baseline.onnx"), target, max_seconds=3 * cfg.latency_seconds
-    )
+    rel = _measure_repeated(str(best_path), str(out / "baseline.onnx"), target, cfg.latency_seconds)
     flops, params = count_flops(cg, keep), count_params(cg, keep)
     base_flops, base_params = count_flops(base_cg), count_params(base_cg)
     ratio_now = {"latency": rel.ratio, "flops": flops / base_flops, "params": params / base_params}[
