@@ -44,6 +44,20 @@ class Grouped(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+def killed_at_trial(n: int):
+    """A replacement for `Evaluator.run` that raises KeyboardInterrupt (a kill) when trial `n` starts."""
+    from onnxconet.search.evaluate import Evaluator
+
+    real_run = Evaluator.run
+
+    def run(self, number, widths, epochs=None):
+        if number == n:
+            raise KeyboardInterrupt
+        return real_run(self, number, widths, epochs)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return prepare(TINY)
@@ -306,11 +320,6 @@ def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):
         calls["n"] += 1
         return real_step(*a, **k)
 
-    def killed_trial(self, number, widths, epochs=None):
-        if number == 1:
-            raise KeyboardInterrupt
-        return real_run(self, number, widths, epochs)
-
     monkeypatch.setattr(dm, "search_step", step)
     calls["kill"] = True
     with pytest.raises(KeyboardInterrupt):
@@ -321,7 +330,7 @@ def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):
     assert calls["n"] == steps_per_epoch > 0
 
     calls.update(n=0, kill=False)
-    monkeypatch.setattr(ev.Evaluator, "run", killed_trial)
+    monkeypatch.setattr(ev.Evaluator, "run", killed_at_trial(1))
     with pytest.raises(KeyboardInterrupt):
         run_search(cfg(tmp_path, npz_data, final_epochs=0, resume=True))
     assert calls["n"] == steps_per_epoch, "a finished supernet epoch was redone"

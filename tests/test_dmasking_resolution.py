@@ -23,7 +23,7 @@ from onnxconet.search.resolution import ResizedLoader, bind_costs, graphs_at, pa
 from onnxconet.search.run import SearchConfig, run_search
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.torch import slice_torch
-from tests.test_dmasking import TINY, cfg, npz_data  # noqa: F401 - the fixture
+from tests.test_dmasking import TINY, cfg, killed_at_trial, npz_data  # noqa: F401 - the fixture
 
 FLAT = """import torch
 from torch import nn
@@ -233,13 +233,8 @@ def test_dmasking_resolution_resume(tmp_path, npz_data, monkeypatch):  # noqa: F
         calls["n"] += 1
         return real_step(*a, **k)
 
-    def killed_trial(self, number, widths, epochs=None):
-        if number == 1:
-            raise KeyboardInterrupt
-        return real_run(self, number, widths, epochs)
-
     monkeypatch.setattr(dm, "search_step", step)
-    monkeypatch.setattr(ev.Evaluator, "run", killed_trial)
+    monkeypatch.setattr(ev.Evaluator, "run", killed_at_trial(1))
     c = dict(resolutions=[8, 12], final_epochs=0, pretrain_epochs=1)
     with pytest.raises(KeyboardInterrupt):
         run_search(cfg(tmp_path, npz_data, **c))

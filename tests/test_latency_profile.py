@@ -146,7 +146,9 @@ def test_relative_ratio_survives_preemption(monkeypatch):
             return t + (8e-3 if rng.random() < self.hit else 0.0)
 
     monkeypatch.setattr(prof, "Runner", FakeRunner)
-    rel = prof.measure_relative("cand", "ref", Target(provider="cpu"), warmup=1, max_rounds=400, max_seconds=5)
+    rel = prof.measure_relative(
+        "cand", "ref", Target(provider="cpu"), warmup=1, max_rounds=400, max_seconds=5
+    )
     assert rel.paired_ratio < 0.3  # mostly rounds where only the reference was preempted
     assert abs(rel.ratio - 0.5) < 0.03
 
