@@ -94,6 +94,14 @@ def search(
         int, typer.Option("--epochs-per-trial", help="Fine-tuning epochs per candidate.")
     ] = 1,
     final_epochs: Annotated[int, typer.Option("--final-epochs", help="Fine-tuning epochs of the best.")] = 4,
+    final_from: Annotated[
+        str,
+        typer.Option(
+            "--final-from",
+            help="Where the best widths' fine-tuning starts: trial (the best trial's trained weights) or "
+            "original (cut afresh from the original: compares strategies' widths at equal training).",
+        ),
+    ] = "trial",
     pretrain_epochs: Annotated[
         int,
         typer.Option(
@@ -148,6 +156,7 @@ def search(
         trials=trials,
         epochs_per_trial=epochs_per_trial,
         final_epochs=final_epochs,
+        final_from=final_from,
         pretrain_epochs=pretrain_epochs,
         batch_size=batch_size,
         lr=lr,

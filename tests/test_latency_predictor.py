@@ -15,7 +15,7 @@ from onnxconet.errors import LatencyError, SurgeryError
 from onnxconet.graph.stats import count_flops
 from onnxconet.latency.cache import LatencyCache
 from onnxconet.latency.candidate import measure_candidate
-from onnxconet.latency.predictor import LatencyFeatures, LatencyPredictor, calibrate, probe_widths
+from onnxconet.latency.predictor import LatencyFeatures, LatencyPredictor, calibrate, outliers, probe_widths
 from onnxconet.latency.profile import Target
 from onnxconet.prepare import prepare
 from onnxconet.space import WidthSpace
@@ -202,10 +202,45 @@ def test_calibrated_predictor_is_close_to_measured(r20):
     space = WidthSpace(cg, min_ratio=0.25)
     budget = {"warmup": 3, "min_rounds": 15, "max_seconds": 0.35}
     pred, results = calibrate(cg, r20.onnx_model, CPU1, space=space, n=8, seed=0, **budget)
-    assert pred.report.measurements == 8 and len(results) == 8
+    assert pred.report.measurements == 8 + 2 * pred.report.remeasured and len(results) == 8
     assert pred.target["threads"] == 1 and pred.reference_ms > 0
     rng = np.random.default_rng(99)
     test = [space.sample(rng) for _ in range(4)] + [space.uniform(0.5)]
     measured = [measure_candidate(cg, w, r20.onnx_model, CPU1, **budget)["ratio"] for w in test]
     ev = pred.evaluate(test, measured)
     assert ev["median_abs_err"] < 0.25, (ev, measured)
+
+
+def test_outliers_flags_only_far_residuals():
+    measured = np.linspace(0.3, 0.9, 12)
+    predicted = measured * (1 + 0.01 * np.sin(np.arange(12)))  # a good fit: ~1 % residuals
+    assert len(outliers(predicted, measured)) == 0
+    predicted[4] = measured[4] * 0.78  # one measurement 28 % slow against the fit
+    assert outliers(predicted, measured).tolist() == [4]
+    assert len(outliers(predicted[:6], measured[:6])) == 0  # too few points to judge
+
+
+def test_calibrate_remeasures_a_disturbed_probe(r20, monkeypatch):
+    """A probe measured 30 % slow (a disturbance, not the model) is measured twice more and the median kept."""
+    import onnxconet.latency.candidate as cand
+
+    cg = r20.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    f = LatencyFeatures(cg)
+    probes = probe_widths(space, 12, seed=0)
+    truth = {json.dumps(w, sort_keys=True): float(r) for w, r in zip(probes, synthetic(f, probes), strict=True)}
+    calls: dict[str, int] = {}
+    bad = json.dumps(probes[7], sort_keys=True)
+
+    def fake(cg_, widths, reference, target, cache=None, **kw):
+        k = json.dumps(widths, sort_keys=True)
+        calls[k] = calls.get(k, 0) + 1
+        r = truth[k] * (1.3 if k == bad and calls[k] == 1 else 1.0)
+        return {"ratio": r, "reference_ms": 1.0, "provider": "CPUExecutionProvider", "threads": 1}
+
+    monkeypatch.setattr(cand, "measure_candidate", fake)
+    pred, results = calibrate(cg, r20.onnx_model, CPU1, space=space, n=12, seed=0)
+    assert calls[bad] == 3 and all(n == 1 for k, n in calls.items() if k != bad)
+    assert pred.report.remeasured == 1 and pred.report.measurements == 14
+    assert results[7]["ratio"] == pytest.approx(truth[bad])
+    assert pred.evaluate(probes, list(truth.values()))["median_abs_err"] < 1e-3

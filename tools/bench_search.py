@@ -61,6 +61,14 @@ def main() -> None:
     ap.add_argument("--epochs-per-trial", type=int, default=1)
     ap.add_argument("--final-epochs", type=int, default=4)
     ap.add_argument("--pretrain-epochs", type=int, default=8)
+    ap.add_argument(
+        "--final-from",
+        choices=("trial", "original"),
+        default="trial",
+        help="trial: end to end at equal total epochs (l1/uniform get the search's epochs as fine-tuning); "
+        "original: every strategy's widths cut from the original and fine-tuned --final-epochs (compares "
+        "the widths found, as CONetV2/FBNetV2 retrain theirs)",
+    )
     ap.add_argument("--budget-on", default="latency")
     ap.add_argument(
         "--max-batches",
@@ -93,6 +101,10 @@ def main() -> None:
                     out = args.out / f"{model}_{budget}_{strategy}_{seed}"
                     # uniform and l1 evaluate one configuration, then fine-tune it as long as the others search
                     trials = args.trials if strategy in ("anneal", "random", "dmasking") else 1
+                    # equal total epochs (final from the trial): l1/uniform fine-tune as long as the others
+                    # search; equal final training (final from the original): every strategy's widths get
+                    # --final-epochs from the original, the search's own training is discarded
+                    extra = (args.trials - trials) * args.epochs_per_trial if args.final_from == "trial" else 0
                     weights = teachers.get((model, seed)) or pretrain(MODELS.get(model, model), seed, args)
                     teachers[(model, seed)] = weights
                     cfg = SearchConfig(
@@ -103,7 +115,8 @@ def main() -> None:
                         budget_on=args.budget_on,
                         trials=trials,
                         epochs_per_trial=args.epochs_per_trial,
-                        final_epochs=args.final_epochs + (args.trials - trials) * args.epochs_per_trial,
+                        final_epochs=args.final_epochs + extra,
+                        final_from=args.final_from,
                         pretrain_epochs=args.pretrain_epochs,
                         max_batches=args.max_batches,
                         probes=args.probes,

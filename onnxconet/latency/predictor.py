@@ -314,6 +314,7 @@ class FitReport:
     loo_max_abs_err: float
     train_spearman: float
     seconds: float = 0.0
+    remeasured: int = 0  # probes measured twice more because they sat far off the first fit (`outliers`)
     # non-zero coefficients, each the share of the reference's latency its feature explains at full width
     terms: dict[str, float] = field(default_factory=dict)
 
@@ -672,5 +673,29 @@ def calibrate(
             progress(i + 1, len(probes))
     ref_ms = float(np.median([r["reference_ms"] for r in results]))
     tgt = {k: results[0][k] for k in ("provider", "threads", "batch", "onnxruntime") if k in results[0]}
-    pred = LatencyPredictor.fit(features, probes, [r["ratio"] for r in results], ref_ms, target=tgt)
+    ratios = [r["ratio"] for r in results]
+    pred = LatencyPredictor.fit(features, probes, ratios, ref_ms, target=tgt)
+    suspects = outliers(np.asarray(pred.predict_ratio(probes)), np.asarray(ratios))
+    if len(suspects):  # a disturbed measurement, not the model: measure twice more, keep the median of 3
+        for i in suspects.tolist():
+            again = [measure_candidate(cg, probes[i], reference_onnx, target, None, **budget)["ratio"] for _ in range(2)]
+            log.info("latency probe %d: %.3f looked disturbed; re-measured %s", i, ratios[i], again)
+            ratios[i] = float(np.median([ratios[i], *again]))
+            results[i] = dict(results[i], ratio=ratios[i], remeasured=again)
+        extra = 2 * len(suspects)
+        pred = LatencyPredictor.fit(features, probes, ratios, ref_ms, target=tgt)
+        pred.report.measurements += extra
+        pred.report.remeasured = len(suspects)
     return pred, results
+
+
+def outliers(predicted: np.ndarray, measured: np.ndarray, floor: float = 0.08, k: float = 4.0) -> np.ndarray:
+    """Indices of measurements whose relative residual to the fit exceeds max(`floor`, k × the median one).
+
+    Measured on the 2-core CI kind (mobilenet_v2, 1 thread, 1.5 s per measurement): about one measurement in
+    15 came out 20-26 % slower than its retest while the rest agreed within 3 %; such a probe pulls the fit.
+    """
+    r = np.abs(predicted - measured) / measured
+    if len(r) < 8:
+        return np.zeros(0, dtype=np.int64)
+    return np.nonzero(r > max(floor, k * float(np.median(r))))[0]

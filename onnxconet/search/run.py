@@ -60,6 +60,11 @@ class SearchConfig:
     trials: int = 12
     epochs_per_trial: int = 1
     final_epochs: int = 4
+    # where the best widths' final fine-tuning starts: "trial" = the best trial's fine-tuned weights (what the
+    # search already trained), "original" = cut afresh from the original (or, for `uniform`, from its
+    # re-initialized weights): every strategy's widths then get the same training, as when CONetV2 and
+    # FBNetV2 retrain the widths they found; tools/bench_search.py compares widths this way
+    final_from: str = "trial"
     pretrain_epochs: int = 8
     batch_size: int = 64
     lr: float = 0.05
@@ -85,6 +90,8 @@ class SearchConfig:
             raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
         if self.trials < 1:
             raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
+        if self.final_from not in ("trial", "original"):
+            raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
         if self.strategy == "dmasking":
             DMaskingConfig.from_dict(self.dmasking)
         if self.resolutions is not None:
@@ -485,11 +492,14 @@ def _finish(
             best.ratio,
         )
     _emit(progress, "stage", text=f"fine-tuning trial {best.number} for {cfg.final_epochs} epochs")
-    ckpt = load_checkpoint(out / "best_candidate.pt")
+    ckpt = load_checkpoint(out / "best_candidate.pt") if cfg.final_from == "trial" else None
     keep = keep_of(ckpt, best)
     if keep is None:
-        keep = cg.keep_mask(best.widths, evaluator.bank.scores(cg))
-        model = evaluator.bank.cut(cg.param_slices(keep))
+        bank = evaluator.bank
+        if cfg.final_from == "original":
+            bank = _reinit_bank(teacher, cfg.seed) if cfg.strategy == "uniform" else WeightBank(teacher)
+        keep = cg.keep_mask(best.widths, bank.scores(cg))
+        model = bank.cut(cg.param_slices(keep))
         recalibrate_bn(model, train_loader, batches=10, device=cfg.device)
     else:
         model = evaluator.bank.cut(cg.param_slices(keep))
