@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from onnxconet.cli import app
-from onnxconet.errors import BudgetError
+from onnxconet.errors import BudgetError, OnnxconetError
 from onnxconet.prepare import prepare
 from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Trial, TrialState
@@ -190,6 +191,56 @@ def test_search_cli_smoke_latency_budget(tmp_path, npz_data):
     assert (out / "best.onnx").is_file()
     r = runner.invoke(app, ["search", TINY, "--data", npz_data, "--out", str(out)])
     assert r.exit_code == 1 and "--resume" in r.stderr
+
+
+def test_final_from_original_cuts_the_best_widths_from_the_original(tmp_path, npz_data, tiny_graph):
+    """--final-from original: best.onnx holds the original's weights at the best widths (no fine-tuning here),
+    not the trained trial's."""
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxconet.surgery.inherit import WeightBank
+
+    res = run_search(cfg(tmp_path, npz_data, trials=2, final_epochs=0, final_from="original"))
+    out = tmp_path / "run"
+    prep = prepare(TINY)
+    prep.loaded.module.load_state_dict(torch.load(out / "teacher.pt", weights_only=True))
+    bank = WeightBank(prep.loaded.module)
+    widths = {int(k): v for k, v in res["best"]["widths"].items()}
+    expect = bank.cut(tiny_graph.param_slices(tiny_graph.keep_mask(widths, bank.scores(tiny_graph)))).state_dict()
+    got = {i.name: numpy_helper.to_array(i) for i in onnx.load(out / "best.onnx").graph.initializer}
+    checked = [k for k, v in expect.items() if v.dim() >= 2 and k in got]  # conv / linear weights
+    assert len(checked) >= 3
+    for k in checked:
+        np.testing.assert_array_equal(got[k], expect[k].numpy(), err_msg=k)
+    with pytest.raises(OnnxconetError, match="--final-from"):
+        run_search(cfg(tmp_path, npz_data, final_from="scratch"))
+
+
+def test_reachability_near_the_budget_takes_the_median_of_three(tiny_graph):
+    """One noisy measurement of the smallest widths just over the budget must not refuse the run."""
+    from onnxconet.search.run import _check_reachable
+
+    class Judge:
+        def __init__(self, ratios):
+            self.ratios, self.calls = list(ratios), 0
+
+        def measure(self, candidate):
+            self.calls += 1
+            return self.ratios.pop(0), 1.0
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    run_cfg = SearchConfig(budget_on="latency", min_ratio=0.25)
+    j = Judge([0.33, 0.28, 0.29])
+    _check_reachable(run_cfg, tiny_graph, space, CostModel(tiny_graph, space, "latency"), j, 0.3)
+    assert j.calls == 3
+    j = Judge([0.33, 0.34, 0.29])
+    with pytest.raises(BudgetError, match="ratio of 0.330"):
+        _check_reachable(run_cfg, tiny_graph, space, CostModel(tiny_graph, space, "latency"), j, 0.3)
+    j = Judge([0.5])
+    with pytest.raises(BudgetError, match="at least 0.53"):
+        _check_reachable(run_cfg, tiny_graph, space, CostModel(tiny_graph, space, "latency"), j, 0.3)
+    assert j.calls == 1  # clearly out of reach: one measurement says so
 
 
 def test_unreachable_budget_is_an_error_before_training(tmp_path, npz_data):

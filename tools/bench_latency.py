@@ -12,7 +12,10 @@ Sections:
     repeat     coefficient of variation over --repeats profiles: of the full model's median (separate
                `measure` calls) and of a 50%-width candidate's interleaved ratio to the full model
     predictor  calibrate a predictor on --probes measured candidates, then compare its predictions with
-               --configs other random width samples measured interleaved: Spearman, median |error|
+               --configs other random width samples, each measured --config-repeats times interleaved
+               (median): Spearman, median |error|; also against a single measurement, and the retest
+               (two single measurements against each other). The figures in docs/measurements.md:
+               --sections predictor --models resnet18,mobilenet_v2 --threads 1 --fold-casts --align 8
     speedup    uniform pruning ratios 0.25 / 0.5 / 0.75: measured latency ratio vs FLOPs ratio
 
 All measurements are interleaved with the full-width reference (`measure_candidate`) on the CPU provider.

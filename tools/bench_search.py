@@ -26,7 +26,7 @@ import torch
 
 from onnxconet.data import load_data, make_loaders
 from onnxconet.prepare import prepare
-from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.search.run import SearchConfig, _config_json, run_search
 from onnxconet.train.loop import TrainConfig, fit
 
 MODELS = {"digits": "models/digits_cnn.py:digits_cnn", "resnet20": "models/resnet_cifar.py:resnet20"}
@@ -51,6 +51,17 @@ def pretrain(spec: str, seed: int, args) -> str:
     return str(path)
 
 
+def finished(out: Path, cfg: SearchConfig) -> dict | None:
+    """The result of a run already finished in `out` with this configuration (a rerun bench skips it)."""
+    path = out / "result.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    mine = {k: v for k, v in _config_json(cfg).items() if k != "resume"}
+    theirs = {k: v for k, v in res.get("config", {}).items() if k != "resume"}
+    return res if all(theirs.get(k) == v for k, v in mine.items()) else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits,resnet20")
@@ -70,6 +81,7 @@ def main() -> None:
         "the widths found, as CONetV2/FBNetV2 retrain theirs)",
     )
     ap.add_argument("--budget-on", default="latency")
+    ap.add_argument("--align", type=int, default=8, help="widths in multiples of this (the search's --align)")
     ap.add_argument(
         "--max-batches",
         type=int,
@@ -100,11 +112,13 @@ def main() -> None:
                 for seed in range(args.seeds):
                     out = args.out / f"{model}_{budget}_{strategy}_{seed}"
                     # uniform and l1 evaluate one configuration, then fine-tune it as long as the others search
-                    trials = args.trials if strategy in ("anneal", "random", "dmasking") else 1
-                    # equal total epochs (final from the trial): l1/uniform fine-tune as long as the others
-                    # search; equal final training (final from the original): every strategy's widths get
-                    # --final-epochs from the original, the search's own training is discarded
-                    extra = (args.trials - trials) * args.epochs_per_trial if args.final_from == "trial" else 0
+                    # equal total epochs (final from the trial): uniform and l1 evaluate one configuration and
+                    # fine-tune it as long as the others search. Equal final training (final from the
+                    # original): every strategy gets the same trials (uniform/l1 use theirs to put the uniform
+                    # widths on the budget as measured) and its widths --final-epochs from the original
+                    searches = strategy in ("anneal", "random", "dmasking") or args.final_from == "original"
+                    trials = args.trials if searches else 1
+                    extra = (args.trials - trials) * args.epochs_per_trial
                     weights = teachers.get((model, seed)) or pretrain(MODELS.get(model, model), seed, args)
                     teachers[(model, seed)] = weights
                     cfg = SearchConfig(
@@ -123,10 +137,15 @@ def main() -> None:
                         threads=args.threads,
                         out=str(out),
                         seed=seed,
+                        align=args.align,
                         resume=(out / "history.jsonl").exists(),
                     )
                     t0 = time.perf_counter()
-                    res = run_search(cfg)
+                    res = finished(out, cfg)
+                    if res is None:
+                        res = run_search(cfg)
+                    else:
+                        print(f"  (reused the finished run in {out})", flush=True)
                     b = res["best"]
                     accs.append(
                         100 * (b["test_accuracy"] if b["test_accuracy"] is not None else b["accuracy"])
@@ -134,7 +153,7 @@ def main() -> None:
                     ratios.append(
                         b["latency_ratio"] if args.budget_on == "latency" else b[f"{args.budget_on}_ratio"]
                     )
-                    secs.append(time.perf_counter() - t0)
+                    secs.append(res.get("seconds", time.perf_counter() - t0))
                     met += bool(b["budget_met"])
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
                 rsd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
