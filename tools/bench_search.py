@@ -3,13 +3,17 @@
     python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
     python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
 
-The figures in docs/measurements.md (short training, so 3 seeds x 2 budgets x 5 strategies fit in an hour):
+The figures in docs/measurements.md — widths at equal final training (every strategy's widths cut from the
+original and fine-tuned 6 epochs; short training so 48 runs fit in ~40 min):
+    python tools/bench_search.py --models resnet20 --budgets 0.5 --strategies anneal,uniform,l1,random \
+        --trials 5 --final-epochs 6 --final-from original --probes 6 --threads 1 --pretrain-epochs 8 --max-batches 10
+    (the same with --budgets 0.3 --align 4; and --models digits --budgets 0.5,0.3 --pretrain-epochs 4 --max-batches 5)
+and end to end at equal total epochs (--final-from trial, the default):
     python tools/bench_search.py --models digits --trials 5 --final-epochs 2 --pretrain-epochs 4 \
         --max-batches 5 --probes 6 --threads 1
-    python tools/bench_search.py --models resnet20 --strategies anneal,uniform,l1,random --trials 5 \
-        --final-epochs 2 --pretrain-epochs 8 --max-batches 10 --probes 6 --threads 1
 
-Each cell is a full `onnxconet search` run (its directory under --out) from the same pretrained teacher per
+A finished run whose result.json has the same configuration is reused, so a killed bench continues where it
+stopped. Each cell is a full `onnxconet search` run (its directory under --out) from the same pretrained teacher per
 (model, seed); the table reports the final test accuracy of the best candidate, its re-measured latency ratio,
 how many runs met the budget as measured, and the search's wall time.
 """
