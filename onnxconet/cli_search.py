@@ -114,8 +114,14 @@ def search(
     min_ratio: Annotated[
         float, typer.Option("--min-ratio", help="Smallest width of a group, as a share of its channels.")
     ] = 0.125,
-    align: Annotated[int, typer.Option("--align", help="Widths in multiples of this where a group is wide enough "
-                                       "(CPU kernels run fastest on multiples of 8/16).")] = 8,
+    align: Annotated[
+        int,
+        typer.Option(
+            "--align",
+            help="Widths in multiples of this wherever a group's width allows (CPU kernels run fastest on "
+            "multiples of 8/16; a narrow group that is no multiple of it moves channel by channel).",
+        ),
+    ] = 8,
     resolutions: Annotated[
         str | None,
         typer.Option(

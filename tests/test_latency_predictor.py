@@ -228,7 +228,9 @@ def test_calibrate_remeasures_a_disturbed_probe(r20, monkeypatch):
     space = WidthSpace(cg, min_ratio=0.25)
     f = LatencyFeatures(cg)
     probes = probe_widths(space, 12, seed=0)
-    truth = {json.dumps(w, sort_keys=True): float(r) for w, r in zip(probes, synthetic(f, probes), strict=True)}
+    truth = {
+        json.dumps(w, sort_keys=True): float(r) for w, r in zip(probes, synthetic(f, probes), strict=True)
+    }
     calls: dict[str, int] = {}
     bad = json.dumps(probes[7], sort_keys=True)
 

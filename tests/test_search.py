@@ -207,7 +207,9 @@ def test_final_from_original_cuts_the_best_widths_from_the_original(tmp_path, np
     prep.loaded.module.load_state_dict(torch.load(out / "teacher.pt", weights_only=True))
     bank = WeightBank(prep.loaded.module)
     widths = {int(k): v for k, v in res["best"]["widths"].items()}
-    expect = bank.cut(tiny_graph.param_slices(tiny_graph.keep_mask(widths, bank.scores(tiny_graph)))).state_dict()
+    expect = bank.cut(
+        tiny_graph.param_slices(tiny_graph.keep_mask(widths, bank.scores(tiny_graph)))
+    ).state_dict()
     got = {i.name: numpy_helper.to_array(i) for i in onnx.load(out / "best.onnx").graph.initializer}
     checked = [k for k, v in expect.items() if v.dim() >= 2 and k in got]  # conv / linear weights
     assert len(checked) >= 3

@@ -177,16 +177,15 @@ def section_predictor(models, args, preps) -> list[dict]:
             )
             rng = np.random.default_rng(1000)
             configs = [space.sample(rng) for _ in range(args.configs)]
-
-            def measure_all():
-                return [
+            # "measured" = the median of --config-repeats independent measurements of each config (the
+            # search confirms its best the same way); the first alone is reported too (single measurement)
+            runs = [
+                [
                     measure_candidate(cg, w, prep.onnx_model, target, max_seconds=args.seconds)["ratio"]
                     for w in configs
                 ]
-
-            # "measured" = the median of --config-repeats independent measurements of each config (the
-            # search confirms its best the same way); the first alone is reported too (single measurement)
-            runs = [measure_all() for _ in range(args.config_repeats)]
+                for _ in range(args.config_repeats)
+            ]
             measured = np.median(runs, axis=0).tolist()
             ev = pred.evaluate(configs, measured)
             retest = {}

@@ -115,7 +115,6 @@ def main() -> None:
                 accs, ratios, secs, met = [], [], [], 0
                 for seed in range(args.seeds):
                     out = args.out / f"{model}_{budget}_{strategy}_{seed}"
-                    # uniform and l1 evaluate one configuration, then fine-tune it as long as the others search
                     # equal total epochs (final from the trial): uniform and l1 evaluate one configuration and
                     # fine-tune it as long as the others search. Equal final training (final from the
                     # original): every strategy gets the same trials (uniform/l1 use theirs to put the uniform

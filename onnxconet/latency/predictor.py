@@ -678,7 +678,10 @@ def calibrate(
     suspects = outliers(np.asarray(pred.predict_ratio(probes)), np.asarray(ratios))
     if len(suspects):  # a disturbed measurement, not the model: measure twice more, keep the median of 3
         for i in suspects.tolist():
-            again = [measure_candidate(cg, probes[i], reference_onnx, target, None, **budget)["ratio"] for _ in range(2)]
+            again = [
+                measure_candidate(cg, probes[i], reference_onnx, target, None, **budget)["ratio"]
+                for _ in range(2)
+            ]
             log.info("latency probe %d: %.3f looked disturbed; re-measured %s", i, ratios[i], again)
             ratios[i] = float(np.median([ratios[i], *again]))
             results[i] = dict(results[i], ratio=ratios[i], remeasured=again)

@@ -498,8 +498,8 @@ def _finish(
     keep = keep_of(ckpt, best)
     if keep is None:
         bank = evaluator.bank
-        if cfg.final_from == "original":
-            bank = _reinit_bank(teacher, cfg.seed) if cfg.strategy == "uniform" else WeightBank(teacher)
+        if cfg.final_from == "original" and not getattr(loop.strategy, "reinit", False):
+            bank = WeightBank(teacher)  # a re-initializing strategy's bank is still its starting point
         keep = cg.keep_mask(best.widths, bank.scores(cg))
         model = bank.cut(cg.param_slices(keep))
         recalibrate_bn(model, train_loader, batches=10, device=cfg.device)
