@@ -99,7 +99,9 @@ def search(
         typer.Option(
             "--final-from",
             help="Where the best widths' fine-tuning starts: trial (the best trial's trained weights) or "
-            "original (cut afresh from the original: compares strategies' widths at equal training).",
+            "original (cut afresh from the original: compares strategies' widths at equal training; the "
+            "search then only ranks widths, so every trial is cut from the original and trained on the "
+            "same batches).",
         ),
     ] = "trial",
     pretrain_epochs: Annotated[

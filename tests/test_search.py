@@ -219,6 +219,113 @@ def test_final_from_original_cuts_the_best_widths_from_the_original(tmp_path, np
         run_search(cfg(tmp_path, npz_data, final_from="scratch"))
 
 
+@pytest.mark.parametrize("final_from", ["original", "trial"])
+def test_trials_are_paired_when_the_search_only_ranks_widths(tmp_path, npz_data, monkeypatch, final_from):
+    """--final-from original: every trial is cut from the original and trains on the same batches, so the same
+    widths score the same whenever they are tried (differences between trials come from the widths). With
+    --final-from trial the accepted trials' training accumulates in the bank, so a repeat scores differently.
+    anneal's first trial is the uniform widths on the budget (l1's), so the search starts from that baseline."""
+    seen = []
+    real_ask = AnnealStrategy.ask
+
+    def same_widths(self):
+        widths = real_ask(self) if not seen else seen[0]
+        seen.append(widths)
+        return widths
+
+    monkeypatch.setattr(AnnealStrategy, "ask", same_widths)
+    res = run_search(cfg(tmp_path, npz_data, trials=3, max_batches=3, final_from=final_from))
+    trials = [t for t in res["trials"] if t["state"] == "complete"]
+    assert len(trials) == 3 and all(t["widths"] == trials[0]["widths"] for t in trials)
+    accs = [t["accuracy"] for t in trials]
+    metrics = [t["metrics"] for t in trials]
+    if final_from == "original":
+        assert accs == [accs[0]] * 3 and metrics == [metrics[0]] * 3
+        assert not (tmp_path / "run" / "bank.pt").exists()
+    else:
+        bank = torch.load(tmp_path / "run" / "bank.pt", weights_only=True)
+        teacher = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)
+        assert any(not torch.equal(v, teacher[k]) for k, v in bank.items() if k in teacher)  # training kept
+    l1 = run_search(cfg(tmp_path, npz_data, trials=1, final_epochs=0, strategy="l1", out=str(tmp_path / "l1")))
+    assert trials[0]["widths"] == l1["trials"][0]["widths"]
+
+
+def test_mcnemar_needs_significantly_more_fixed_than_broken_images():
+    from onnxconet.search.race import mcnemar
+
+    base = np.array([True] * 80 + [False] * 20)
+    better = base.copy()
+    better[80:92] = True  # fixes 12 images, breaks none: p = 0.5**12
+    r = mcnemar(base, better)
+    assert r.challenger_wins and r.only_challenger == 12 and r.only_anchor == 0
+    assert r.p_value == pytest.approx(0.5**12)
+    noisy = better.copy()
+    noisy[:8] = False  # fixes 12, breaks 8: P(X >= 12 | n=20) = 0.25
+    r = mcnemar(base, noisy)
+    assert not r.challenger_wins and r.p_value == pytest.approx(0.2517, abs=1e-3)
+    assert not mcnemar(base, base).challenger_wins and mcnemar(base, base).p_value == 1.0
+    assert not mcnemar(better, base).challenger_wins  # one-sided: a worse challenger never wins
+    with pytest.raises(ValueError, match="length"):
+        mcnemar(base, base[:10])
+
+
+@pytest.mark.parametrize("challenger_wins", [False, True])
+def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, monkeypatch, challenger_wins):
+    """--final-from original with anneal: when its best trial is not the uniform start, both get the final
+    training and the start ships unless the race says otherwise; the race is recorded in result.json."""
+    from dataclasses import replace
+
+    from onnxconet.search import evaluate as ev
+    from onnxconet.search import race
+    from onnxconet.search import run as run_mod
+
+    real_run, real_mcnemar = ev.Evaluator.run, race.mcnemar
+
+    def trial_one_looks_best(self, number, widths, epochs=None):
+        trial, model, slices = real_run(self, number, widths, epochs)
+        return (replace(trial, accuracy=1.0) if number == 1 else trial), model, slices
+
+    def forced(anchor, challenger, alpha=0.05):
+        return replace(real_mcnemar(anchor, challenger, alpha), challenger_wins=challenger_wins)
+
+    def narrower_after_the_start(self):
+        start = real_ask(self)
+        if self.told == 0:
+            return start
+        g = next(iter(self.space))
+        return {**start, g.id: g.clip(start[g.id] - g.step)}
+
+    real_ask = AnnealStrategy.ask
+    monkeypatch.setattr(AnnealStrategy, "ask", narrower_after_the_start)
+    monkeypatch.setattr(ev.Evaluator, "run", trial_one_looks_best)
+    monkeypatch.setattr(run_mod, "mcnemar", forced)
+    res = run_search(cfg(tmp_path, npz_data, trials=2, final_from="original"))
+    trials = res["trials"]
+    assert trials[0]["widths"] != trials[1]["widths"]
+    best = res["best"]
+    assert best["race"]["anchor"] == 0 and best["race"]["challenger"] == 1
+    winner = trials[1] if challenger_wins else trials[0]
+    assert best["trial"] == winner["trial"]
+    assert {k: best["widths"][k] for k in winner["widths"]} == winner["widths"]
+    shipped = best["race"]["challenger_accuracy" if challenger_wins else "anchor_accuracy"]
+    assert best["accuracy"] == pytest.approx(shipped, abs=1e-4)  # rounded in the record
+    # with --final-from trial there is no race: the best trial ships
+    res = run_search(cfg(tmp_path, npz_data, trials=2, out=str(tmp_path / "t")))
+    assert "race" not in res["best"] and res["best"]["trial"] == 1
+
+
+def test_reseed_loader_replays_the_first_pass(npz_data):
+    from onnxconet.data import load_data, make_loaders
+    from onnxconet.search.evaluate import reseed_loader
+
+    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, seed=3)
+    first = [y for _, y in train]
+    second = [y for _, y in train]
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))  # a plain second pass reshuffles
+    reseed_loader(train, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in train]))
+
+
 def test_reachability_near_the_budget_takes_the_median_of_three(tiny_graph):
     """One noisy measurement of the smallest widths just over the budget must not refuse the run."""
     from onnxconet.search.run import _check_reachable

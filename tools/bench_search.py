@@ -112,7 +112,7 @@ def main() -> None:
     for model in args.models.split(","):
         for budget in args.budgets.split(","):
             for strategy in args.strategies.split(","):
-                accs, ratios, secs, met = [], [], [], 0
+                accs, ratios, secs, met, races, wins = [], [], [], 0, 0, 0
                 for seed in range(args.seeds):
                     out = args.out / f"{model}_{budget}_{strategy}_{seed}"
                     # equal total epochs (final from the trial): uniform and l1 evaluate one configuration and
@@ -121,6 +121,10 @@ def main() -> None:
                     # widths on the budget as measured) and its widths --final-epochs from the original
                     searches = strategy in ("anneal", "random", "dmasking") or args.final_from == "original"
                     trials = args.trials if searches else 1
+                    if strategy == "anneal" and args.final_from == "original":
+                        # its final race may train a second configuration --final-epochs: paid for with
+                        # trials, so anneal never trains more epochs than the others (search/race.py)
+                        trials = max(2, args.trials - -(-args.final_epochs // args.epochs_per_trial))
                     extra = (args.trials - trials) * args.epochs_per_trial
                     weights = teachers.get((model, seed)) or pretrain(MODELS.get(model, model), seed, args)
                     teachers[(model, seed)] = weights
@@ -158,6 +162,8 @@ def main() -> None:
                     )
                     secs.append(res.get("seconds", time.perf_counter() - t0))
                     met += bool(b["budget_met"])
+                    races += "race" in b
+                    wins += bool(b.get("race", {}).get("challenger_wins"))
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
                 rsd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
                 row = {
@@ -171,11 +177,14 @@ def main() -> None:
                     "met": met,
                     "runs": len(accs),
                     "seconds": statistics.mean(secs),
+                    "races": races,
+                    "race_wins": wins,
                 }
                 rows.append(row)
                 print(
                     f"{model:<9}{budget:>7} {strategy:<8}{row['acc']:>9.1f} ± {sd:>4.1f}{row['ratio']:>8.3f} ± {rsd:.2f}"
-                    f"{met:>3}/{len(accs)}{row['seconds']:>10.0f}",
+                    f"{met:>3}/{len(accs)}{row['seconds']:>10.0f}"
+                    + (f"   searched widths won {wins}/{races} races" if races else ""),
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,10 @@ groups whose layers are still gaining rank grow, the others shrink. The move is 
 budget by the cost model (predicted ratio just under the budget), so the metric decides *where* the
 channels go and the budget decides *how many* — unlike CONetV2, where γ was the only size knob.
 The new trial is accepted with the Metropolis rule on the objective (accuracy minus a hinge on the budget);
-the temperature cools geometrically.
+the temperature cools geometrically. The first trial is the uniform widths on the budget (what `l1` proposes):
+the search starts from that baseline and leaves it only for a trial that scores better. With
+`--final-from original` the trials are paired (each cut from the original, same batches; search/run.py), so
+"scores better" means better widths, not more accumulated training or luckier batches.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ class AnnealStrategy(Strategy):
         self.delta: dict[int, float] = {}
         self.current: Trial | None = None
         self.told = 0
+
+    @property
+    def anchor(self) -> dict[int, int]:
+        """The widths the search started from (its first trial); see search/race.py."""
+        return dict(self.init)
 
     def ask(self) -> dict[int, int]:
         if self.told == 0:

@@ -84,6 +84,7 @@ class Loop:
     trials: int
     on_observe: Callable[[Trial], None] | None = None
     progress: Progress | None = None
+    absorb: bool = True  # write accepted trials back into the bank (False: every trial is cut afresh)
 
     def __post_init__(self) -> None:
         self.history = History(self.out / "history.jsonl")
@@ -122,7 +123,7 @@ class Loop:
             self._emit("stage", {"text": f"resumed after {len(records)} finished trials"})
 
     def run(self) -> None:
-        absorb = getattr(self.strategy, "absorb", True)
+        absorb = self.absorb and getattr(self.strategy, "absorb", True)
         for n in range(len(self.records), self.trials):
             widths = self.strategy.ask()
             self._emit("trial_start", {"trial": n, "trials": self.trials, "widths": widths})

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import torch
 from torch import nn
 
 from onnxconet.graph.groups import ChannelGraph
@@ -54,6 +55,7 @@ class Evaluator:
     device: str | None = None
     metric: str = "qc"
     progress: Callable[[dict], None] | None = None
+    same_batches: bool = False  # every trial trains on the same batches in the same order (paired comparison)
     base_flops: int = field(init=False)
     base_params: int = field(init=False)
 
@@ -77,6 +79,8 @@ class Evaluator:
         if self.judge is not None:
             latency_ratio, latency_ms = self.judge.measure(slice_onnx(self.cg, keep))
         cfg = self.train_cfg if epochs is None else _with_epochs(self.train_cfg, epochs)
+        if self.same_batches:
+            reseed_loader(self.train_loader, cfg.seed)
         recalibrate_bn(model, self.train_loader, batches=10, device=self.device)
         per_epoch: list[dict[int, float]] = []
         fit(
@@ -131,6 +135,13 @@ class Evaluator:
             for gid in np.unique(self.cg.group_of_bundle[self.cg.bundle_of_id[m.ids]]).tolist():
                 sums.setdefault(gid, []).append(q)
         return {g: float(np.mean(v)) for g, v in sums.items() if self.cg.groups[g].prunable}
+
+
+def reseed_loader(loader, seed: int) -> None:
+    """Restart a shuffling loader's order: the next pass yields the same batches as the first."""
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
 
 
 def _with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:

@@ -31,7 +31,8 @@ from onnxconet.search.baselines import RandomStrategy, ScratchUniformStrategy, U
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.driver import Loop, Progress, atomic_save, keep_of, load_checkpoint, restore_bank
-from onnxconet.search.evaluate import Evaluator, LatencyJudge
+from onnxconet.search.evaluate import Evaluator, LatencyJudge, reseed_loader
+from onnxconet.search.race import correct_mask, mcnemar
 from onnxconet.search.resolution import ResizedLoader, bind_costs, check_resolutions, graphs_at
 from onnxconet.space import WidthSpace, save_widths
 from onnxconet.surgery.inherit import WeightBank
@@ -63,7 +64,8 @@ class SearchConfig:
     # where the best widths' final fine-tuning starts: "trial" = the best trial's fine-tuned weights (what the
     # search already trained), "original" = cut afresh from the original (or, for `uniform`, from its
     # re-initialized weights): every strategy's widths then get the same training, as when CONetV2 and
-    # FBNetV2 retrain the widths they found; tools/bench_search.py compares widths this way
+    # FBNetV2 retrain the widths they found; tools/bench_search.py compares widths this way. The trials then
+    # only rank widths: each is cut from the original and trained on the same batches (a paired comparison)
     final_from: str = "trial"
     pretrain_epochs: int = 8
     batch_size: int = 64
@@ -240,7 +242,11 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         if trial.state is TrialState.COMPLETE and trial.latency_ratio is not None:
             cost.observe(trial.flops_ratio, trial.latency_ratio, trial.widths)
 
-    loop = Loop(strategy, evaluator, objective, out, cfg.trials, observe, progress)
+    # --final-from original: the search only ranks widths, so trials must be comparable: each is cut from the
+    # original (nothing absorbed, no trial inherits another's extra training) and trains on the same batches
+    widths_only = cfg.final_from == "original"
+    evaluator.same_batches = widths_only
+    loop = Loop(strategy, evaluator, objective, out, cfg.trials, observe, progress, absorb=not widths_only)
     header, records = loop.history.read() if loop.history.exists() else (None, [])
     if header is None:
         loop.history.append(
@@ -372,7 +378,7 @@ def _check_reachable(cfg, cg, space, cost: CostModel, judge: LatencyJudge, budge
 def _make_strategy(cfg, space, objective, cost):
     if cfg.strategy == "anneal":
         return AnnealStrategy(
-            space, objective, cost, cost.rescale(space.full(), 0.97 * objective.budget), seed=cfg.seed
+            space, objective, cost, cost.rescale(space.full(), objective.budget), seed=cfg.seed
         )
     if cfg.strategy == "dmasking":
         return DMaskingStrategy(
@@ -452,6 +458,46 @@ def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: P
     return choice, checks
 
 
+def _race_anchor(cfg, loop: Loop, trials: list[Trial], best: Trial) -> Trial | None:
+    """The trial holding the widths the strategy started from, when the final race applies: the search only
+    ranks widths (--final-from original), the strategy has a start (anneal: the uniform widths on the budget),
+    that start met the budget, and the search finished on other widths."""
+    start = getattr(loop.strategy, "anchor", None)
+    if cfg.final_from != "original" or start is None or best.widths == start:
+        return None
+    return next((t for t in trials if t.widths == start and loop.objective.feasible(t)), None)
+
+
+def _final_model(trial: Trial, *, cfg, cg, strategy, teacher, evaluator, train_loader, tcfg, out, progress):
+    """`trial`'s widths, cut (from its checkpoint with --final-from trial, else from the original) and fine-tuned
+    for --final-epochs with distillation. Returns (keep mask, model on the CPU in eval mode)."""
+    _emit(progress, "stage", text=f"fine-tuning trial {trial.number} for {cfg.final_epochs} epochs")
+    if cfg.final_from == "original":  # every strategy's widths get the same final training, batch for batch
+        reseed_loader(train_loader, tcfg.seed)
+    ckpt = load_checkpoint(out / "best_candidate.pt") if cfg.final_from == "trial" else None
+    keep = keep_of(ckpt, trial)
+    if keep is None:
+        bank = evaluator.bank
+        if cfg.final_from == "original" and not getattr(strategy, "reinit", False):
+            bank = WeightBank(teacher)  # a re-initializing strategy's bank is still its starting point
+        keep = cg.keep_mask(trial.widths, bank.scores(cg))
+        model = bank.cut(cg.param_slices(keep))
+        recalibrate_bn(model, train_loader, batches=10, device=cfg.device)
+    else:
+        model = evaluator.bank.cut(cg.param_slices(keep))
+        model.load_state_dict(ckpt["state"])
+    if cfg.final_epochs > 0:
+        fit(
+            model,
+            train_loader,
+            replace(tcfg, epochs=cfg.final_epochs),
+            teacher=teacher,
+            device=cfg.device,
+            progress=lambda d: _emit(progress, "train", **d),
+        )
+    return keep, model.cpu().eval()
+
+
 def _finish(
     cfg,
     prep,
@@ -493,29 +539,20 @@ def _finish(
             best.number,
             best.ratio,
         )
-    _emit(progress, "stage", text=f"fine-tuning trial {best.number} for {cfg.final_epochs} epochs")
-    ckpt = load_checkpoint(out / "best_candidate.pt") if cfg.final_from == "trial" else None
-    keep = keep_of(ckpt, best)
-    if keep is None:
-        bank = evaluator.bank
-        if cfg.final_from == "original" and not getattr(loop.strategy, "reinit", False):
-            bank = WeightBank(teacher)  # a re-initializing strategy's bank is still its starting point
-        keep = cg.keep_mask(best.widths, bank.scores(cg))
-        model = bank.cut(cg.param_slices(keep))
-        recalibrate_bn(model, train_loader, batches=10, device=cfg.device)
-    else:
-        model = evaluator.bank.cut(cg.param_slices(keep))
-        model.load_state_dict(ckpt["state"])
-    if cfg.final_epochs > 0:
-        fit(
-            model,
-            train_loader,
-            replace(tcfg, epochs=cfg.final_epochs),
-            teacher=teacher,
-            device=cfg.device,
-            progress=lambda d: _emit(progress, "train", **d),
-        )
-    model = model.cpu().eval()
+    final = dict(
+        cfg=cfg, cg=cg, strategy=loop.strategy, teacher=teacher, evaluator=evaluator,
+        train_loader=train_loader, tcfg=tcfg, out=out, progress=progress,
+    )  # fmt: skip
+    keep, model = _final_model(best, **final)
+    race = None
+    anchor = _race_anchor(cfg, loop, trials, best)
+    if anchor is not None:  # see search/race.py: the searched widths must beat the start significantly
+        anchor_keep, anchor_model = _final_model(anchor, **final)
+        _emit(progress, "stage", text=f"racing trial {best.number} against the start (trial {anchor.number})")
+        outcome = mcnemar(correct_mask(anchor_model, val_loader), correct_mask(model, val_loader))
+        race = {"anchor": anchor.number, "challenger": best.number, **outcome.to_json()}
+        if not outcome.challenger_wins:
+            best, keep, model = anchor, anchor_keep, anchor_model
     val_acc = evaluate(model, val_loader, device="cpu", max_batches=cfg.max_batches)["accuracy"]
     test_acc = evaluate(model, test_loader, device="cpu")["accuracy"] if test_loader else None
 
@@ -559,6 +596,7 @@ def _finish(
         "params_ratio": params / base_params,
         "budget_met": bool(ratio_now <= budget),
         **({"confirm_ratios": confirmed} if confirmed else {}),
+        **({"race": race} if race else {}),
         "max_abs_diff": max_diff,
         "onnx": str(best_path),
     }
