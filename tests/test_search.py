@@ -321,9 +321,9 @@ def test_reseed_loader_replays_the_first_pass(npz_data):
     train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, seed=3)
     first = [y for _, y in train]
     second = [y for _, y in train]
-    assert any(not torch.equal(a, b) for a, b in zip(first, second))  # a plain second pass reshuffles
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # a plain second pass reshuffles
     reseed_loader(train, 3)
-    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in train]))
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in train], strict=True))
 
 
 def test_reachability_near_the_budget_takes_the_median_of_three(tiny_graph):
