@@ -246,7 +246,9 @@ def test_trials_are_paired_when_the_search_only_ranks_widths(tmp_path, npz_data,
         bank = torch.load(tmp_path / "run" / "bank.pt", weights_only=True)
         teacher = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)
         assert any(not torch.equal(v, teacher[k]) for k, v in bank.items() if k in teacher)  # training kept
-    l1 = run_search(cfg(tmp_path, npz_data, trials=1, final_epochs=0, strategy="l1", out=str(tmp_path / "l1")))
+    l1 = run_search(
+        cfg(tmp_path, npz_data, trials=1, final_epochs=0, strategy="l1", out=str(tmp_path / "l1"))
+    )
     assert trials[0]["widths"] == l1["trials"][0]["widths"]
 
 
@@ -321,7 +323,9 @@ def test_reseed_loader_replays_the_first_pass(npz_data):
     train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, seed=3)
     first = [y for _, y in train]
     second = [y for _, y in train]
-    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # a plain second pass reshuffles
+    assert any(
+        not torch.equal(a, b) for a, b in zip(first, second, strict=True)
+    )  # a plain second pass reshuffles
     reseed_loader(train, 3)
     assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in train], strict=True))
 
