@@ -471,6 +471,16 @@ def _summary(result: dict) -> list[str]:
         else:
             tail = f"**{_factor(lat, 'latency')}** (latency measured interleaved with the baseline)."
         lines += ["", f"**{_factor(macs, 'MACs')}**, {tail}"]
+    race = best.get("race") if best else None
+    if race:
+        shipped = "the searched widths" if race["challenger_wins"] else "the start (uniform widths)"
+        lines += [
+            "",
+            f"Final race (both fine-tuned alike, McNemar on validation): searched trial {race['challenger']} "
+            f"{_pct(race['challenger_accuracy'])} vs start trial {race['anchor']} {_pct(race['anchor_accuracy'])}; "
+            f"{race['only_challenger']} images only the searched one gets right, {race['only_anchor']} only the "
+            f"start; p = {race['p_value']:.3g} → shipped {shipped}.",
+        ]
     return lines
 
 

@@ -311,9 +311,30 @@ def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, m
     assert {k: best["widths"][k] for k in winner["widths"]} == winner["widths"]
     shipped = best["race"]["challenger_accuracy" if challenger_wins else "anchor_accuracy"]
     assert best["accuracy"] == pytest.approx(shipped, abs=1e-4)  # rounded in the record
+    assert "Final race" in (tmp_path / "run" / "report.md").read_text()
     # with --final-from trial there is no race: the best trial ships
     res = run_search(cfg(tmp_path, npz_data, trials=2, out=str(tmp_path / "t")))
     assert "race" not in res["best"] and res["best"]["trial"] == 1
+
+
+def test_race_start_must_stay_within_the_budget_when_re_measured():
+    from types import SimpleNamespace
+
+    from onnxconet.search import run as run_mod
+
+    start, other = {1: 8, 2: 16}, {1: 16, 2: 8}
+    trials = [
+        Trial(0, start, TrialState.COMPLETE, accuracy=0.7, ratio=0.49),
+        Trial(1, other, TrialState.COMPLETE, accuracy=0.9, ratio=0.45),
+    ]
+    loop = SimpleNamespace(strategy=SimpleNamespace(anchor=start), objective=Objective(0.5))
+    conf = SearchConfig(final_from="original")
+    assert run_mod._race_anchor(conf, loop, trials, trials[1], lambda t: 0.48) == (trials[0], 0.48)
+    # over the budget when re-measured: no race
+    assert run_mod._race_anchor(conf, loop, trials, trials[1], lambda t: 0.52)[0] is None
+    assert run_mod._race_anchor(conf, loop, trials, trials[0], lambda t: 0.48)[0] is None  # the start won
+    conf = SearchConfig(final_from="trial")
+    assert run_mod._race_anchor(conf, loop, trials, trials[1], lambda t: 0.48)[0] is None
 
 
 def test_reseed_loader_replays_the_first_pass(npz_data):

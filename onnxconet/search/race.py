@@ -1,8 +1,9 @@
 """The final race: a searched configuration replaces the search's starting widths only on evidence.
 
-A short trial ranks widths badly: on ResNet-20 (digits, budget 0.5) a searched configuration reached 87 % after
-two epochs where the uniform widths reached 61 %, yet after the six final epochs both sat at 96-97 %, within the
-±1 point that the batch order alone moves them (tools/bench_search.py, docs/measurements.md). So when the search
+A short trial ranks widths badly: on ResNet-20 (digits, budget 0.5, one teacher) a searched configuration
+reached 87 % validation accuracy after two epochs where the uniform widths reached 61 %, and over three batch
+orders 84 vs 70 % — yet after the six final epochs the uniform widths were ahead, 97.0 vs 96.3 % test accuracy,
+with each batch order moving a result by up to 2 points (docs/measurements.md). So when the search
 only ranks widths (`--final-from original`), anneal's best trial does not simply win: it and the widths anneal
 started from (the uniform widths on the budget) both get the full final training on the same batches, and the
 challenger ships only if it is significantly more accurate on the validation set — an exact one-sided McNemar

@@ -458,14 +458,19 @@ def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: P
     return choice, checks
 
 
-def _race_anchor(cfg, loop: Loop, trials: list[Trial], best: Trial) -> Trial | None:
+def _race_anchor(cfg, loop: Loop, trials: list[Trial], best: Trial, remeasure) -> tuple[Trial | None, float]:
     """The trial holding the widths the strategy started from, when the final race applies: the search only
     ranks widths (--final-from original), the strategy has a start (anneal: the uniform widths on the budget),
-    that start met the budget, and the search finished on other widths."""
+    the search finished on other widths, and the start met the budget when measured and again when re-measured
+    (`remeasure(trial)`: median of 3, as the best was confirmed). Returns (trial or None, re-measured ratio)."""
     start = getattr(loop.strategy, "anchor", None)
     if cfg.final_from != "original" or start is None or best.widths == start:
-        return None
-    return next((t for t in trials if t.widths == start and loop.objective.feasible(t)), None)
+        return None, float("nan")
+    anchor = next((t for t in trials if t.widths == start and loop.objective.feasible(t)), None)
+    if anchor is None or cfg.budget_on != "latency":
+        return anchor, float("nan")
+    ratio = remeasure(anchor)
+    return (anchor if ratio <= loop.objective.budget else None), ratio
 
 
 def _final_model(trial: Trial, *, cfg, cg, strategy, teacher, evaluator, train_loader, tcfg, out, progress):
@@ -545,12 +550,20 @@ def _finish(
     )  # fmt: skip
     keep, model = _final_model(best, **final)
     race = None
-    anchor = _race_anchor(cfg, loop, trials, best)
+
+    def remeasure(trial: Trial) -> float:
+        candidate = slice_onnx(cg, cg.keep_mask(trial.widths, WeightBank(teacher).scores(cg)))
+        baseline = str(out / "baseline.onnx")
+        return _measure_repeated(candidate.SerializeToString(), baseline, target, cfg.latency_seconds).ratio
+
+    anchor, anchor_ratio = _race_anchor(cfg, loop, trials, best, remeasure)
     if anchor is not None:  # see search/race.py: the searched widths must beat the start significantly
         anchor_keep, anchor_model = _final_model(anchor, **final)
         _emit(progress, "stage", text=f"racing trial {best.number} against the start (trial {anchor.number})")
         outcome = mcnemar(correct_mask(anchor_model, val_loader), correct_mask(model, val_loader))
         race = {"anchor": anchor.number, "challenger": best.number, **outcome.to_json()}
+        if anchor_ratio == anchor_ratio:  # not NaN
+            race["anchor_confirm_ratio"] = round(anchor_ratio, 4)
         if not outcome.challenger_wins:
             best, keep, model = anchor, anchor_keep, anchor_model
     val_acc = evaluate(model, val_loader, device="cpu", max_batches=cfg.max_batches)["accuracy"]
