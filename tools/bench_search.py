@@ -3,11 +3,14 @@
     python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
     python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
 
-The figures in docs/measurements.md — widths at equal final training (every strategy's widths cut from the
-original and fine-tuned 6 epochs; short training so 48 runs fit in ~40 min):
+The current figures in docs/measurements.md — widths at equal final training (paired trials, every strategy's
+widths cut from the original and fine-tuned 6 epochs; anneal pays its final race with 3 of its 8 trials;
+~2.5 min per run, 48 runs ≈ 2 h on 2 cores):
     python tools/bench_search.py --models resnet20 --budgets 0.5 --strategies anneal,uniform,l1,random \
-        --trials 5 --final-epochs 6 --final-from original --probes 6 --threads 1 --pretrain-epochs 8 --max-batches 10
-    (the same with --budgets 0.3 --align 4; and --models digits --budgets 0.5,0.3 --pretrain-epochs 4 --max-batches 5)
+        --trials 8 --epochs-per-trial 2 --final-epochs 6 --final-from original --probes 6 --threads 1 \
+        --pretrain-epochs 8
+    (the same with --budgets 0.3 --align 4; and --models digits --budgets 0.5,0.3 --pretrain-epochs 4
+     --max-batches 10)
 and end to end at equal total epochs (--final-from trial, the default):
     python tools/bench_search.py --models digits --trials 5 --final-epochs 2 --pretrain-epochs 4 \
         --max-batches 5 --probes 6 --threads 1
