@@ -220,6 +220,9 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         strategy.set_resolutions(resolutions)
 
     bank = WeightBank(teacher)
+    # --final-from original: the search only ranks widths, so trials must be comparable: each is cut from the
+    # original (the loop absorbs nothing; no trial inherits another's training) and trains on the same batches
+    widths_only = cfg.final_from == "original"
     evaluator = Evaluator(
         cg,
         bank,
@@ -232,6 +235,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         cfg.device,
         "qc" if cfg.strategy == "anneal" else "none",
         progress=(lambda d: _emit(progress, "train", **d)),
+        same_batches=widths_only,
     )
     if getattr(strategy, "reinit", False):
         evaluator.bank = _reinit_bank(teacher, cfg.seed)
@@ -242,10 +246,6 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         if trial.state is TrialState.COMPLETE and trial.latency_ratio is not None:
             cost.observe(trial.flops_ratio, trial.latency_ratio, trial.widths)
 
-    # --final-from original: the search only ranks widths, so trials must be comparable: each is cut from the
-    # original (nothing absorbed, no trial inherits another's extra training) and trains on the same batches
-    widths_only = cfg.final_from == "original"
-    evaluator.same_batches = widths_only
     loop = Loop(strategy, evaluator, objective, out, cfg.trials, observe, progress, absorb=not widths_only)
     header, records = loop.history.read() if loop.history.exists() else (None, [])
     if header is None:
@@ -416,6 +416,13 @@ def _measure_repeated(candidate, reference: str, target, seconds: float, repeats
     return runs[len(runs) // 2]
 
 
+def _remeasure(cfg, cg, trial: Trial, evaluator, target, out: Path) -> float:
+    """`trial`'s latency ratio to baseline.onnx, re-measured (median of 3)."""
+    keep = cg.keep_mask(trial.widths, evaluator.bank.scores(cg))
+    candidate = slice_onnx(cg, keep).SerializeToString()
+    return _measure_repeated(candidate, str(out / "baseline.onnx"), target, cfg.latency_seconds).ratio
+
+
 def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: Path, progress, top: int = 3):
     """The trial to finish: with a latency budget, the most accurate feasible trials (by the objective, plus the
     one with the most headroom) are re-measured (median of 3) and the first that stays within `CONFIRM_MARGIN`
@@ -437,12 +444,9 @@ def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: P
     _emit(progress, "stage", text=f"re-measuring the {len(ranked)} best feasible trials before choosing")
     checks: dict[int, float] = {}
     for t in ranked:
-        keep = cg.keep_mask(t.widths, evaluator.bank.scores(cg))
-        rel = _measure_repeated(
-            slice_onnx(cg, keep).SerializeToString(), str(out / "baseline.onnx"), target, cfg.latency_seconds
-        )
-        checks[t.number] = round(rel.ratio, 4)
-        if rel.ratio <= budget * CONFIRM_MARGIN:
+        ratio = _remeasure(cfg, cg, t, evaluator, target, out)
+        checks[t.number] = round(ratio, 4)
+        if ratio <= budget * CONFIRM_MARGIN:
             if t.number != best.number:
                 log.info(
                     "trial %d re-measured near or over the budget; finishing trial %d", best.number, t.number
@@ -458,17 +462,20 @@ def _confirm_best(cfg, cg, loop: Loop, trials, evaluator, target, budget, out: P
     return choice, checks
 
 
-def _race_anchor(cfg, loop: Loop, trials: list[Trial], best: Trial, remeasure) -> tuple[Trial | None, float]:
+def _race_anchor(
+    cfg, loop: Loop, trials: list[Trial], best: Trial, remeasure
+) -> tuple[Trial | None, float | None]:
     """The trial holding the widths the strategy started from, when the final race applies: the search only
     ranks widths (--final-from original), the strategy has a start (anneal: the uniform widths on the budget),
     the search finished on other widths, and the start met the budget when measured and again when re-measured
-    (`remeasure(trial)`: median of 3, as the best was confirmed). Returns (trial or None, re-measured ratio)."""
+    (`remeasure(trial)`: median of 3, as the best was confirmed). Returns (trial or None, re-measured ratio or
+    None when nothing was re-measured)."""
     start = getattr(loop.strategy, "anchor", None)
     if cfg.final_from != "original" or start is None or best.widths == start:
-        return None, float("nan")
+        return None, None
     anchor = next((t for t in trials if t.widths == start and loop.objective.feasible(t)), None)
     if anchor is None or cfg.budget_on != "latency":
-        return anchor, float("nan")
+        return anchor, None
     ratio = remeasure(anchor)
     return (anchor if ratio <= loop.objective.budget else None), ratio
 
@@ -550,19 +557,15 @@ def _finish(
     )  # fmt: skip
     keep, model = _final_model(best, **final)
     race = None
-
-    def remeasure(trial: Trial) -> float:
-        candidate = slice_onnx(cg, cg.keep_mask(trial.widths, WeightBank(teacher).scores(cg)))
-        baseline = str(out / "baseline.onnx")
-        return _measure_repeated(candidate.SerializeToString(), baseline, target, cfg.latency_seconds).ratio
-
-    anchor, anchor_ratio = _race_anchor(cfg, loop, trials, best, remeasure)
+    anchor, anchor_ratio = _race_anchor(
+        cfg, loop, trials, best, lambda t: _remeasure(cfg, cg, t, evaluator, target, out)
+    )
     if anchor is not None:  # see search/race.py: the searched widths must beat the start significantly
         anchor_keep, anchor_model = _final_model(anchor, **final)
         _emit(progress, "stage", text=f"racing trial {best.number} against the start (trial {anchor.number})")
         outcome = mcnemar(correct_mask(anchor_model, val_loader), correct_mask(model, val_loader))
         race = {"anchor": anchor.number, "challenger": best.number, **outcome.to_json()}
-        if anchor_ratio == anchor_ratio:  # not NaN
+        if anchor_ratio is not None:
             race["anchor_confirm_ratio"] = round(anchor_ratio, 4)
         if not outcome.challenger_wins:
             best, keep, model = anchor, anchor_keep, anchor_model
