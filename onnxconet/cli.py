@@ -52,6 +52,14 @@ WeightsOpt = Annotated[
     typer.Option("--weights", help="A state_dict file (loaded with torch.load(weights_only=True))."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+OrtConfigOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ort-config",
+        help="An onnxruntime session config entry your deployment sets, KEY=VALUE (repeatable), e.g. "
+        "session.intra_op.allow_spinning=0; default: onnxruntime's defaults.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -229,17 +237,34 @@ def profile(
     compare: Annotated[
         str | None,
         typer.Option(
-            "--compare", help="Another .onnx or model spec: also report the ratio, timed interleaved."
+            "--compare",
+            help="Another .onnx or model spec: also report the latency ratio to it (in-loop: two runner "
+            "processes taking turns, what the search measures every candidate with).",
         ),
     ] = None,
+    isolated: Annotated[
+        bool,
+        typer.Option(
+            "--isolated",
+            help="With --compare: the ratio as deployed, each model alone in a fresh process, --pairs pairs "
+            "alternated (slower; what a search's final check uses).",
+        ),
+    ] = False,
+    pairs: Annotated[int, typer.Option("--pairs", min=1, help="Process pairs of an --isolated ratio.")] = 4,
+    ort_config: OrtConfigOpt = None,
     weights: WeightsOpt = None,
     seconds: Annotated[
-        float, typer.Option("--seconds", min=0.05, help="Time cap of each measurement.")
+        float,
+        typer.Option(
+            "--seconds", min=0.05, help="Time cap of each measurement (each process with --isolated)."
+        ),
     ] = 5.0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure a model's latency with onnxruntime (an .onnx file, or a model spec exported and optionally
-    sliced to --widths); with --compare, its latency ratio to another model, timed interleaved."""
+    """Measure a model's latency with onnxruntime as deployed: alone in a fresh process, onnxruntime's default
+    session options (an .onnx file, or a model spec exported and optionally sliced to --widths); with
+    --compare, its latency ratio to another model."""
+    from onnxconet.latency.profile import parse_session_config
     from onnxconet.load import parse_input_shape
     from onnxconet.profile import profile_model
 
@@ -255,6 +280,9 @@ def profile(
             input_shape=shape,
             widths=str(widths) if widths else None,
             compare=compare,
+            isolated=isolated,
+            pairs=pairs,
+            session_config=_run(parse_session_config, ort_config),
             weights=str(weights) if weights else None,
             max_seconds=seconds,
             status=lambda text: spin.update(text),
@@ -282,15 +310,26 @@ def profile(
     )
     if res["fallback"]:
         out.print(f"[bold yellow]warning:[/] {res['fallback']}", highlight=False, soft_wrap=True)
+    out.print(f"session: {res['session']}", highlight=False)
     if "ratio" in res:
         c = res["compare"]
         flops_ratio = f"; MACs ratio {res['flops'] / c['flops']:.3f}" if res["flops"] and c["flops"] else ""
+        how = (
+            f"as deployed, {c['rounds']} process pairs"
+            if res["method"] == "isolated-processes"
+            else f"in-loop, {c['rounds']} rounds"
+        )
         out.print(
             f"vs {c['target']}: latency ratio {res['ratio']:.3f} (p10 {res['ratio_p10']:.3f}, p90 "
-            f"{res['ratio_p90']:.3f}; interleaved, {c['rounds']} rounds: {c['interleaved_target_ms']:.3f} ms vs "
-            f"{c['median_ms']:.3f} ms){flops_ratio}",
+            f"{res['ratio_p90']:.3f}; {how}: {c['target_ms']:.3f} ms vs {c['median_ms']:.3f} ms){flops_ratio}",
             highlight=False,
         )
+        if res["disturbed"]:
+            out.print(
+                f"[bold yellow]warning:[/] other programs kept {res['load']:.1f} CPUs busy while measuring; "
+                "this ratio is not what a quiet machine gives",
+                highlight=False,
+            )
 
 
 def _raise(e: Exception):

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, WeightsOpt, _run, app, err, out
+from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, OrtConfigOpt, WeightsOpt, _run, app, err, out
 
 
 def _renderer(progress: Progress, task_id):
@@ -87,8 +87,23 @@ def search(
         ),
     ] = "auto",
     threads: Annotated[
-        int, typer.Option("--threads", help="onnxruntime intra-op threads (0: physical cores).")
+        int,
+        typer.Option(
+            "--threads",
+            help="onnxruntime intra-op threads your deployment uses; the budget is met at this count "
+            "(0: onnxruntime's default, the physical cores). The report also gives 1 thread.",
+        ),
     ] = 0,
+    ort_config: OrtConfigOpt = None,
+    latency_seconds: Annotated[
+        float,
+        typer.Option(
+            "--latency-seconds",
+            min=0.05,
+            help="Timing cap of one in-loop latency measurement; a measurement as deployed (reachability, "
+            "confirmation, final check) runs each process a quarter of it (at least 0.25 s).",
+        ),
+    ] = 2.0,
     trials: Annotated[int, typer.Option("--trials", help="Candidates to train and measure.")] = 12,
     epochs_per_trial: Annotated[
         int, typer.Option("--epochs-per-trial", help="Fine-tuning epochs per candidate.")
@@ -147,7 +162,9 @@ def search(
     """Search the channel width of every group: candidates inherit the original's weights, are fine-tuned with
     distillation, scored by accuracy against measured latency; the best is fine-tuned and written as
     OUT/best.onnx with a report. With no arguments: the built-in digits CNN on digits, budget 0.5."""
+    from onnxconet.latency.profile import parse_session_config
     from onnxconet.load import parse_input_shape
+    from onnxconet.report import threads_note
     from onnxconet.search.resolution import parse_resolutions
     from onnxconet.search.run import SearchConfig, run_search
 
@@ -161,6 +178,8 @@ def search(
         budget_on=budget_on,
         provider=provider,
         threads=threads,
+        ort_config=_run(parse_session_config, ort_config),
+        latency_seconds=latency_seconds,
         trials=trials,
         epochs_per_trial=epochs_per_trial,
         final_epochs=final_epochs,
@@ -196,7 +215,11 @@ def search(
         f"the baseline ({b['speedup']:.2f}× faster), MACs {b['flops_ratio']:.2f}×, params {b['params_ratio']:.2f}×; "
         f"budget {result['budget']['on']} ≤ {result['budget']['ratio']:.3f}: "
         + ("[green]met[/]" if b["budget_met"] else "[red]not met[/]")
+        + (" as deployed" if result["budget"]["on"] == "latency" else "")
     )
+    note = threads_note(b.get("latency") or {})
+    if note:
+        out.print(note, highlight=False)
     out.print(
         (
             f"input resolution {result['resolution']}x{result['resolution']} (searched over "

@@ -509,7 +509,7 @@ def _check_headers(samples: list[tuple[str, int]], root: Path) -> None:
 def _load_folder(root: Path, shape: tuple[int, int, int], seed: int) -> Splits:
     """ImageFolder: ``train/`` + ``val/`` (+ ``test/``) subfolders, or class folders split 80/20."""
     if not root.exists():
-        raise DataError(f'data path {root} does not exist; pass one of {SPEC_FORMS}')
+        raise DataError(f"data path {root} does not exist; pass one of {SPEC_FORMS}")
     if not root.is_dir():
         raise DataError(f"data path {root} is a file, not a folder; for arrays use npz:{root}")
     if (root / "train").is_dir():

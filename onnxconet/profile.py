@@ -1,8 +1,10 @@
 """`onnxconet profile`: latency of a model (or of a pruned candidate) measured with onnxruntime.
 
 TARGET is an ONNX file (timed as it is, from its path) or a model spec (exported once at the asked batch and
-input shape; sliced to a widths file first when one is given). With `compare`, the target is also timed
-interleaved with another model and the ratio target / other is reported (what a noisy machine can compare).
+input shape; sliced to a widths file first when one is given). It is timed alone in a fresh runner process with
+onnxruntime's default session options, as a deployment runs it. With `compare`, the ratio target / other is
+reported too: by default the in-loop way the search measures every candidate (two runner processes taking
+turns), with `isolated` as deployed (each model alone in fresh processes, `pairs` pairs alternated).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from onnxconet.errors import InputShapeError, LatencyError, ModelSpecError, OnnxconetError
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.graph.stats import count_flops, count_params
-from onnxconet.latency.profile import CPU, CUDA, TRT, Target, measure, measure_relative
+from onnxconet.latency.profile import CPU, CUDA, TRT, Target, measure, measure_isolated, measure_relative
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,14 @@ def profile_model(
     input_shape: tuple[int, ...] | None = None,
     widths: str | None = None,
     compare: str | None = None,
+    isolated: bool = False,
+    pairs: int = 4,
+    session_config: dict | None = None,
     weights: str | None = None,
     max_seconds: float = 5.0,
     status: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time `target` on onnxruntime (and, with `compare`, interleaved against another model).
+    """Time `target` on onnxruntime as deployed (and, with `compare`, its latency ratio to another model).
 
     Args:
         target: an .onnx file or a model spec (None: the built-in digits CNN).
@@ -146,21 +151,29 @@ def profile_model(
             symbolic dims).
         widths: a widths file (`onnxconet inspect --widths-out`, or written by a search) to slice the target to.
         compare: another .onnx file or model spec; reports "ratio" = target latency / its latency.
+        isolated: measure the ratio as deployed (`measure_isolated`: each model alone in fresh processes,
+            `pairs` pairs alternated) instead of the in-loop way (`measure_relative`).
+        pairs: process pairs of an isolated ratio.
+        session_config: onnxruntime session config entries the deployment sets.
         weights: state_dict file for a model spec.
-        max_seconds: time cap of each measurement.
+        max_seconds: time cap of each measurement (of each process, when isolated).
         status: called with a short text at each stage (the CLI's spinner).
 
     Returns:
         ``{"target", "provider", "requested", "fallback", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms",
-        "runs", "threads", "batch", "input_shape", "onnxruntime", "flops", "params", "widths"}`` plus, with
-        `compare`, ``"ratio", "ratio_p10", "ratio_p90", "compare"`` (the other model's spec, median ms, FLOPs,
-        params, and the interleaved medians of both). "fallback" is None unless the asked provider did not load.
+        "runs", "threads", "batch", "input_shape", "onnxruntime", "flops", "params", "widths", "session"}`` plus,
+        with `compare`, ``"ratio", "ratio_p10", "ratio_p90", "ratios", "method", "load", "disturbed", "compare"``
+        (the other model's spec, median ms, FLOPs, params, and the medians of both in the ratio's measurement).
+        "fallback" is None unless the asked provider did not load.
     """
     status = status or (lambda _text: None)
     spec = target or "models/digits_cnn.py:digits_cnn"
+    config = tuple((session_config or {}).items())
     tgt = Target(provider=provider, threads=threads, strict=strict)  # validates the provider name first
     b, shape = _batch_shape(spec, batch, input_shape)
-    tgt = Target(provider=provider, threads=threads, strict=strict, batch=b, input_shape=shape)
+    tgt = Target(
+        provider=provider, threads=threads, strict=strict, batch=b, input_shape=shape, session_config=config
+    )
     timed = _load(spec, weights=weights, batch=b, input_shape=shape, widths=widths, status=status)
     status(f"timing {spec} on onnxruntime ({provider})…")
     stats = measure(timed.source, tgt, max_seconds=max_seconds)
@@ -190,24 +203,35 @@ def profile_model(
         "flops": timed.flops,
         "params": timed.params,
         "widths": widths,
+        "session": tgt.describe(),
     }
     if other is not None:
-        status(f"timing {spec} interleaved with {compare}…")
+        how = f"as deployed, {pairs} process pairs" if isolated else "in-loop"
+        status(f"timing {spec} against {compare} ({how})…")
         # on the provider the first measurement really used: no second round of failed GPU attempts and warnings
         used = _PROVIDER_NAMES.get(stats.provider, provider)
-        pinned = Target(provider=used, threads=threads, strict=strict, batch=b, input_shape=shape)
-        rel = measure_relative(timed.source, other.source, pinned, max_seconds=max_seconds)
+        pinned = Target(
+            provider=used, threads=threads, strict=strict, batch=b, input_shape=shape, session_config=config
+        )
+        if isolated:
+            rel = measure_isolated(timed.source, other.source, pinned, pairs=pairs, seconds=max_seconds)
+        else:
+            rel = measure_relative(timed.source, other.source, pinned, max_seconds=max_seconds)
         out |= {
             "ratio": rel.ratio,
             "ratio_p10": rel.ratio_p10,
             "ratio_p90": rel.ratio_p90,
+            "ratios": rel.ratios,
+            "method": rel.method,
+            "load": rel.load,
+            "disturbed": rel.disturbed,
             "compare": {
                 "target": compare,
                 "median_ms": rel.reference.median_ms,
                 "flops": other.flops,
                 "params": other.params,
                 "rounds": rel.rounds,
-                "interleaved_target_ms": rel.candidate.median_ms,
+                "target_ms": rel.candidate.median_ms,
             },
         }
     return out

@@ -423,7 +423,8 @@ def _budget_line(result: dict, on: str) -> str:
         if ms is None and _num(base.get("latency_ms")) is not None:
             ms = limit * base["latency_ms"]
         abs_ = f" ({_ms(ms)} of {_ms(base.get('latency_ms'))})" if ms is not None else ""
-        return f"Budget: latency ≤ {limit:.3g} × baseline{abs_}, measured interleaved with the baseline."
+        where = f" ({result['deployment']})" if result.get("deployment") else ""
+        return f"Budget: latency ≤ {limit:.3g} × baseline{abs_} as deployed{where}."
     what = "MACs" if on == "flops" else "params"
     n = _num(base.get(on))
     abs_ = f" ({_count(limit * n)} of {_count(n)})" if n is not None else ""
@@ -469,7 +470,7 @@ def _summary(result: dict) -> list[str]:
         if lat is None:
             tail = "latency was not measured."
         else:
-            tail = f"**{_factor(lat, 'latency')}** (latency measured interleaved with the baseline)."
+            tail = f"**{_factor(lat, 'latency')}** (latency as deployed, see below)."
         lines += ["", f"**{_factor(macs, 'MACs')}**, {tail}"]
     race = best.get("race") if best else None
     if race:
@@ -482,6 +483,51 @@ def _summary(result: dict) -> list[str]:
             f"start; p = {race['p_value']:.3g} → shipped {shipped}.",
         ]
     return lines
+
+
+def threads_note(latency: dict) -> str:
+    """One sentence when best.onnx runs faster with 1 thread than at the deployment's thread count, else ""."""
+    by = latency.get("by_threads") or {}
+    n = str(latency.get("threads"))
+    if not latency.get("fewer_threads_faster") or "1" not in by or n not in by:
+        return ""
+    return (
+        f"best.onnx runs faster with 1 intra-op thread ({_ms(by['1']['best_ms'])}) than with {n} "
+        f"({_ms(by[n]['best_ms'])}) as deployed: deploy it with SessionOptions.intra_op_num_threads = 1 "
+        "(and search with --threads 1)."
+    )
+
+
+def _latency_section(result: dict) -> list[str]:
+    """How the best's latency was measured, its spread, and the latency at 1 thread beside the deployment's."""
+    lat = (result.get("best") or {}).get("latency")
+    if not lat:
+        return []
+    lines = ["## Latency as deployed", "", f"Measured {lat['how']}."]
+    ratios = lat.get("ratios") or []
+    if ratios:
+        lines[-1] += (
+            f" Per-pair ratios {', '.join(f'{r:.3f}' for r in ratios)} (p10–p90 {lat['ratio_p10']:.3f}–"
+            f"{lat['ratio_p90']:.3f})."
+        )
+    if lat.get("disturbed"):
+        lines += [
+            "",
+            f"**Warning**: other programs kept {lat['load']:.1f} CPUs busy during this measurement; a quiet "
+            "machine gives another figure. Re-measure with `onnxconet profile best.onnx --compare baseline.onnx "
+            f"--isolated --threads {lat['threads']}`.",
+        ]
+    by = lat.get("by_threads") or {}
+    if by:
+        rows = [
+            [t, _ms(v["best_ms"]), _ms(v["baseline_ms"]), _ratio(v["ratio"])]
+            for t, v in sorted(by.items(), key=lambda kv: int(kv[0]))
+        ]
+        lines += ["", *_table(["intra-op threads", "best", "baseline", "ratio"], rows)]
+    note = threads_note(lat)
+    if note:
+        lines += ["", f"**{note}**"]
+    return lines + [""]
 
 
 def _widths_table(result: dict) -> list[str]:
@@ -557,6 +603,7 @@ def _markdown(result: dict, trials: list[dict], front: list[int], on: str, paths
         "",
         *_summary(result),
         "",
+        *_latency_section(result),
         "## Best widths per group",
         "",
     ]

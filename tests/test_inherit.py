@@ -41,5 +41,7 @@ def test_cut_absorb_grow_roundtrip():
         if kept.all():
             continue
         w_new, w_old = grown[param].numpy(), orig[param].numpy()
-        np.testing.assert_array_equal(np.compress(~kept, w_new, axis=axis), np.compress(~kept, w_old, axis=axis))
+        np.testing.assert_array_equal(
+            np.compress(~kept, w_new, axis=axis), np.compress(~kept, w_old, axis=axis)
+        )
         assert not np.array_equal(np.compress(kept, w_new, axis=axis), np.compress(kept, w_old, axis=axis))

@@ -42,7 +42,9 @@ def test_json_contract_reproduces_surgery():
         if g["prunable"]:
             d = g["divisor"]
             kept_channels[g["id"]] = [c for c in range(g["channels"]) if (c // d) % 2 == 0]
-    assert any(g["divisor"] > 1 for g in rep["groups"] if g["prunable"]), "the grouped conv should give a divisor"
+    assert any(g["divisor"] > 1 for g in rep["groups"] if g["prunable"]), (
+        "the grouped conv should give a divisor"
+    )
     assert any("stride" in m for g in rep["groups"] for m in g["members"]), "flatten should give a stride"
 
     # hand slicing from the JSON alone

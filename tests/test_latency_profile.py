@@ -1,4 +1,5 @@
-"""onnxruntime timing: stats, stopping rule, interleaved ratios, provider fallback, input feed errors."""
+"""onnxruntime timing in runner processes: stats, stopping rule, paired and isolated ratios, disturbance, provider
+fallback, input feed errors, the runner's protocol."""
 
 from __future__ import annotations
 
@@ -11,20 +12,28 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxconet.latency.profile as prof
 from onnxconet.errors import LatencyError
+from onnxconet.latency import runner as runner_mod
+from onnxconet.latency.process import LoadWatch, RunnerProcess, disturbed, logical_cpus
 from onnxconet.latency.profile import (
     CPU,
+    ISOLATED,
+    PAIRED,
     LatencyStats,
-    Runner,
+    PairedMeasurer,
     Target,
     make_session,
     measure,
+    measure_isolated,
     measure_relative,
     median_ci,
     physical_cores,
 )
+from onnxconet.latency.runner import RunnerError, TimedSession
 
 QUICK = {"warmup": 3, "min_runs": 20, "max_seconds": 0.5}
+PAIRS = {"pairs": 2, "seconds": 0.1, "warmup_seconds": 0.02}
 
 
 def cnn(width: int = 8, layers: int = 1, batch: int | str = 1, hw: int | str = 16) -> onnx.ModelProto:
@@ -91,22 +100,48 @@ def test_measure_stats_well_formed():
     assert d["input_shape"] == [1, 3, 16, 16] and LatencyStats.from_dict(d) == stats
 
 
-def test_threads_zero_means_physical_cores():
+def test_threads_zero_means_onnxruntimes_default_physical_cores():
     stats = measure(SMALL, Target(provider="cpu"), **QUICK)
     assert stats.threads == physical_cores() >= 1
+    assert "intra_op_num_threads" not in str(runner_mod.session_options(0))  # left to onnxruntime
+    assert runner_mod.session_options(0).intra_op_num_threads == 0
+    assert runner_mod.session_options(3).intra_op_num_threads == 3
 
 
-def test_measure_stops_at_max_seconds():
+def test_stopping_rule_in_the_runner():
+    calls = []
+    samples = runner_mod.until_stable(
+        lambda i: calls.append(i) or 1.0 + i % 3, lambda: None, (1, 5, 25, 10.0, 1e-9)
+    )
+    assert len(samples) == 25 == len(calls)  # rel_ci unreachable: stopped by max_runs
+    samples = runner_mod.until_stable(lambda i: 1.0, lambda: None, (1, 5, 1000, 10.0, 0.02))
+    assert len(samples) == 6  # identical samples: stable at the first check (6 samples)
     t0 = time.perf_counter()
-    stats = measure(LARGE, Target(provider="cpu"), warmup=2, rel_ci=1e-9, max_runs=10**9, max_seconds=0.4)
-    elapsed = time.perf_counter() - t0
-    assert stats.runs >= 1
-    assert elapsed < 0.4 + 1.5  # + session creation and one run, on a loaded machine
+    samples = runner_mod.until_stable(
+        lambda i: time.sleep(0.01) or float(i), lambda: None, (1, 5, 10**9, 0.3, 1e-9)
+    )
+    assert time.perf_counter() - t0 < 0.3 + 0.1 and len(samples) >= 1
 
 
-def test_measure_stops_at_max_runs():
+def test_measure_stops_at_max_runs_and_max_seconds():
     stats = measure(SMALL, Target(provider="cpu"), warmup=1, min_runs=5, max_runs=25, rel_ci=1e-9)
     assert stats.runs == 25
+    stats = measure(LARGE, Target(provider="cpu"), warmup=2, rel_ci=1e-9, max_runs=10**9, max_seconds=0.3)
+    assert 1 <= stats.runs < 10**9
+
+
+def test_burst_leaves_the_wake_up_untimed():
+    class Fake:
+        def __init__(self):
+            self.calls = 0
+
+        def run_once(self):
+            self.calls += 1
+            return 1e-3 if self.calls > 1 else 1.0  # the first run after idling is slow
+
+    fake = Fake()
+    times = runner_mod.burst(fake, seconds=0.0, warmup_seconds=0.0, min_runs=3)
+    assert times == [1e-3] * 3 and fake.calls == 4
 
 
 def test_median_ci_order_statistics():
@@ -117,48 +152,100 @@ def test_median_ci_order_statistics():
     assert (med, lo, hi) == (2.0, 1.0, 3.0)
 
 
-def test_relative_larger_model_is_slower():
-    rel = measure_relative(LARGE, SMALL, Target(provider="cpu"), warmup=3, max_seconds=1.0)
-    assert rel.ratio > 1 and rel.paired_ratio > 1
-    assert rel.ratio_p10 <= rel.paired_ratio <= rel.ratio_p90
-    assert rel.rounds >= 1 and rel.candidate.runs == rel.reference.runs == rel.rounds
+def test_paired_larger_model_is_slower():
+    rel = measure_relative(LARGE, SMALL, Target(provider="cpu"), max_seconds=1.0)
+    assert rel.method == PAIRED and rel.ratio > 1
+    assert rel.ratio_p10 <= rel.ratio <= rel.ratio_p90
+    assert rel.rounds >= 6 and len(rel.ratios) == rel.rounds
     assert rel.candidate.median_ms > rel.reference.median_ms
+    assert rel.candidate.runs >= 3 * rel.rounds
     assert rel.to_dict()["candidate"]["provider"] == CPU
 
 
-def test_relative_ratio_survives_preemption(monkeypatch):
-    """On a shared machine runs are either undisturbed or preempted (+ a scheduler slice). Here the reference
-    is preempted in 70 % of its runs, the candidate in 20 %: the median of per-round ratios is far off (the
-    estimator this replaced), the ratio of 10th percentiles recovers the true 0.5."""
-    import onnxconet.latency.profile as prof
+def test_paired_measurer_keeps_the_reference_across_candidates():
+    with PairedMeasurer(LARGE, Target(provider="cpu", threads=1)) as m:
+        ref_pid = m.ref.proc.pid
+        small = m.compare(SMALL, max_seconds=0.5)
+        same = m.compare(LARGE, max_seconds=0.5)
+        assert m.ref.proc.pid == ref_pid  # one reference session for every candidate
+    assert small.ratio < 1 and 0.7 < same.ratio < 1.4
+    assert m.ref.proc.poll() is not None and m.cand.proc.poll() is not None  # closed
 
-    rng = np.random.default_rng(0)
+
+def test_isolated_alternates_fresh_processes_and_takes_the_ratio_of_medians(monkeypatch):
+    """Oracle: fake runners whose times are known. The candidate takes 1 ms, the reference 2 ms except in its
+    second process (4 ms): per-pair ratios 0.5, 0.25, 0.5, 0.5; the ratio of the medians 1 / 2."""
+    order, started = [], []
 
     class FakeRunner:
-        provider, fallback, threads, input_shape = CPU, None, 1, (1, 3, 16, 16)
+        def __init__(self):
+            self.cpu_s, self.model = 0.0, None
+            started.append(self)
 
-        def __init__(self, model, target, spin=True):
-            self.target = target
-            self.base, self.hit = (1e-3, 0.2) if model == "cand" else (2e-3, 0.7)
+        def request(self, op, **kw):
+            if op == "load":
+                self.model = kw["model"]
+                order.append(kw["label"])
+                return {"provider": CPU, "threads": 1, "input_shape": [1, 3, 16, 16], "onnxruntime": "x"}
+            if op == "time":
+                n_ref = order.count("ref")
+                ms = 1.0 if order[-1] == "cand" else (4.0 if n_ref == 2 else 2.0)
+                return {"times_ms": [ms] * 5}
+            raise AssertionError(op)
 
-        def run_once(self):
-            t = self.base * rng.uniform(1.0, 1.03)
-            return t + (8e-3 if rng.random() < self.hit else 0.0)
+        def __enter__(self):
+            return self
 
-    monkeypatch.setattr(prof, "Runner", FakeRunner)
-    rel = prof.measure_relative(
-        "cand", "ref", Target(provider="cpu"), warmup=1, max_rounds=400, max_seconds=5
-    )
-    assert rel.paired_ratio < 0.3  # mostly rounds where only the reference was preempted
-    assert abs(rel.ratio - 0.5) < 0.03
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(prof, "RunnerProcess", FakeRunner)
+    monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
+    rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4)
+    assert order == ["cand", "ref", "ref", "cand", "cand", "ref", "ref", "cand"]
+    assert len(started) == 8  # a fresh process for every measurement
+    assert rel.method == ISOLATED and rel.rounds == 4
+    assert rel.ratios == [0.5, 0.25, 0.5, 0.5]
+    assert rel.ratio == pytest.approx(1.0 / 2.0)  # median of cand medians 1 / median of ref medians 2
 
 
-def test_relative_model_against_itself_is_about_one():
-    rel = measure_relative(LARGE, LARGE, Target(provider="cpu"), warmup=3, max_seconds=1.0)
-    assert 0.7 < rel.ratio < 1.4
+def test_isolated_real_processes():
+    rel = measure_isolated(LARGE, SMALL, Target(provider="cpu", threads=1), **PAIRS)
+    assert rel.method == ISOLATED and rel.rounds == 2 and len(rel.ratios) == 2
+    assert rel.ratio > 1 and rel.candidate.provider == CPU
+    same = measure_isolated(LARGE, LARGE, Target(provider="cpu", threads=1), **PAIRS)
+    assert 0.7 < same.ratio < 1.4
 
 
-def test_model_from_path_and_proto(tmp_path):
+def test_busy_cores_flag_the_measurement():
+    """One busy process beside the measurement: the watch books about one CPU of other load, and a session
+    that needs every core is flagged, while a 1-thread session beside it is not."""
+    if logical_cpus() < 2:
+        pytest.skip("needs 2 CPUs")
+    import subprocess
+    import sys
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        watch = LoadWatch()
+        time.sleep(1.0)
+        load = watch.load()
+        rel = measure_relative(SMALL, SMALL, Target(provider="cpu", threads=logical_cpus()), max_seconds=0.5)
+    finally:
+        burner.kill()
+    assert load is not None and 0.6 < load < logical_cpus() + 0.2
+    assert rel.load is not None and rel.load > 0.25 and rel.disturbed  # the burner shares the cores it wants
+
+
+def test_disturbed_rule():
+    cpus = logical_cpus()
+    assert not disturbed(None, 1) and not disturbed(0.1, cpus)  # unknown, or a trace of load
+    assert disturbed(1.0, cpus)  # a session that needs every core, one of them taken
+    assert not disturbed(1.0, max(1, cpus - 1)) or cpus < 2  # a core left for each thread
+
+
+def test_model_from_path_bytes_and_proto(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(SMALL)
     assert measure(path, Target(provider="cpu"), **QUICK).runs >= 20
@@ -171,6 +258,17 @@ def test_model_with_external_data_opens_from_path(tmp_path):
     onnx.save(cnn(width=16), path, save_as_external_data=True, location="ext.data", size_threshold=0)
     assert (tmp_path / "ext.data").exists()
     assert measure(path, Target(provider="cpu"), **QUICK).runs >= 20
+
+
+def test_session_config_reaches_the_runner():
+    target = Target(provider="cpu", session_config={"session.intra_op.allow_spinning": "0"})
+    assert target.session_config == (("session.intra_op.allow_spinning", "0"),)
+    assert "allow_spinning=0" in target.describe()
+    assert measure(SMALL, target, **QUICK).runs >= 20
+    # an entry with an effect one can see: the runner then reads the file as ORT format, which fails
+    ort_format = Target(provider="cpu", session_config={"session.load_model_format": "ORT"})
+    with pytest.raises(LatencyError, match="cannot load model <bytes>"):
+        measure(SMALL, ort_format, **QUICK)
 
 
 @needs_no_cuda
@@ -187,6 +285,8 @@ def test_gpu_provider_falls_back_to_cpu(provider, caplog):
 def test_gpu_provider_strict_raises():
     with pytest.raises(LatencyError, match=r"cuda.*did not load.*CPUExecutionProvider"):
         make_session(SMALL, Target(provider="cuda", strict=True))
+    with pytest.raises(LatencyError, match=r"cuda.*did not load"):
+        measure(SMALL, Target(provider="cuda", strict=True), **QUICK)
 
 
 def test_auto_never_warns_and_strict_auto_never_raises():
@@ -195,24 +295,28 @@ def test_auto_never_warns_and_strict_auto_never_raises():
 
 
 def test_batch_mismatch_raises():
-    with pytest.raises(LatencyError, match="exported with batch 1"):
-        Runner(SMALL, Target(provider="cpu", batch=4))
+    with pytest.raises(RunnerError, match="exported with batch 1"):
+        TimedSession(SMALL, "cpu", batch=4)
+    with pytest.raises(LatencyError, match="exported with batch 1"):  # the runner's error, one line
+        measure(SMALL, Target(provider="cpu", batch=4), **QUICK)
 
 
 def test_symbolic_batch_uses_target_batch():
-    runner = Runner(cnn(batch="N").SerializeToString(), Target(provider="cpu", batch=3))
-    assert runner.input_shape == (3, 3, 16, 16)
-    assert runner.run_once() > 0
+    ts = TimedSession(cnn(batch="N").SerializeToString(), "cpu", batch=3)
+    assert ts.input_shape == (3, 3, 16, 16)
+    assert ts.run_once() > 0
+    stats = measure(cnn(batch="N"), Target(provider="cpu", batch=3), **QUICK)
+    assert stats.input_shape == (3, 3, 16, 16) and stats.batch == 3
 
 
 def test_symbolic_spatial_dims_need_input_shape():
     model = cnn(batch="N", hw="H").SerializeToString()
-    with pytest.raises(LatencyError, match="symbolic dims"):
-        Runner(model, Target(provider="cpu"))
-    runner = Runner(model, Target(provider="cpu", batch=2, input_shape=(1, 3, 24, 24)))
-    assert runner.input_shape == (2, 3, 24, 24)  # batch entry replaced by target.batch
-    with pytest.raises(LatencyError, match="does not fit"):
-        Runner(SMALL, Target(provider="cpu", input_shape=(1, 3, 32, 32)))
+    with pytest.raises(RunnerError, match="symbolic dims"):
+        TimedSession(model, "cpu")
+    ts = TimedSession(model, "cpu", batch=2, input_shape=(1, 3, 24, 24))
+    assert ts.input_shape == (2, 3, 24, 24)  # batch entry replaced by the target's batch
+    with pytest.raises(RunnerError, match="does not fit"):
+        TimedSession(SMALL, "cpu", input_shape=(1, 3, 32, 32))
 
 
 def test_corrupt_model_raises(tmp_path):
@@ -224,6 +328,8 @@ def test_corrupt_model_raises(tmp_path):
         make_session(bad, Target())
     with pytest.raises(LatencyError, match="not found"):
         make_session(tmp_path / "missing.onnx", Target())
+    with pytest.raises(LatencyError, match="not found"):
+        measure(tmp_path / "missing.onnx", Target())
 
 
 def test_bad_target_raises():
@@ -234,12 +340,65 @@ def test_bad_target_raises():
     assert Target(input_shape=[1, 3, 8, 8]).input_shape == (1, 3, 8, 8)
 
 
+def test_runner_protocol_answers_every_request_and_goes_on(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(SMALL)
+    with RunnerProcess() as r:
+        with pytest.raises(LatencyError, match="no model loaded"):
+            r.request("time", seconds=0.01)
+        with pytest.raises(LatencyError, match="unknown request op"):
+            r.request("fly")
+        ident = r.request("identity")
+        assert ident["onnxruntime"] == ort.__version__ and ident["logical_cpus"] >= 1 and ident["cpu"]
+        loaded = r.request("load", model=str(path), provider="cpu", threads=1)
+        assert loaded["provider"] == CPU and loaded["input_shape"] == [1, 3, 16, 16]
+        times = r.request("time", seconds=0.02, min_runs=3)["times_ms"]
+        assert len(times) >= 3 and all(t > 0 for t in times) and r.cpu_s > 0
+        r.proc.stdin.write("not json\n")
+        r.proc.stdin.flush()
+        assert '"ok": false' in r.proc.stdout.readline()
+        assert r.request("identity")["ok"]  # still serving
+    assert r.proc.returncode == 0
+
+
+def test_runner_one_shot_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(SMALL)
+    cmd = [sys.executable, runner_mod.__file__, "time", str(path), "--provider", "cpu", "--threads", "1"]
+    out = subprocess.run(cmd + ["--max-seconds", "0.2"], capture_output=True, text=True, check=True).stdout
+    answer = json.loads(out)
+    assert answer["ok"] and answer["provider"] == CPU and len(answer["times_ms"]) >= 20
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "none.onnx")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "not found" in json.loads(bad.stdout)["error"]
+
+
+def test_runner_stands_alone():
+    """runner.py is copied to devices: importing it must pull in neither torch nor the onnxconet package."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import runner; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxconet', 'onnx')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code, os.path.dirname(runner_mod.__file__)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == "[]"
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_runner_uses_iobinding():
-    runner = Runner(LARGE, Target(provider="cuda", strict=True))
-    assert runner.provider == "CUDAExecutionProvider" and runner._binding is not None
-    assert runner.run_once() > 0
+    ts = TimedSession(LARGE, "cuda", strict=True)
+    assert ts.provider == "CUDAExecutionProvider" and ts._binding is not None
+    assert ts.run_once() > 0
     stats = measure(LARGE, Target(provider="cuda", strict=True), **QUICK)
     assert stats.provider == "CUDAExecutionProvider" and stats.fallback is None
 

@@ -78,16 +78,39 @@ def test_table_output_and_onnx_file(tiny_onnx):
     assert "median" in r.stdout and "CPUExecutionProvider" in r.stdout and "MACs" in r.stdout
 
 
-def test_compare_reports_an_interleaved_ratio(tiny_onnx):
+def test_compare_reports_an_in_loop_ratio(tiny_onnx):
     r = invoke(TINY, "--provider", "cpu", "--compare", tiny_onnx, "--json", *QUICK)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert {"ratio", "ratio_p10", "ratio_p90", "compare"} <= set(res)
+    assert {"ratio", "ratio_p10", "ratio_p90", "compare", "method", "ratios", "load", "disturbed"} <= set(res)
+    assert res["method"] == "paired-processes" and len(res["ratios"]) == res["compare"]["rounds"] >= 6
     assert 0.3 < res["ratio"] < 3  # the same graph on both sides
     assert res["compare"]["target"] == tiny_onnx and res["compare"]["flops"] == res["flops"]
     r = invoke(TINY, "--provider", "cpu", "--compare", TINY, *QUICK)  # same spec: exported once
     assert r.exit_code == 0, r.output
     assert "latency ratio" in r.stdout
+
+
+def test_compare_isolated_is_the_deployed_ratio(tiny_onnx):
+    r = invoke(
+        TINY, "--provider", "cpu", "--compare", tiny_onnx, "--isolated", "--pairs", "2", "--json", *QUICK
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["method"] == "isolated-processes" and len(res["ratios"]) == res["compare"]["rounds"] == 2
+    assert 0.3 < res["ratio"] < 3
+    r = invoke(TINY, "--provider", "cpu", "--compare", tiny_onnx, "--isolated", "--pairs", "1", *QUICK)
+    assert r.exit_code == 0 and "as deployed, 1 process pairs" in r.stdout
+
+
+def test_ort_config_is_stated_and_checked():
+    r = invoke(
+        TINY, "--provider", "cpu", "--ort-config", "session.intra_op.allow_spinning=0", "--json", *QUICK
+    )
+    assert r.exit_code == 0, r.output
+    assert "allow_spinning=0" in json.loads(r.stdout)["session"]
+    r = invoke(TINY, "--ort-config", "nonsense", *QUICK)
+    assert r.exit_code == 1 and "KEY=VALUE" in r.output and "Traceback" not in r.output
 
 
 def test_widths_file_slices_the_model(tiny, tmp_path):

@@ -17,8 +17,16 @@ Sections:
                (two single measurements against each other). The figures in docs/measurements.md:
                --sections predictor --models resnet18,mobilenet_v2 --threads 1 --fold-casts --align 8
     speedup    uniform pruning ratios 0.25 / 0.5 / 0.75: measured latency ratio vs FLOPs ratio
+    deployed   the ratio onnxconet measures against the ratio as deployed, for every model at two widths (uniform
+               0.5 and 0.25, aligned to 8) and every --threads: the in-loop ratio that drives the search
+               (`PairedMeasurer`), the reported ratio (`measure_isolated`: the final check of a search,
+               `profile --compare --isolated`), the previous in-loop method, and the oracle
+               (tools/latency_oracle.py: each file alone in a plain onnxruntime process, 4 alternated pairs),
+               each --deployed-repeats times; errors against the oracle's median. Finished cells are kept in
+               --cells (keyed by the latency code's version) and reused. The figures in docs/measurements.md:
+               --sections deployed --threads 1,2 (--busy 1 for the same with one busy process beside it)
 
-All measurements are interleaved with the full-width reference (`measure_candidate`) on the CPU provider.
+Sections cost..speedup measure candidates the in-loop way (`measure_candidate`) on the CPU provider.
 On a shared machine, other processes steal cores: with 2 intra-op threads a run's speed depends on whether
 it got both cores, which moves ratios between repeats; 1 thread is far steadier (compare --threads 1,2).
 """
@@ -29,6 +37,8 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -39,13 +49,20 @@ from onnxconet.graph.export import export_onnx, fold_castlike
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.latency.candidate import graph_info, measure_candidate, reference_source
 from onnxconet.latency.predictor import calibrate
-from onnxconet.latency.profile import Runner, Target, measure, physical_cores
+from onnxconet.latency.profile import Target, measure, physical_cores
+from onnxconet.latency.runner import TimedSession
 from onnxconet.prepare import prepare
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.onnx import slice_onnx
 from onnxconet.surgery.torch import slice_torch
 
-ALL_SECTIONS = ("cost", "repeat", "predictor", "speedup")
+ALL_SECTIONS = ("cost", "repeat", "predictor", "speedup", "deployed")
+# --sections deployed: torchvision models at 224, the models/ networks at their own input
+SPECS = {
+    "digits": "models/digits_cnn.py:digits_cnn",
+    "resnet20": "models/resnet_cifar.py:resnet20",
+    "mbv2cifar": "models/mobilenetv2_cifar.py:mobilenetv2",
+}
 
 
 def _cv(xs: list[float]) -> float:
@@ -97,8 +114,8 @@ def section_cost(models, args, preps) -> list[dict]:
         cand = slice_onnx(cg, keep).SerializeToString()
         ref_bytes, _ = reference_source(ref)
         t1 = time.perf_counter()
-        Runner(cand, target, spin=False)
-        Runner(ref_bytes, target, spin=False)
+        TimedSession(cand, "cpu", target.threads)  # what a runner process does on load
+        TimedSession(ref_bytes, "cpu", target.threads)
         sess = time.perf_counter() - t1
         # the alternative: rebuild the pruned torch model and export it
         t2 = time.perf_counter()
@@ -250,6 +267,123 @@ def section_speedup(models, args, preps) -> list[dict]:
     return rows
 
 
+def _version() -> str:
+    """Hash of the latency code and the oracle: a cell measured by other code is measured again."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    import onnxconet.latency.process as proc
+    import onnxconet.latency.profile as prof
+    import onnxconet.latency.runner as run
+
+    h = hashlib.sha256(ort.__version__.encode())
+    for f in (
+        run.__file__,
+        proc.__file__,
+        prof.__file__,
+        os.path.join(os.path.dirname(__file__), "latency_oracle.py"),
+    ):
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def _pair_files(name: str, folder: str) -> dict[str, tuple[str, str]]:
+    """{"0.5": (candidate file, full file), "0.25": ...} for `name`, written once into `folder`."""
+    full = os.path.join(folder, f"{name}_full.onnx")
+    out = {s: (os.path.join(folder, f"{name}_{s}.onnx"), full) for s in ("0.5", "0.25")}
+    if all(os.path.isfile(f) for pair in out.values() for f in pair):
+        return out
+    from onnxconet.graph.ir import save_onnx
+
+    spec = SPECS.get(name, f"torchvision:{name}")
+    prep = prepare(spec, None, None if name in SPECS else (1, 3, 224, 224))
+    cg = prep.graph
+    save_onnx(prep.onnx_model, full)
+    space = WidthSpace(cg, min_ratio=0.125, align=8)
+    for s, (path, _) in out.items():
+        save_onnx(slice_onnx(cg, cg.keep_mask(space.uniform(float(s)))), path)
+    return out
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{np.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
+
+
+def section_deployed(models, args, preps) -> list[dict]:
+    from latency_oracle import deployed_ratio, previous_inloop_ratio
+
+    from onnxconet.latency.profile import PairedMeasurer, measure_isolated
+
+    version, r = _version(), args.deployed_repeats
+    print(
+        f"\n(e) measured vs as deployed (code {version}; {r} repeats of each; {args.busy} busy processes beside)"
+        f"\n{'pair':<22}{'threads':>8}{'oracle (deployed)':>22}{'reported (isolated)':>26}{'in-loop':>22}"
+        f"{'previous in-loop':>22}{'err rep':>9}{'err in':>8}{'err prev':>9}"
+    )
+    cells = {}
+    if args.cells and os.path.isfile(args.cells):
+        with open(args.cells) as f:
+            for line in f:
+                rec = json.loads(line)
+                cells[json.dumps(rec["key"], sort_keys=True)] = rec["row"]
+    folder = args.pairs_dir or os.path.join(os.path.expanduser("~/.cache/onnxconet"), "bench_pairs")
+    os.makedirs(folder, exist_ok=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    rows = []
+    try:
+        for name in models:
+            for s, (a, b) in _pair_files(name, folder).items():
+                for threads in args.threads:
+                    key = {"pair": f"{name}@{s}", "threads": threads, "busy": args.busy, "version": version}
+                    k = json.dumps(key, sort_keys=True)
+                    if k not in cells:
+                        target = Target(provider="cpu", threads=threads)
+                        oracle = [deployed_ratio(a, b, threads) for _ in range(r)]
+                        reported = [measure_isolated(a, b, target) for _ in range(r)]
+                        with PairedMeasurer(b, target) as m:
+                            inloop = [m.compare(a, max_seconds=args.seconds) for _ in range(r)]
+                        previous = [previous_inloop_ratio(a, b, threads, args.seconds) for _ in range(r)]
+                        cells[k] = {
+                            **key,
+                            "oracle": [o["ratio"] for o in oracle],
+                            "oracle_pairs": [o["pair_ratios"] for o in oracle],
+                            "oracle_ms": [[o["a_ms"], o["b_ms"]] for o in oracle],
+                            "reported": [x.ratio for x in reported],
+                            "reported_load": [x.load for x in reported],
+                            "inloop": [x.ratio for x in inloop],
+                            "inloop_load": [x.load for x in inloop],
+                            "inloop_disturbed": [x.disturbed for x in inloop],
+                            "previous": previous,
+                        }
+                        if args.cells:
+                            with open(args.cells, "a") as f:
+                                f.write(json.dumps({"key": key, "row": cells[k]}) + "\n")
+                    row = cells[k]
+                    rows.append(row)
+                    truth = float(np.median(row["oracle"]))
+                    cells_ = [_spread(row[c]) for c in ("oracle", "reported", "inloop", "previous")]
+                    errs = [
+                        f"{np.median(row[c]) / truth - 1:+.1%}" for c in ("reported", "inloop", "previous")
+                    ]
+                    print(
+                        f"{name + '@' + s:<22}{threads:>8}{cells_[0]:>22}{cells_[1]:>26}{cells_[2]:>22}"
+                        f"{cells_[3]:>22}{errs[0]:>9}{errs[1]:>8}{errs[2]:>9}",
+                        flush=True,
+                    )
+    finally:
+        for p in busy:
+            p.kill()
+    for col in ("reported", "inloop", "previous"):
+        errs = [abs(np.median(r[col]) / np.median(r["oracle"]) - 1) for r in rows]
+        print(
+            f"  {col}: max |error| {max(errs):.1%}, median {np.median(errs):.1%}, within 5 %: "
+            f"{sum(e <= 0.05 for e in errs)}/{len(errs)}"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -272,6 +406,12 @@ def main() -> None:
         "--configs", type=int, default=30, help="random width samples the predictor is checked on"
     )
     ap.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    ap.add_argument("--deployed-repeats", type=int, default=2, help="deployed: repeats of every measurement")
+    ap.add_argument("--busy", type=int, default=0, help="deployed: busy-loop processes running beside")
+    ap.add_argument(
+        "--cells", default="docs/cells/bench_latency_deployed.jsonl", help="deployed: finished cells"
+    )
+    ap.add_argument("--pairs-dir", default=None, help="deployed: where the pair files go (default: ~/.cache)")
     ap.add_argument(
         "--fold-casts",
         action="store_true",
@@ -309,12 +449,14 @@ def main() -> None:
         "repeat": ["resnet18", "mobilenet_v2", "efficientnet_b0"],
         "predictor": ["resnet18", "mobilenet_v2"],
         "speedup": ["resnet18", "mobilenet_v2", "efficientnet_b0"],
+        "deployed": ["digits", "resnet20", "mbv2cifar", "resnet18", "mobilenet_v2", "efficientnet_b0"],
     }
     fns = {
         "cost": section_cost,
         "repeat": section_repeat,
         "predictor": section_predictor,
         "speedup": section_speedup,
+        "deployed": section_deployed,
     }
     out: dict = {"args": vars(args), "load_start": load}
     for s in sections:

@@ -155,7 +155,10 @@ class Graph:
         if node.op == "Reshape":
             a, target = self.shape(node.inputs[0]), self.const(node.inputs[1])
             if a is not None and None not in a and target is not None:
-                dims = [int(a[i]) if d == 0 and not node.attr("allowzero", 0) else int(d) for i, d in enumerate(target)]
+                dims = [
+                    int(a[i]) if d == 0 and not node.attr("allowzero", 0) else int(d)
+                    for i, d in enumerate(target)
+                ]
                 if dims.count(-1) == 1:
                     known = int(np.prod([d for d in dims if d != -1]))
                     dims[dims.index(-1)] = int(np.prod(a)) // max(known, 1)

@@ -544,7 +544,9 @@ def _gather_channels(ctx: Analyzer, node: Node, xm: ChanMap, axis: int) -> None:
     the indexed channels; the surgery rewrites the indices to the kept positions."""
     idx = ctx.const(node.inputs[1])
     if idx is None or not xm.on_axis(axis) or idx.ndim == 0:
-        return ctx.unknown(node, "gathers along the channel axis with indices that are not a constant selection")
+        return ctx.unknown(
+            node, "gathers along the channel axis with indices that are not a constant selection"
+        )
     block = np.take(xm.ids, np.asarray(idx, dtype=np.int64) % len(xm.ids))
     varying = [k for k in range(block.ndim) if not np.all(block == np.take(block, [0], axis=k))]
     if len(varying) != 1:

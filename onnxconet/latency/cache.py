@@ -1,8 +1,8 @@
 """Append-only JSONL cache of latency measurements.
 
 One line per measurement: ``{"key": {...}, "stats": {...}}``. The key holds what changes a
-latency: the graph (its hash), the provider, threads, batch, input shape, the onnxruntime version
-and the host. Lines are only ever appended, so a crash loses at most the line being written; a
+latency: the graph (its hash), the provider, threads, batch, input shape, the session config entries, the
+onnxruntime version, the host and the measurement method (figures of another method never answer a query). Lines are only ever appended, so a crash loses at most the line being written; a
 later line for the same key wins, and a corrupt line is skipped with a warning.
 """
 
@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxconet.errors import LatencyError
-from onnxconet.latency.profile import LatencyStats, ModelLike, Target, measure
+from onnxconet.latency.profile import ISOLATED, LatencyStats, ModelLike, Target, measure
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class LatencyCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(graph_hash: str, target: Target, input_shape: Any, provider: str) -> dict:
+    def key(graph_hash: str, target: Target, input_shape: Any, provider: str, method: str = ISOLATED) -> dict:
         """Cache key of one measurement.
 
         Args:
@@ -144,9 +144,10 @@ class LatencyCache:
             provider: the provider asked ("auto", "cpu", ...) or really used ("CPUExecutionProvider");
                 callers must be consistent (`cached_measure` uses the one asked, with the host in
                 the key it resolves the same way).
+            method: how it was measured (`profile.ISOLATED`, `profile.PAIRED`).
         """
         shape = None if input_shape is None else [int(d) for d in input_shape]
-        return {
+        key = {
             "graph": graph_hash,
             "provider": provider,
             "threads": target.resolved_threads,
@@ -154,7 +155,11 @@ class LatencyCache:
             "input_shape": shape,
             "onnxruntime": ort.__version__,
             "host": _host(),
+            "method": method,
         }
+        if target.session_config:
+            key["config"] = dict(target.session_config)
+        return key
 
     def _load(self) -> dict[str, LatencyStats]:
         if self._entries is not None:

@@ -1,16 +1,17 @@
 """One candidate, measured: widths -> sliced ONNX -> latency relative to the full-width reference.
 
 This is what the search calls for every candidate it wants measured. The candidate is cut from the exported
-graph (`slice_onnx`, milliseconds; no torch re-export), timed interleaved with the reference in this process
-(`measure_relative`: the ratio is what a noisy machine can compare), and reported with its FLOPs and params
-so every result can state its realized speedup next to its FLOPs reduction.
+graph (`slice_onnx`, milliseconds; no torch re-export), timed against the reference the in-loop way
+(`PairedMeasurer`: two runner processes taking turns, an estimate of the ratio as deployed), and reported with
+its FLOPs and params so every result can state its realized speedup next to its FLOPs reduction.
 
-Cache: a `LatencyCache` holds three lines per measured candidate, all keyed by the candidate's graph hash
-and the target (`LatencyCache.key`) plus ``"relative_to"`` (the reference's graph hash):
-the candidate's stats from the interleaved run, the reference's stats from it (key on the reference's hash,
-``"relative_to"`` the candidate's), and the ratio statistics under ``"quantity": "ratio/p10"`` (in that
-line the ``*_ms`` fields hold dimensionless ratios: the median field the ratio of 10th percentiles, the
-percentile fields those of the per-round ratios). A repeated query returns the same numbers at once.
+Cache: a `LatencyCache` holds three lines per measured candidate, all keyed by the candidate's graph hash, the
+target and the method (`LatencyCache.key`) plus ``"relative_to"`` (the reference's graph hash): the candidate's
+stats from the paired run, the reference's stats from it (key on the reference's hash, ``"relative_to"`` the
+candidate's), and the ratio statistics under ``"quantity": "ratio"`` (in that line the ``*_ms`` fields hold
+dimensionless ratios: the median field the ratio, the percentile fields those of the per-round ratios). A
+repeated query returns the same numbers at once. A disturbed measurement (other programs took the cores) is
+not cached.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from onnxconet.errors import LatencyError
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.latency.cache import LatencyCache, graph_hash
-from onnxconet.latency.profile import LatencyStats, ModelLike, Target, measure_relative
+from onnxconet.latency.profile import (
+    PAIRED,
+    LatencyStats,
+    ModelLike,
+    PairedMeasurer,
+    Target,
+    measure_relative,
+)
 from onnxconet.surgery.onnx import slice_onnx
 
 log = logging.getLogger(__name__)
@@ -79,12 +87,12 @@ def reference_source(reference: ModelLike) -> tuple[bytes | str, str]:
 
 
 def _rel_keys(cand_hash: str, ref_hash: str, target: Target, shape: Any) -> tuple[dict, dict, dict]:
-    base_c = LatencyCache.key(cand_hash, target, shape, target.provider)
-    base_r = LatencyCache.key(ref_hash, target, shape, target.provider)
+    base_c = LatencyCache.key(cand_hash, target, shape, target.provider, PAIRED)
+    base_r = LatencyCache.key(ref_hash, target, shape, target.provider, PAIRED)
     return (
         base_c | {"relative_to": ref_hash},
         base_r | {"relative_to": cand_hash},
-        base_c | {"relative_to": ref_hash, "quantity": "ratio/p10"},
+        base_c | {"relative_to": ref_hash, "quantity": "ratio"},
     )
 
 
@@ -96,13 +104,13 @@ def measure_candidate(
     cache: LatencyCache | None = None,
     *,
     scores: np.ndarray | None = None,
-    warmup: int = 10,
-    min_rounds: int = 20,
-    max_rounds: int = 1000,
-    max_seconds: float = 5.0,
+    measurer: PairedMeasurer | None = None,
+    min_rounds: int = 6,
+    max_rounds: int = 200,
+    max_seconds: float = 2.0,
     rel_ci: float = 0.02,
 ) -> dict:
-    """Slice `cg`'s model to `widths` and time it interleaved with the full-width reference.
+    """Slice `cg`'s model to `widths` and time it against the full-width reference (the in-loop measurement).
 
     Args:
         cg: channel graph of the exported model (its batch must be `target.batch`).
@@ -111,14 +119,16 @@ def measure_candidate(
         target: provider, threads, batch.
         cache: a `LatencyCache`; a candidate measured before on the same target is not timed again.
         scores: per-bundle scores choosing which channels stay (default: L1 norm of the producers).
-        warmup, min_rounds, max_rounds, max_seconds, rel_ci: the timing budget (`measure_relative`).
+        measurer: a `PairedMeasurer` holding `reference_onnx` (saves starting runners for every candidate);
+            None starts a fresh pair.
+        min_rounds, max_rounds, max_seconds, rel_ci: the timing budget (`PairedMeasurer.compare`).
 
     Returns:
         ``{"widths", "latency_ms", "reference_ms", "ratio", "ratio_p10", "ratio_p90", "speedup", "flops",
         "params", "flops_ratio", "params_ratio", "provider", "fallback", "threads", "batch", "onnxruntime",
-        "rounds", "slice_seconds", "measure_seconds", "cached", "graph_hash"}``: latency in ms of the
-        candidate and the reference from the interleaved run, ratio = candidate / reference
-        10th-percentile time (`measure_relative`), speedup = 1 / ratio.
+        "rounds", "slice_seconds", "measure_seconds", "cached", "graph_hash", "load", "disturbed"}``: median
+        latency in ms of the candidate and the reference from the paired run, ratio = candidate / reference
+        (`PairedMeasurer.compare`), speedup = 1 / ratio.
 
     Raises:
         SurgeryError: widths outside the groups' ranges. LatencyError: a model does not load, the provider
@@ -144,6 +154,7 @@ def measure_candidate(
         shape = None if target.input_shape is None else (target.batch, *target.input_shape[1:])
         k_c, k_r, k_ratio = _rel_keys(cand_hash, ref_hash, target, shape)
         hit = None
+        load, bad = None, False
         if cache is not None:
             got = (cache.get(k_c), cache.get(k_r), cache.get(k_ratio))
             if all(g is not None for g in got):
@@ -158,19 +169,17 @@ def measure_candidate(
             ratio, p10, p90, rounds = ratio_st.median_ms, ratio_st.p10_ms, ratio_st.p90_ms, ratio_st.runs
             log.debug("latency cache hit for candidate %s: ratio %.4f", cand_hash[:12], ratio)
         else:
-            rel = measure_relative(
-                cand_src,
-                ref_src,
-                target,
-                warmup=warmup,
-                min_rounds=min_rounds,
-                max_rounds=max_rounds,
-                max_seconds=max_seconds,
-                rel_ci=rel_ci,
+            timing = dict(
+                min_rounds=min_rounds, max_rounds=max_rounds, max_seconds=max_seconds, rel_ci=rel_ci
             )
+            if measurer is not None:
+                rel = measurer.compare(cand_src, **timing)
+            else:
+                rel = measure_relative(cand_src, ref_src, target, **timing)
             cs, rs = rel.candidate, rel.reference
             ratio, p10, p90, rounds = rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds
-            if cache is not None:
+            load, bad = rel.load, rel.disturbed
+            if cache is not None and not bad:
                 cache.put(k_c, cs)
                 cache.put(k_r, rs)
                 cache.put(k_ratio, _ratio_stats(rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds, cs))
@@ -200,6 +209,8 @@ def measure_candidate(
         "measure_seconds": measure_s,
         "cached": hit is not None,
         "graph_hash": cand_hash,
+        "load": load,
+        "disturbed": bad,
     }
 
 

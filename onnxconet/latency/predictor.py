@@ -20,7 +20,7 @@ the full-width reference, is
     ratio(ρ) = θ_0 + Σ_f θ_f F_f(ρ),   θ ≥ 0,
 
 fitted by non-negative least squares on relative errors to whole-network measurements (candidate vs
-reference, timed interleaved: see `onnxconet.latency.candidate`). Milliseconds are the ratio times the
+reference, timed the in-loop way: see `onnxconet.latency.candidate`). Milliseconds are the ratio times the
 reference's median. Because every n_g, c and θ is non-negative, the prediction is **monotone
 non-decreasing in each group's width** by construction, and it is a quadratic form in ρ: after the fit
 it collapses to ``t0 + l·ρ + ρᵀQρ`` (microseconds per prediction; JSON-serializable).
@@ -64,6 +64,7 @@ from scipy.stats import spearmanr
 from onnxconet.errors import LatencyError
 from onnxconet.graph.analysis import Analyzer
 from onnxconet.graph.groups import ChannelGraph
+from onnxconet.latency.profile import PAIRED
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ class LatencyPredictor:
         ridge: float = 1e-3,
         include_full: bool = True,
     ) -> LatencyPredictor:
-        """Fit on measured ratios (candidate / reference latency, measured interleaved).
+        """Fit on measured ratios (candidate / reference latency, measured in-loop).
 
         Args:
             features: `LatencyFeatures(cg)` of the model.
@@ -640,9 +641,11 @@ def calibrate(
     seed: int = 0,
     cache=None,
     progress: Callable[[int, int], None] | None = None,
+    measurer=None,
     **budget: Any,
 ) -> tuple[LatencyPredictor, list[dict]]:
-    """Measure `n` probe candidates (interleaved with the reference) and fit a predictor on them.
+    """Measure `n` probe candidates against the reference (the in-loop measurement, an estimate of the ratio as
+    deployed) and fit a predictor on them.
 
     Args:
         cg: the model's channel graph.
@@ -653,17 +656,33 @@ def calibrate(
         seed: seeds the random probes.
         cache: a `LatencyCache` (measured probes are reused on a later call).
         progress: called with (done, n) after each measurement.
+        measurer: a `PairedMeasurer` holding `reference_onnx`; None starts one for this calibration.
         **budget: passed to `measure_candidate` (max_seconds, rel_ci, ...).
 
     Returns:
         (predictor, the measurement dicts of `measure_candidate`).
     """
-    from onnxconet.latency.candidate import measure_candidate
+    from onnxconet.latency.candidate import reference_source
+    from onnxconet.latency.profile import PairedMeasurer
     from onnxconet.space import WidthSpace
 
     space = space or WidthSpace(cg)
     if len(space) == 0:
         raise LatencyError(f"{cg.source}: no prunable group; nothing to predict")
+    own = measurer is None
+    if own:
+        measurer = PairedMeasurer(reference_source(reference_onnx)[0], target)
+    try:
+        return _calibrate(cg, reference_onnx, target, space, n, seed, cache, progress, measurer, budget)
+    finally:
+        if own:
+            measurer.close()
+
+
+def _calibrate(cg, reference_onnx, target, space, n, seed, cache, progress, measurer, budget):
+    from onnxconet.latency.candidate import measure_candidate
+
+    budget = dict(budget, measurer=measurer)
     features = LatencyFeatures(cg)
     probes = probe_widths(space, n or default_probes(space), seed)
     results = []
@@ -673,9 +692,12 @@ def calibrate(
             progress(i + 1, len(probes))
     ref_ms = float(np.median([r["reference_ms"] for r in results]))
     tgt = {k: results[0][k] for k in ("provider", "threads", "batch", "onnxruntime") if k in results[0]}
+    tgt["method"] = PAIRED
     ratios = [r["ratio"] for r in results]
     pred = LatencyPredictor.fit(features, probes, ratios, ref_ms, target=tgt)
     suspects = outliers(np.asarray(pred.predict_ratio(probes)), np.asarray(ratios))
+    flagged = [i for i, r in enumerate(results) if r.get("disturbed")]  # other programs took the cores
+    suspects = np.union1d(suspects, np.asarray(flagged, dtype=np.int64)).astype(np.int64)
     if len(suspects):  # a disturbed measurement, not the model: measure twice more, keep the median of 3
         for i in suspects.tolist():
             again = [

@@ -1,63 +1,78 @@
-"""Latency of an ONNX model measured with onnxruntime, like a benchmark.
+"""Latency of ONNX models as a deployment sees it, measured with onnxruntime in runner subprocesses.
 
-Reading order: `Target` (where and how to run) -> `make_session` (a session on the provider that
-really loads) -> `Runner` (one session + its input, timed one inference at a time) -> `measure`
-(absolute latency) and `measure_relative` (candidate / reference ratio measured interleaved, which
-is what a noisy machine can compare reliably).
+Ground truth is **latency as deployed**: each model alone in its own process, onnxruntime's default session
+options (intra-op threads spin between runs) at the thread count the user deploys with, runs back to back.
+Three ways to measure, all in `runner.py` subprocesses (`process.py`), never in this process:
 
-Stopping rule (both `measure` and `measure_relative`): after warm-up, runs are timed until the 95%
-confidence interval of the median is narrower than ``rel_ci`` times the median (half-width), or until
-``max_runs`` / ``max_seconds`` is reached. The interval is the distribution-free order-statistic one
-(Conover, *Practical Nonparametric Statistics*): with n sorted samples x(1) <= ... <= x(n), the number
-of samples below the true median is Binomial(n, 1/2), so [x(j), x(k)] with
-j = floor((n - 1.96 sqrt(n)) / 2) and k = ceil(1 + (n + 1.96 sqrt(n)) / 2) covers the median with ~95%
-probability whatever the distribution of run times (they are skewed and heavy-tailed).
+- `measure`: one model, alone in a fresh runner process (absolute latency).
+- `measure_isolated`: the deployed ratio of two models, each timed alone in a fresh process, the processes
+  alternated A B, B A, ... over `pairs` pairs; ratio of the medians. What the final check of a search,
+  `profile --compare --isolated` and every decision of a search (reachability, confirmation) use. About
+  `pairs` × 2 × (0.4 s of process start + session + `seconds`).
+- `measure_relative` / `PairedMeasurer`: the in-loop estimate the search takes for every candidate (one
+  candidate in < 2 s for resnet18). Two runner processes live side by side, one holding the candidate, one the
+  reference, both with spinning on; they take turns in bursts of ~0.1 s (A B, then B A), never running at the
+  same time. The first ~10 ms of each burst are not timed (a session that sat idle pays to wake its threads);
+  the ratio is the median over rounds of (candidate burst median / reference burst median).
+
+Why not both sessions in this process, one run each in turn (the method before): without spinning every
+parallel region pays a thread wake-up, and interleaving single runs evicts each model's caches for the other;
+measured on the 2-core CI kind over 12 pairs, that estimate was off the deployed ratio by up to 29 % (at one
+thread too), while the paired-process bursts agree within a few percent (docs/measurements.md).
+
+Other programs on the cores: a `LoadWatch` books the CPU time other processes took while measuring; a
+measurement is `disturbed` when they took cores the session needed (see `process.disturbed`). Nothing
+recovers a quiet-machine figure from a machine whose cores are taken (as deployed, a 2-thread session on a
+2-core machine beside one busy process is a different latency), so disturbed measurements are flagged and
+re-measured by the callers that decide something, and warned about.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 import logging
-import math
 import os
-import platform
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxconet.errors import LatencyError
+from onnxconet.latency.process import LoadWatch, RunnerProcess, disturbed, label_of, model_file
+from onnxconet.latency.runner import (  # noqa: F401  (re-exported: the runner is standalone)
+    ASKED,
+    CPU,
+    CUDA,
+    TRT,
+    RunnerError,
+    TimedSession,
+    median_ci,
+    physical_cores,
+    stable,
+)
+from onnxconet.latency.runner import make_session as _make_session
 
 log = logging.getLogger(__name__)
 
 ModelLike = bytes | str | os.PathLike | onnx.ModelProto
-
-CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-_GPU_PROVIDERS = (CUDA, TRT)
-_ASKED = {"cpu": CPU, "cuda": CUDA, "tensorrt": TRT}
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-_Z95 = 1.96
+PAIRED = "paired-processes"  # method names, recorded with every ratio and in cache keys
+ISOLATED = "isolated-processes"
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where and how a model is timed.
+    """Where and how a model is timed: the deployment.
 
     Attributes:
-        provider: "auto" (TensorRT, else CUDA, else CPU: whichever really loads), "cpu", "cuda"
-            or "tensorrt".
-        threads: intra-op threads; 0 means the number of physical cores this process may use.
+        provider: "auto" (TensorRT, else CUDA, else CPU: whichever really loads), "cpu", "cuda" or "tensorrt".
+        threads: intra-op threads; 0 leaves onnxruntime's default (the physical cores this process may use).
         batch: batch size of the timed input.
         input_shape: (N, C, H, W) of the input; None reads it from the model. Its batch entry is
             always replaced by `batch`.
         strict: raise LatencyError when the asked provider does not load instead of falling back.
         trt_cache_dir: TensorRT engine cache folder (default: ~/.cache/onnxconet/trt).
+        session_config: onnxruntime session config entries the deployment sets, as (key, value) pairs (e.g.
+            (("session.intra_op.allow_spinning", "0"),)); empty = onnxruntime's defaults.
     """
 
     provider: str = "auto"
@@ -66,9 +81,10 @@ class Target:
     input_shape: tuple[int, ...] | None = None
     strict: bool = False
     trt_cache_dir: str | None = None
+    session_config: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.provider not in ("auto", *_ASKED):
+        if self.provider not in ("auto", *ASKED):
             raise LatencyError(f"unknown provider {self.provider!r}; use auto, cpu, cuda or tensorrt")
         if self.threads < 0 or self.batch < 1:
             raise LatencyError(
@@ -76,11 +92,48 @@ class Target:
             )
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        config = self.session_config.items() if isinstance(self.session_config, dict) else self.session_config
+        object.__setattr__(self, "session_config", tuple(sorted((str(k), str(v)) for k, v in config)))
 
     @property
     def resolved_threads(self) -> int:
         """Intra-op thread count really used (`threads`, or the physical core count when 0)."""
         return self.threads or physical_cores()
+
+    def load_request(self, path: str, label: str) -> dict:
+        """The runner's `load` request for the model at `path`."""
+        return {
+            "model": path,
+            "label": label,
+            "provider": self.provider,
+            "threads": self.threads,
+            "batch": self.batch,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "strict": self.strict,
+            "config": dict(self.session_config),
+            "trt_cache_dir": self.trt_cache_dir,
+        }
+
+    def describe(self) -> str:
+        """How this target runs a model, in words (for reports)."""
+        threads = f"{self.threads} intra-op threads" if self.threads else "onnxruntime's default threads"
+        extra = ", ".join(f"{k}={v}" for k, v in self.session_config)
+        return f"{self.provider} provider, {threads}, batch {self.batch}" + (
+            f", session config {extra}" if extra else ", default session options"
+        )
+
+
+def parse_session_config(items: list[str] | None) -> dict[str, str]:
+    """["KEY=VALUE", ...] (the CLI's --ort-config) -> {KEY: VALUE}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LatencyError(
+                f"--ort-config {item!r} is not KEY=VALUE; e.g. --ort-config session.intra_op.allow_spinning=0"
+            )
+        out[key.strip()] = value.strip()
+    return out
 
 
 @dataclass
@@ -117,254 +170,8 @@ class LatencyStats:
         return cls(**kw)
 
 
-@functools.cache
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (falls back to the logical count)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for c in cpus:
-        topo = f"/sys/devices/system/cpu/cpu{c}/topology/"
-        try:
-            with open(topo + "physical_package_id") as f1, open(topo + "core_id") as f2:
-                cores.add((f1.read().strip(), f2.read().strip()))
-        except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _label(model: Any) -> str:
-    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<bytes>"
-
-
-def _source(model: ModelLike) -> bytes | str:
-    """What InferenceSession opens: a path stays a path (external data next to it), a proto becomes bytes."""
-    if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise LatencyError(f"model file {path} not found")
-        return path
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        return bytes(model)
-    if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() >= 2**31 - 1:
-            raise LatencyError("model is > 2 GB; save it with external data and pass the file path")
-        return model.SerializeToString()
-    raise LatencyError(f"cannot time a {type(model).__name__}; pass ONNX bytes, a path or a ModelProto")
-
-
-def _nvidia_driver_reason() -> str | None:
-    """Why no GPU provider can load (no NVIDIA driver library), or None when the driver loads."""
-    lib = {"Linux": "libcuda.so.1", "Windows": "nvcuda.dll"}.get(platform.system())
-    if lib is None:
-        return f"no CUDA on {platform.system()}"
-    try:
-        ctypes.CDLL(lib)
-    except OSError:
-        return f"NVIDIA driver library {lib} not found"
-    return None
-
-
-@functools.cache  # once per process
-def _preload_nvidia_libs() -> None:
-    # onnxruntime-gpu can load the CUDA/cuDNN libraries that a CUDA build of torch installed.
-    if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()
-        except Exception as e:  # best effort; the session tells what really loads
-            log.debug("onnxruntime.preload_dlls failed: %s", _first_line(e))
-
-
-def _provider_chain(target: Target) -> list[tuple[str, dict]]:
-    if target.provider == "cpu":
-        return [(CPU, {})]
-    chain: list[tuple[str, dict]] = []
-    if target.provider in ("auto", "tensorrt"):
-        cache_dir = target.trt_cache_dir or os.path.join(
-            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "onnxconet", "trt"
-        )
-        opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir}
-        opts |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": cache_dir}
-        chain.append((TRT, opts))
-    chain.append((CUDA, {"device_id": 0}))
-    return chain + [(CPU, {})]
-
-
-def _session_options(target: Target, spin: bool) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = target.resolved_threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3  # errors only: "nodes not assigned to the preferred EP" is expected
-    if not spin:  # idle intra-op threads block instead of busy-waiting
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
-
-
-def make_session(
-    model: ModelLike, target: Target, *, spin: bool = True
-) -> tuple[ort.InferenceSession, str | None]:
-    """Create an onnxruntime session on the best provider of `target` that really loads.
-
-    Args:
-        model: ONNX bytes, a path (opened from the path, so external data works) or a ModelProto.
-        target: provider, threads and strictness.
-        spin: let idle intra-op threads busy-wait (onnxruntime's default, lowest latency for
-            back-to-back runs). Turn off when several sessions take turns on the same cores.
-
-    Returns:
-        The session and a one-line warning when the asked provider could not load (else None;
-        "auto" never warns, it logs what it chose).
-
-    Raises:
-        LatencyError: the model cannot be loaded, or `target.strict` and the asked provider did not load.
-    """
-    src, label = _source(model), _label(model)
-    chain = _provider_chain(target)
-    reasons: list[str] = []
-    if len(chain) > 1:
-        available = set(ort.get_available_providers())
-        missing = [p for p, _ in chain if p not in available]
-        reasons += [f"{p}: not in this onnxruntime build" for p in missing]
-        chain = [(p, o) for p, o in chain if p not in missing]
-    if len(chain) > 1:
-        no_driver = _nvidia_driver_reason()
-        if no_driver:  # skip the GPU attempts: they would fail after noisy logs
-            reasons.append(f"{chain[0][0]}: {no_driver}")
-            chain = [(CPU, {})]
-        else:
-            _preload_nvidia_libs()
-    if chain[0][0] == TRT:
-        os.makedirs(chain[0][1]["trt_engine_cache_path"], exist_ok=True)
-    so = _session_options(target, spin)
-    while True:
-        try:
-            session = ort.InferenceSession(src, sess_options=so, providers=chain, enable_fallback=0)
-            break
-        except Exception as e:  # onnxruntime raises its own pybind classes, not RuntimeError
-            if len(chain) == 1:
-                raise LatencyError(f"onnxruntime cannot load model {label}: {_first_line(e)}") from e
-            reasons.append(f"{chain[0][0]}: {_first_line(e)}")
-            chain = chain[1:]
-    used = session.get_providers()[0]
-    wanted = _ASKED.get(target.provider)
-    for p, _ in chain:  # providers before the one used loaded silently-not (onnxruntime logs why)
-        if p == used:
-            break
-        reasons.append(f"{p}: did not load (see onnxruntime's log for the missing library)")
-    why = "; ".join(reasons) or "unknown reason"
-    if target.provider == "auto":
-        log.info("latency target auto -> %s%s", used, f" ({why})" if used == CPU and reasons else "")
-        return session, None
-    if used == wanted:
-        return session, None
-    if target.strict:
-        raise LatencyError(
-            f"provider {target.provider} ({wanted}) did not load, {used} did ({why}); drop strict"
-        )
-    fallback = f"asked for {target.provider} ({wanted}) but measuring on {used}: {why}"
-    log.warning("%s", fallback)
-    return session, fallback
-
-
-def _input_shape(dims: list, target: Target, name: str, label: str) -> tuple[int, ...]:
-    """Concrete input shape: the model's dims (or target.input_shape) with the batch of target."""
-    batch = dims[0] if dims else None
-    if isinstance(batch, int) and batch > 0 and batch != target.batch:
-        raise LatencyError(
-            f"model {label} was exported with batch {batch} but the target batch is {target.batch};"
-            f" export/slice it with batch {target.batch}"
-        )
-    if target.input_shape is not None:
-        shape = (target.batch, *target.input_shape[1:])
-        bad = len(shape) != len(dims) or any(
-            isinstance(d, int) and d > 0 and d != s for d, s in zip(dims[1:], shape[1:], strict=True)
-        )
-        if bad:
-            raise LatencyError(
-                f"target input_shape {target.input_shape} does not fit input {name!r} {dims} of {label}"
-            )
-        return shape
-    symbolic = [d for d in dims[1:] if not (isinstance(d, int) and d > 0)]
-    if symbolic:
-        raise LatencyError(f"input {name!r} of {label} has symbolic dims {dims}; set Target.input_shape")
-    return (target.batch, *dims[1:])
-
-
-class Runner:
-    """One session and its input feed, timed one inference at a time.
-
-    On CUDA/TensorRT the input lives on the device and outputs are bound there (IOBinding), so
-    host-device copies are not timed.
-    """
-
-    def __init__(self, model: ModelLike, target: Target, seed: int = 0, *, spin: bool = True):
-        self.target = target
-        self.session, self.fallback = make_session(model, target, spin=spin)
-        self.provider: str = self.session.get_providers()[0]
-        self.threads = target.resolved_threads
-        label = _label(model)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise LatencyError(f"model {label} has {len(inputs)} inputs; latency needs exactly one")
-        inp = inputs[0]
-        if inp.type not in _DTYPES:
-            raise LatencyError(f"input {inp.name!r} of {label} has type {inp.type}; need a float tensor")
-        self.input_name: str = inp.name
-        self.input_shape = _input_shape(list(inp.shape), target, inp.name, label)
-        x = np.random.default_rng(seed).standard_normal(self.input_shape).astype(_DTYPES[inp.type])
-        self._feed = {inp.name: x}
-        self._outputs = [o.name for o in self.session.get_outputs()]
-        self._binding = None
-        if self.provider in _GPU_PROVIDERS:
-            self._binding = self.session.io_binding()
-            self._x_device = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)  # kept alive while bound
-            self._binding.bind_ortvalue_input(inp.name, self._x_device)
-            for name in self._outputs:
-                self._binding.bind_output(name, "cuda", 0)
-
-    def run_once(self) -> float:
-        """Run one inference; return its duration in seconds."""
-        if self._binding is not None:
-            t0 = time.perf_counter()
-            self.session.run_with_iobinding(self._binding)
-            self._binding.synchronize_outputs()
-            return time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.session.run(self._outputs, self._feed)
-        return time.perf_counter() - t0
-
-
-def median_ci(samples: np.ndarray | list[float]) -> tuple[float, float, float]:
-    """Median and its distribution-free 95% confidence interval (lo, hi); see the module docstring."""
-    x = np.sort(np.asarray(samples, dtype=np.float64))
-    n = len(x)
-    med = float(np.median(x))
-    if n < 6:  # too few samples for any 95% order-statistic interval
-        return med, float(x[0]) if n else math.nan, float(x[-1]) if n else math.nan
-    half = _Z95 * math.sqrt(n) / 2
-    j = max(1, math.floor(n / 2 - half))  # 1-based ranks
-    k = min(n, math.ceil(1 + n / 2 + half))
-    return med, float(x[j - 1]), float(x[k - 1])
-
-
-def _stable(samples: list[float], rel_ci: float) -> bool:
-    if len(samples) < 6:
-        return False
-    med, lo, hi = median_ci(samples)
-    return (hi - lo) / 2 < rel_ci * abs(med)
-
-
-def _stats(times_s: list[float], runner: Runner) -> LatencyStats:
-    ms = np.asarray(times_s) * 1e3
+def _stats(times_ms: list[float], loaded: dict, target: Target) -> LatencyStats:
+    ms = np.asarray(times_ms, dtype=np.float64)
     return LatencyStats(
         median_ms=float(np.median(ms)),
         p10_ms=float(np.percentile(ms, 10)),
@@ -372,48 +179,36 @@ def _stats(times_s: list[float], runner: Runner) -> LatencyStats:
         mean_ms=float(ms.mean()),
         std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
         runs=len(ms),
-        provider=runner.provider,
-        requested=runner.target.provider,
-        fallback=runner.fallback,
-        threads=runner.threads,
-        batch=runner.target.batch,
-        input_shape=tuple(runner.input_shape),
-        onnxruntime=ort.__version__,
+        provider=loaded["provider"],
+        requested=target.provider,
+        fallback=loaded.get("fallback"),
+        threads=int(loaded["threads"]),
+        batch=target.batch,
+        input_shape=tuple(int(d) for d in loaded["input_shape"]),
+        onnxruntime=loaded["onnxruntime"],
     )
 
 
-def _loop(step: Callable[[int], float], warm: Callable[[], object], budget: tuple) -> list[float]:
-    """Warm up, then call step(i) (which returns the sample to judge) until the median is stable.
+def _warn_fallback(loaded: dict) -> None:
+    if loaded.get("fallback"):
+        log.warning("%s", loaded["fallback"])
 
-    `max_seconds` bounds warm-up plus timed runs (warm-up gets at most a fifth of it, and at least one
-    run); it is checked between runs, so the overshoot is one run. `min_n` yields to `max_seconds`.
+
+def make_session(model: ModelLike, target: Target, *, spin: bool = True):
+    """An onnxruntime session for `model` in *this* process on the best provider of `target` that loads:
+    (session, one-line fallback note or None). For checks (does CUDA load here?), not for timing.
+
+    Raises:
+        LatencyError: the model cannot be loaded, or `target.strict` and the asked provider did not load.
     """
-    warmup, min_n, max_n, max_seconds, rel_ci = budget
-    start = time.perf_counter()
-    for i in range(max(1, warmup)):
-        warm()
-        if i + 1 < warmup and time.perf_counter() - start > max_seconds / 5:
-            log.debug("warm-up cut at %d runs by max_seconds", i + 1)
-            break
-    deadline = start + max_seconds
-    samples: list[float] = []
-    next_check = max(min_n, 6)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside a timed run would be timed (timeit does the same)
-    try:
-        while len(samples) < max_n:
-            samples.append(step(len(samples)))
-            if time.perf_counter() >= deadline:
-                log.debug("stopped by max_seconds=%.2f after %d runs", max_seconds, len(samples))
-                break
-            if len(samples) >= next_check:  # every ~5%: a sort per run costs more than a tiny model
-                if _stable(samples, rel_ci):
-                    break
-                next_check = len(samples) + max(1, len(samples) // 20)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples
+    with model_file(model) as path:
+        try:
+            return _make_session(
+                path, target.provider, target.threads, strict=target.strict, spin=spin,
+                config=dict(target.session_config), trt_cache_dir=target.trt_cache_dir, label=label_of(model),
+            )  # fmt: skip
+        except RunnerError as e:
+            raise LatencyError(str(e)) from None
 
 
 def measure(
@@ -426,7 +221,7 @@ def measure(
     max_seconds: float = 5.0,
     rel_ci: float = 0.02,
 ) -> LatencyStats:
-    """Latency of one model on `target`.
+    """Latency of one model on `target`, alone in a fresh runner process (as deployed).
 
     Args:
         model: ONNX bytes, path or ModelProto.
@@ -434,39 +229,38 @@ def measure(
         warmup: untimed runs first (the first runs allocate and tune kernels).
         min_runs: timed runs before the stopping rule is tried.
         max_runs: stop after this many timed runs.
-        max_seconds: stop after this wall time (warm-up included, session creation not).
+        max_seconds: stop after this wall time (warm-up included, process start and session creation not).
         rel_ci: stop when the 95% CI half-width of the median is below rel_ci * median.
 
     Returns:
         Statistics over the timed runs.
     """
-    runner = Runner(model, target)
-    times = _loop(
-        lambda _: runner.run_once(), runner.run_once, (warmup, min_runs, max_runs, max_seconds, rel_ci)
-    )
-    stats = _stats(times, runner)
-    log.debug(
-        "measured %s: %.4f ms median, %d runs, %s", _label(model), stats.median_ms, stats.runs, stats.provider
-    )
+    with model_file(model) as path, RunnerProcess() as runner:
+        loaded = runner.request("load", **target.load_request(path, label_of(model)))
+        _warn_fallback(loaded)
+        timed = runner.request(
+            "measure", warmup=warmup, min_runs=min_runs, max_runs=max_runs, max_seconds=max_seconds,
+            rel_ci=rel_ci,
+        )  # fmt: skip
+    stats = _stats(timed["times_ms"], loaded, target)
+    log.debug("measured %s: %.4f ms median, %d runs", label_of(model), stats.median_ms, stats.runs)
     return stats
 
 
 @dataclass
 class RelativeStats:
-    """Candidate latency relative to a reference, measured interleaved.
-
-    The absolute `candidate` / `reference` stats come from sessions without thread spinning (see
-    `measure_relative`), so they can be a little slower than what `measure` reports.
+    """Candidate latency relative to a reference.
 
     Attributes:
-        ratio: the candidate's 10th-percentile time / the reference's 10th-percentile time (see
-            `measure_relative`).
-        paired_ratio: median over rounds of candidate time / reference time.
-        ratio_p10: 10th percentile of the per-round ratios.
-        ratio_p90: 90th percentile of the per-round ratios.
-        candidate: statistics of the candidate's runs in those rounds.
-        reference: statistics of the reference's runs in those rounds.
-        rounds: number of timed rounds.
+        ratio: candidate / reference latency: the median over rounds of the per-round ratio (`PAIRED`), or the
+            median of the candidate's per-process medians over the reference's (`ISOLATED`).
+        ratio_p10, ratio_p90: 10th and 90th percentiles of the per-round (per-pair) ratios: the spread.
+        candidate, reference: statistics of each model's timed runs, pooled.
+        rounds: rounds (`PAIRED`) or process pairs (`ISOLATED`).
+        method: `PAIRED` or `ISOLATED`.
+        ratios: the per-round (per-pair) ratios.
+        load: CPUs that other programs kept busy while measuring (None where it cannot be read).
+        disturbed: they took cores the sessions needed (`process.disturbed`): do not trust this figure.
     """
 
     ratio: float
@@ -475,12 +269,126 @@ class RelativeStats:
     candidate: LatencyStats
     reference: LatencyStats
     rounds: int
-    paired_ratio: float | None = None
+    method: str = PAIRED
+    ratios: list[float] | None = None
+    load: float | None = None
+    disturbed: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
-        d = {k: getattr(self, k) for k in ("ratio", "paired_ratio", "ratio_p10", "ratio_p90", "rounds")}
+        keys = ("ratio", "ratio_p10", "ratio_p90", "rounds", "method", "ratios", "load", "disturbed")
+        d = {k: getattr(self, k) for k in keys}
         return d | {"candidate": self.candidate.to_dict(), "reference": self.reference.to_dict()}
+
+
+def _relative(
+    ratios, cand_ms, ref_ms, loaded_c, loaded_r, target, method, watch, ratio=None
+) -> RelativeStats:
+    r = np.asarray(ratios, dtype=np.float64)
+    load = watch.load()
+    rel = RelativeStats(
+        ratio=float(np.median(r)) if ratio is None else float(ratio),
+        ratio_p10=float(np.percentile(r, 10)),
+        ratio_p90=float(np.percentile(r, 90)),
+        candidate=_stats(cand_ms, loaded_c, target),
+        reference=_stats(ref_ms, loaded_r, target),
+        rounds=len(r),
+        method=method,
+        ratios=[round(float(x), 5) for x in r],
+        load=None if load is None else round(load, 3),
+        disturbed=disturbed(load, target.resolved_threads),
+    )
+    if rel.disturbed:
+        log.warning(
+            "other programs kept %.1f CPUs busy while measuring (%s, %d threads): this latency ratio (%.3f) is "
+            "not what a quiet machine gives", load, method, target.resolved_threads, rel.ratio,
+        )  # fmt: skip
+    return rel
+
+
+class PairedMeasurer:
+    """The in-loop measurement (see the module docstring): two runner processes, the reference loaded once,
+    candidates loaded one after another. Use as a context manager, or `close()` it."""
+
+    def __init__(self, reference: ModelLike, target: Target, *, burst_seconds: float = 0.1) -> None:
+        self.target = target
+        self.burst_seconds = burst_seconds
+        self._ref_file = model_file(reference)
+        ref_path = self._ref_file.__enter__()
+        self.cand, self.ref = RunnerProcess(), RunnerProcess()
+        try:
+            self.loaded_ref = self.ref.request("load", **target.load_request(ref_path, label_of(reference)))
+        except BaseException:
+            self.close()
+            raise
+        _warn_fallback(self.loaded_ref)
+
+    def compare(
+        self,
+        candidate: ModelLike,
+        *,
+        min_rounds: int = 6,
+        max_rounds: int = 200,
+        max_seconds: float = 2.0,
+        rel_ci: float = 0.02,
+    ) -> RelativeStats:
+        """`candidate`'s latency relative to the reference.
+
+        Rounds (one burst of each model, order alternating) go on until the 95% CI of the median per-round
+        ratio is within `rel_ci` of it (after `min_rounds`), or `max_rounds`, or `max_seconds` of timing.
+
+        Raises:
+            LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
+        """
+        with model_file(candidate) as path:
+            before = self.cand.cpu_s
+            loaded = self.cand.request("load", **self.target.load_request(path, label_of(candidate)))
+            watch = LoadWatch()
+            watch.add_runner(before, self.cand.cpu_s)
+            ref_cpu = self.ref.cpu_s
+            if loaded["provider"] != self.loaded_ref["provider"]:
+                raise LatencyError(
+                    f"candidate runs on {loaded['provider']} but reference on {self.loaded_ref['provider']};"
+                    " cannot compare"
+                )
+            cand_cpu = self.cand.cpu_s
+            cand_ms: list[float] = []
+            ref_ms: list[float] = []
+            ratios: list[float] = []
+            t0 = time.perf_counter()
+            while len(ratios) < max_rounds:
+                order = (self.cand, self.ref) if len(ratios) % 2 == 0 else (self.ref, self.cand)
+                got = {}
+                for runner in order:
+                    got[id(runner)] = runner.request("time", seconds=self.burst_seconds)["times_ms"]
+                c, r = got[id(self.cand)], got[id(self.ref)]
+                cand_ms += c
+                ref_ms += r
+                ratios.append(float(np.median(c) / max(np.median(r), 1e-12)))
+                if len(ratios) >= min_rounds and (
+                    stable(ratios, rel_ci) or time.perf_counter() - t0 >= max_seconds
+                ):
+                    break
+            watch.add_runner(cand_cpu, self.cand.cpu_s)
+            watch.add_runner(ref_cpu, self.ref.cpu_s)
+            rel = _relative(ratios, cand_ms, ref_ms, loaded, self.loaded_ref, self.target, PAIRED, watch)
+            self.cand.request("unload")
+        _warn_fallback(loaded)
+        return rel
+
+    def close(self) -> None:
+        for runner in (getattr(self, "cand", None), getattr(self, "ref", None)):
+            if runner is not None:
+                runner.close()
+        if self._ref_file is not None:
+            self._ref_file.__exit__(None, None, None)
+            self._ref_file = None
+
+    def __enter__(self) -> PairedMeasurer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def measure_relative(
@@ -488,58 +396,66 @@ def measure_relative(
     reference: ModelLike,
     target: Target,
     *,
-    warmup: int = 10,
-    min_rounds: int = 20,
-    max_rounds: int = 1000,
-    max_seconds: float = 5.0,
+    min_rounds: int = 6,
+    max_rounds: int = 200,
+    max_seconds: float = 2.0,
     rel_ci: float = 0.02,
 ) -> RelativeStats:
-    """Latency of `candidate` relative to `reference`, both timed in this process, interleaved.
+    """`candidate`'s latency relative to `reference`, the in-loop way (`PairedMeasurer`), in fresh runners."""
+    with PairedMeasurer(reference, target) as m:
+        return m.compare(
+            candidate, min_rounds=min_rounds, max_rounds=max_rounds, max_seconds=max_seconds, rel_ci=rel_ci
+        )
 
-    Each round runs both once (A B, then B A in the next round, so neither always runs on a
-    cache warmed by the other), so slow drifts (clock, thermal, background load) hit both models alike.
-    The ratio is that of the two models' 10th-percentile times, timeit-style: on a machine shared
-    with other work a run is either undisturbed or preempted, and preemption only adds time. The
-    median of the per-round ratios (`paired_ratio`) is the better estimator only on a quiet machine;
-    measured on this project's 2-core CI kind with two training jobs running (digits CNN, 1 thread,
-    a candidate at 0.52 of the MACs, 4 repeats): paired median 0.165-0.26 (about half the rounds
-    caught the reference preempted), 10th-percentile ratio 0.57-0.60; quiet, the two agree within
-    the measurement noise. Stops like `measure`, judging the median of the per-round ratios.
+
+def measure_isolated(
+    candidate: ModelLike,
+    reference: ModelLike,
+    target: Target,
+    *,
+    pairs: int = 4,
+    seconds: float = 1.0,
+    warmup_seconds: float = 0.25,
+) -> RelativeStats:
+    """The deployed ratio: each model alone in a fresh runner process, `pairs` pairs alternated (A B, B A, ...),
+    each process warming up for `warmup_seconds` and then running back to back for `seconds`; the ratio of the
+    medians of the per-process medians.
 
     Raises:
-        LatencyError: a model cannot be loaded, or the two ended up on different providers.
+        LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
     """
-    # No spinning: after its run, one session's idle threads would busy-wait on the cores the other
-    # session needs next; on 2 cores that spread the per-round ratios from ~0.9-1.1 to ~0.05-20.
-    cand, ref = Runner(candidate, target, spin=False), Runner(reference, target, spin=False)
-    if cand.provider != ref.provider:
+    if pairs < 1:
+        raise LatencyError(f"pairs must be >= 1, got {pairs}")
+    watch = LoadWatch()
+    runs: dict[str, list[list[float]]] = {"c": [], "r": []}
+    loaded: dict[str, dict] = {}
+    with model_file(candidate) as cand_path, model_file(reference) as ref_path:
+        files = {"c": (cand_path, label_of(candidate)), "r": (ref_path, label_of(reference))}
+        for p in range(pairs):
+            for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
+                with RunnerProcess() as runner:
+                    loaded[which] = runner.request("load", **target.load_request(*files[which]))
+                    times = runner.request(
+                        "time", seconds=seconds, warmup_seconds=warmup_seconds, min_runs=5
+                    )["times_ms"]
+                    watch.add_runner(0.0, runner.cpu_s)
+                runs[which].append(times)
+    if loaded["c"]["provider"] != loaded["r"]["provider"]:
         raise LatencyError(
-            f"candidate runs on {cand.provider} but reference on {ref.provider}; cannot compare"
+            f"candidate runs on {loaded['c']['provider']} but reference on {loaded['r']['provider']};"
+            " cannot compare"
         )
-    tc: list[float] = []
-    tr: list[float] = []
-
-    def round_(i: int) -> float:
-        if i % 2:
-            b, a = ref.run_once(), cand.run_once()
-        else:
-            a, b = cand.run_once(), ref.run_once()
-        tc.append(a)
-        tr.append(b)
-        return a / b
-
-    ratios = _loop(
-        round_,
-        lambda: (cand.run_once(), ref.run_once()),
-        (warmup, min_rounds, max_rounds, max_seconds, rel_ci),
-    )
-    r = np.asarray(ratios)
-    return RelativeStats(
-        ratio=float(np.percentile(tc, 10) / max(np.percentile(tr, 10), 1e-12)),
-        paired_ratio=float(np.median(r)),
-        ratio_p10=float(np.percentile(r, 10)),
-        ratio_p90=float(np.percentile(r, 90)),
-        candidate=_stats(tc, cand),
-        reference=_stats(tr, ref),
-        rounds=len(r),
+    med_c = [float(np.median(t)) for t in runs["c"]]
+    med_r = [float(np.median(t)) for t in runs["r"]]
+    _warn_fallback(loaded["c"])
+    return _relative(
+        [c / r for c, r in zip(med_c, med_r, strict=True)],
+        [x for t in runs["c"] for x in t],
+        [x for t in runs["r"] for x in t],
+        loaded["c"],
+        loaded["r"],
+        target,
+        ISOLATED,
+        watch,
+        ratio=float(np.median(med_c) / np.median(med_r)),
     )
