@@ -527,6 +527,19 @@ def _latency_section(result: dict) -> list[str]:
     note = threads_note(lat)
     if note:
         lines += ["", f"**{note}**"]
+    drift = (result.get("baseline") or {}).get("latency_drift")
+    if drift:
+        text = (
+            f"The baseline's latency, measured beside each of {drift['measurements']} candidates during the "
+            f"search, ranged {_ms(drift['min_ms'])}–{_ms(drift['max_ms'])} (+{drift['spread']:.0%})."
+        )
+        if drift["spread"] > 0.10:
+            text = (
+                f"**Warning**: {text} The machine's speed changed while searching (other load, or a shared "
+                "machine whose cores run slower for a while), so trials measured at different times compare "
+                "less well; fewer threads or a quiet machine give steadier figures."
+            )
+        lines += ["", text]
     return lines + [""]
 
 

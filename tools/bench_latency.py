@@ -22,9 +22,10 @@ Sections:
                (`PairedMeasurer`), the reported ratio (`measure_isolated`: the final check of a search,
                `profile --compare --isolated`), the previous in-loop method, and the oracle
                (tools/latency_oracle.py: each file alone in a plain onnxruntime process, 4 alternated pairs),
-               each --deployed-repeats times; errors against the oracle's median. Finished cells are kept in
-               --cells (keyed by the latency code's version) and reused. The figures in docs/measurements.md:
-               --sections deployed --threads 1,2 (--busy 1 for the same with one busy process beside it)
+               --deployed-repeats times, the methods in turn within each repeat; errors against the oracle of
+               the same repeat (median over repeats). Finished cells are kept in --cells (keyed by the latency
+               code's version) and reused. The figures in docs/measurements.md:
+               --sections deployed --threads 1,2 --seconds 2 (--busy 1: one busy process beside it)
 
 Sections cost..speedup measure candidates the in-loop way (`measure_candidate`) on the CPU provider.
 On a shared machine, other processes steal cores: with 2 intra-op threads a run's speed depends on whether
@@ -311,11 +312,36 @@ def _spread(xs: list[float]) -> str:
     return f"{np.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
 
 
-def section_deployed(models, args, preps) -> list[dict]:
+def _deployed_cell(a: str, b: str, threads: int, args) -> dict:
+    """Every method `args.deployed_repeats` times, the methods in turn within each repeat: on a shared VM the
+    speed of 2 threads changes for minutes at a time (2 threads at 1-thread speed), so methods measured minutes
+    apart would be compared across those phases; in turn, each repeat's methods see the same machine."""
     from latency_oracle import deployed_ratio, previous_inloop_ratio
 
     from onnxconet.latency.profile import PairedMeasurer, measure_isolated
 
+    target = Target(provider="cpu", threads=threads)
+    row: dict = {k: [] for k in ("oracle", "oracle_pairs", "oracle_ms", "reported", "reported_pairs",
+                                 "reported_load", "inloop", "inloop_load", "inloop_disturbed", "previous")}  # fmt: skip
+    with PairedMeasurer(b, target) as m:
+        for _ in range(args.deployed_repeats):
+            o = deployed_ratio(a, b, threads)
+            row["oracle"].append(o["ratio"])
+            row["oracle_pairs"].append(o["pair_ratios"])
+            row["oracle_ms"].append([o["a_ms"], o["b_ms"]])
+            rep = measure_isolated(a, b, target, seconds=0.5, max_pairs=8)  # as a search's decisions do
+            row["reported"].append(rep.ratio)
+            row["reported_pairs"].append(rep.ratios)
+            row["reported_load"].append(rep.load)
+            inl = m.compare(a, max_seconds=args.seconds)
+            row["inloop"].append(inl.ratio)
+            row["inloop_load"].append(inl.load)
+            row["inloop_disturbed"].append(inl.disturbed)
+            row["previous"].append(previous_inloop_ratio(a, b, threads, args.seconds))
+    return row
+
+
+def section_deployed(models, args, preps) -> list[dict]:
     version, r = _version(), args.deployed_repeats
     print(
         f"\n(e) measured vs as deployed (code {version}; {r} repeats of each; {args.busy} busy processes beside)"
@@ -339,24 +365,8 @@ def section_deployed(models, args, preps) -> list[dict]:
                     key = {"pair": f"{name}@{s}", "threads": threads, "busy": args.busy, "version": version}
                     k = json.dumps(key, sort_keys=True)
                     if k not in cells:
-                        target = Target(provider="cpu", threads=threads)
-                        oracle = [deployed_ratio(a, b, threads) for _ in range(r)]
-                        reported = [measure_isolated(a, b, target) for _ in range(r)]
-                        with PairedMeasurer(b, target) as m:
-                            inloop = [m.compare(a, max_seconds=args.seconds) for _ in range(r)]
-                        previous = [previous_inloop_ratio(a, b, threads, args.seconds) for _ in range(r)]
-                        cells[k] = {
-                            **key,
-                            "oracle": [o["ratio"] for o in oracle],
-                            "oracle_pairs": [o["pair_ratios"] for o in oracle],
-                            "oracle_ms": [[o["a_ms"], o["b_ms"]] for o in oracle],
-                            "reported": [x.ratio for x in reported],
-                            "reported_load": [x.load for x in reported],
-                            "inloop": [x.ratio for x in inloop],
-                            "inloop_load": [x.load for x in inloop],
-                            "inloop_disturbed": [x.disturbed for x in inloop],
-                            "previous": previous,
-                        }
+                        cells[k] = _deployed_cell(a, b, threads, args)
+                        cells[k].update(key)
                         if args.cells:
                             with open(args.cells, "a") as f:
                                 f.write(json.dumps({"key": key, "row": cells[k]}) + "\n")
@@ -375,8 +385,8 @@ def section_deployed(models, args, preps) -> list[dict]:
     finally:
         for p in busy:
             p.kill()
-    for col in ("reported", "inloop", "previous"):
-        errs = [abs(np.median(r[col]) / np.median(r["oracle"]) - 1) for r in rows]
+    for col in ("reported", "inloop", "previous"):  # each repeat against the oracle of the same repeat
+        errs = [abs(float(np.median(np.divide(r[col], r["oracle"]))) - 1) for r in rows]
         print(
             f"  {col}: max |error| {max(errs):.1%}, median {np.median(errs):.1%}, within 5 %: "
             f"{sum(e <= 0.05 for e in errs)}/{len(errs)}"
@@ -406,7 +416,7 @@ def main() -> None:
         "--configs", type=int, default=30, help="random width samples the predictor is checked on"
     )
     ap.add_argument("--json", default=None, help="also write all rows to this JSON file")
-    ap.add_argument("--deployed-repeats", type=int, default=2, help="deployed: repeats of every measurement")
+    ap.add_argument("--deployed-repeats", type=int, default=3, help="deployed: repeats of every measurement")
     ap.add_argument("--busy", type=int, default=0, help="deployed: busy-loop processes running beside")
     ap.add_argument(
         "--cells", default="docs/cells/bench_latency_deployed.jsonl", help="deployed: finished cells"

@@ -408,6 +408,12 @@ def measure_relative(
         )
 
 
+def _spread(runs: dict[str, list[list[float]]]) -> float:
+    """(max - min) / median of the per-pair ratios so far."""
+    r = [float(np.median(c) / np.median(x)) for c, x in zip(runs["c"], runs["r"], strict=True)]
+    return (max(r) - min(r)) / float(np.median(r)) if r else 0.0
+
+
 def measure_isolated(
     candidate: ModelLike,
     reference: ModelLike,
@@ -416,22 +422,30 @@ def measure_isolated(
     pairs: int = 4,
     seconds: float = 1.0,
     warmup_seconds: float = 0.25,
+    max_pairs: int | None = None,
+    spread: float = 0.1,
 ) -> RelativeStats:
     """The deployed ratio: each model alone in a fresh runner process, `pairs` pairs alternated (A B, B A, ...),
     each process warming up for `warmup_seconds` and then running back to back for `seconds`; the ratio of the
     medians of the per-process medians.
+
+    With `max_pairs` > `pairs`, pairs are added while the per-pair ratios spread more than `spread` (max - min
+    over the median): a pair caught in a slow phase of the machine (on a shared VM, 2 threads can run at
+    1-thread speed for minutes) is then outvoted instead of deciding the median.
 
     Raises:
         LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
     """
     if pairs < 1:
         raise LatencyError(f"pairs must be >= 1, got {pairs}")
+    max_pairs = max(pairs, max_pairs or pairs)
     watch = LoadWatch()
     runs: dict[str, list[list[float]]] = {"c": [], "r": []}
     loaded: dict[str, dict] = {}
     with model_file(candidate) as cand_path, model_file(reference) as ref_path:
         files = {"c": (cand_path, label_of(candidate)), "r": (ref_path, label_of(reference))}
-        for p in range(pairs):
+        p = 0
+        while p < pairs or (p < max_pairs and _spread(runs) > spread):
             for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
                 with RunnerProcess() as runner:
                     loaded[which] = runner.request("load", **target.load_request(*files[which]))
@@ -440,6 +454,7 @@ def measure_isolated(
                     )["times_ms"]
                     watch.add_runner(0.0, runner.cpu_s)
                 runs[which].append(times)
+            p += 1
     if loaded["c"]["provider"] != loaded["r"]["provider"]:
         raise LatencyError(
             f"candidate runs on {loaded['c']['provider']} but reference on {loaded['r']['provider']};"

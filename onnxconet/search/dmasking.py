@@ -566,7 +566,7 @@ class DMaskingStrategy(Strategy):
         t0 = time.perf_counter()
         pred, _ = calibrate(
             self.cg, judge.reference, judge.target, space=self.space, n=n, seed=self.seed,
-            max_seconds=judge.max_seconds,
+            max_seconds=judge.max_seconds, measurer=judge.measurer,
         )  # fmt: skip
         self.summary["predictor_seconds"] = round(time.perf_counter() - t0, 1)
         self.summary["predictor_fit"] = {

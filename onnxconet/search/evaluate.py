@@ -30,14 +30,17 @@ class LatencyJudge:
 
     `measure` is the in-loop estimate every trial takes: a `PairedMeasurer` whose runner processes hold the
     baseline for the whole search (started on first use); a measurement that other programs disturbed is taken
-    again (up to twice; the median of what was taken). `deployed` is the ratio as deployed
-    (`measure_isolated`: each model alone in fresh processes), for the decisions a search takes on one figure:
-    whether the budget is reachable, which trial to finish, whether the result met the budget.
+    again (up to twice; the median of what was taken). `reference_ms` keeps the baseline's latency measured
+    beside every candidate: when it moves, the machine's speed changed during the search (see `drift`).
+    `deployed` is the ratio as deployed (`measure_isolated`: each model alone in fresh processes, pairs added up
+    to twice `pairs` while they disagree), for the decisions a search takes on one figure: whether the budget
+    is reachable, which trial to finish, whether the result met the budget.
     """
 
     def __init__(self, reference: bytes | str, target: Target, max_seconds: float = 2.0, pairs: int = 4):
         self.reference, self.target, self.max_seconds, self.pairs = reference, target, max_seconds, pairs
         self._measurer: PairedMeasurer | None = None
+        self.reference_ms: list[float] = []
 
     @property
     def measurer(self) -> PairedMeasurer:
@@ -52,7 +55,16 @@ class LatencyJudge:
         while runs[-1].disturbed and len(runs) < 3:
             runs.append(self.measurer.compare(src, max_seconds=self.max_seconds))
         rel = sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]
+        self.reference_ms.append(rel.reference.median_ms)
         return rel.ratio, rel.candidate.median_ms
+
+    def drift(self) -> dict | None:
+        """How far the baseline's own latency moved over the in-loop measurements: {"min_ms", "max_ms",
+        "spread" (max / min - 1), "measurements"}, or None before two measurements."""
+        if len(self.reference_ms) < 2:
+            return None
+        lo, hi = min(self.reference_ms), max(self.reference_ms)
+        return {"min_ms": lo, "max_ms": hi, "spread": hi / lo - 1, "measurements": len(self.reference_ms)}
 
     def deployed(self, candidate, threads: int | None = None) -> RelativeStats:
         """The ratio as deployed (`measure_isolated`, `pairs` pairs) of `candidate` (a proto, bytes or path);
@@ -61,9 +73,10 @@ class LatencyJudge:
         target = self.target if threads is None else replace(self.target, threads=threads)
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
         seconds = max(0.25, self.max_seconds / 4)  # per process: 0.5 s at the default 2 s
-        runs = [measure_isolated(src, self.reference, target, pairs=self.pairs, seconds=seconds)]
+        kw = dict(pairs=self.pairs, max_pairs=2 * self.pairs, seconds=seconds)
+        runs = [measure_isolated(src, self.reference, target, **kw)]
         while runs[-1].disturbed and len(runs) < 3:  # other programs took the cores: once more, or twice
-            runs.append(measure_isolated(src, self.reference, target, pairs=self.pairs, seconds=seconds))
+            runs.append(measure_isolated(src, self.reference, target, **kw))
         return sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]
 
     def close(self) -> None:

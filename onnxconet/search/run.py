@@ -657,6 +657,7 @@ def _finish(
             "params": base_params,
             "flops": base_flops,
             "onnx": str(out / "baseline.onnx"),
+            "latency_drift": judge.drift(),
             **({"input_shape": list(prep.loaded.input_shape)} if res is not None else {}),
         },
         "budget": {"on": cfg.budget_on, "ratio": budget, "ms": budget_ms},
