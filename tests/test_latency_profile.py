@@ -411,3 +411,38 @@ def test_tensorrt_engine_cache_dir(tmp_path):
     if stats.provider != "TensorrtExecutionProvider":
         pytest.skip(f"TensorRT does not load here: {stats.fallback}")
     assert any((tmp_path / "trt").iterdir())
+
+
+def test_isolated_adds_pairs_while_they_disagree(monkeypatch):
+    """A pair caught in a slow phase of the machine (the reference at half speed) makes the pairs disagree:
+    pairs are added up to max_pairs and the median outvotes it; agreeing pairs stop at `pairs`."""
+    loads = []
+
+    def fake(slow_pairs):
+        class FakeRunner:
+            cpu_s = 0.0
+
+            def request(self, op, **kw):
+                if op == "load":
+                    loads.append(kw["label"])
+                    return {"provider": CPU, "threads": 1, "input_shape": [1, 3, 16, 16], "onnxruntime": "x"}
+                pair = (len(loads) - 1) // 2
+                slow = loads[-1] == "ref" and pair in slow_pairs
+                return {"times_ms": [1.0 if loads[-1] == "cand" else (4.0 if slow else 2.0)] * 5}
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+        return FakeRunner
+
+    monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
+    monkeypatch.setattr(prof, "RunnerProcess", fake({1}))
+    rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
+    assert rel.rounds == 8 and rel.ratio == pytest.approx(0.5)  # one pair of 8 at 0.25: the median is 0.5
+    loads.clear()
+    monkeypatch.setattr(prof, "RunnerProcess", fake(set()))
+    rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
+    assert rel.rounds == 4 and rel.ratios == [0.5] * 4

@@ -260,3 +260,44 @@ def test_many_trials_table_is_trimmed(tmp_path):
     trial_rows = [r for r in rows if r.count("|") >= 9]
     assert 20 <= len(trial_rows) < 120
     assert "**best**" in md
+
+
+def _latency_block(best_ms_1: float, best_ms_2: float, disturbed: bool = False) -> dict:
+    return {
+        "method": "isolated-processes",
+        "how": "as deployed: each model alone in a fresh process (cpu provider, 2 intra-op threads)",
+        "ratio": 0.45, "ratio_p10": 0.44, "ratio_p90": 0.46, "ratios": [0.44, 0.45, 0.45, 0.46],
+        "load": 1.2 if disturbed else 0.0, "disturbed": disturbed, "threads": 2,
+        "by_threads": {
+            "2": {"best_ms": best_ms_2, "baseline_ms": 1.0, "ratio": best_ms_2, "disturbed": False},
+            "1": {"best_ms": best_ms_1, "baseline_ms": 1.5, "ratio": best_ms_1 / 1.5, "disturbed": False},
+        },
+        "fewer_threads_faster": best_ms_1 < 0.95 * best_ms_2,
+    }  # fmt: skip
+
+
+def test_latency_section_states_the_method_threads_and_warnings(tmp_path):
+    from onnxconet.report import threads_note
+
+    slow_at_one = _latency_block(best_ms_1=0.6, best_ms_2=0.45)
+    assert threads_note(slow_at_one) == ""
+    fast_at_one = _latency_block(best_ms_1=0.3, best_ms_2=0.45, disturbed=True)
+    note = threads_note(fast_at_one)
+    assert "faster with 1 intra-op thread" in note and "intra_op_num_threads = 1" in note
+    result = make_result()
+    result["best"]["latency"] = fast_at_one
+    result["deployment"] = "cpu provider, 2 intra-op threads, batch 1, default session options"
+    result["baseline"]["latency_drift"] = {"min_ms": 0.36, "max_ms": 0.43, "spread": 0.19, "measurements": 12}
+    md = (tmp_path / "report.md").read_text() if write_report(result, tmp_path) else ""
+    assert "## Latency as deployed" in md and "as deployed: each model alone" in md
+    assert "| intra-op threads | best | baseline | ratio |" in md
+    assert note in md  # the 1-thread advice
+    assert "other programs kept 1.2 CPUs busy" in md  # the disturbed measurement is called out
+    assert "ranged 0.360 ms–0.430 ms (+19%)" in md.replace("0.36 ms", "0.360 ms").replace(
+        "0.43 ms", "0.430 ms"
+    )
+    assert "**Warning**: The baseline's latency" in md  # moved > 10 %: the speed of the machine changed
+    assert "as deployed (cpu provider, 2 intra-op threads" in md  # the budget line names the deployment
+    result["baseline"]["latency_drift"]["spread"] = 0.02
+    md = (tmp_path / "report.md").read_text() if write_report(result, tmp_path) else ""
+    assert "The baseline's latency" in md and "**Warning**: The baseline's latency" not in md

@@ -308,6 +308,11 @@ def _pair_files(name: str, folder: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _paired_error(row: dict, col: str) -> float:
+    """Median over repeats of (the method's ratio / the oracle's ratio of the same repeat) - 1."""
+    return float(np.median(np.divide(row[col], row["oracle"]))) - 1.0
+
+
 def _spread(xs: list[float]) -> str:
     return f"{np.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
 
@@ -386,7 +391,7 @@ def section_deployed(models, args, preps) -> list[dict]:
         for p in busy:
             p.kill()
     for col in ("reported", "inloop", "previous"):  # each repeat against the oracle of the same repeat
-        errs = [abs(float(np.median(np.divide(r[col], r["oracle"]))) - 1) for r in rows]
+        errs = [abs(_paired_error(r, col)) for r in rows]
         print(
             f"  {col}: max |error| {max(errs):.1%}, median {np.median(errs):.1%}, within 5 %: "
             f"{sum(e <= 0.05 for e in errs)}/{len(errs)}"
