@@ -51,10 +51,7 @@ class LatencyJudge:
     def measure(self, candidate: onnx.ModelProto | bytes) -> tuple[float, float]:
         """(ratio to the baseline, candidate median ms), the in-loop way."""
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
-        runs = [self.measurer.compare(src, max_seconds=self.max_seconds)]
-        while runs[-1].disturbed and len(runs) < 3:
-            runs.append(self.measurer.compare(src, max_seconds=self.max_seconds))
-        rel = sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]
+        rel = _undisturbed(lambda: self.measurer.compare(src, max_seconds=self.max_seconds))
         self.reference_ms.append(rel.reference.median_ms)
         return rel.ratio, rel.candidate.median_ms
 
@@ -74,15 +71,21 @@ class LatencyJudge:
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
         seconds = max(0.25, self.max_seconds / 4)  # per process: 0.5 s at the default 2 s
         kw = dict(pairs=self.pairs, max_pairs=2 * self.pairs, seconds=seconds)
-        runs = [measure_isolated(src, self.reference, target, **kw)]
-        while runs[-1].disturbed and len(runs) < 3:  # other programs took the cores: once more, or twice
-            runs.append(measure_isolated(src, self.reference, target, **kw))
-        return sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]
+        return _undisturbed(lambda: measure_isolated(src, self.reference, target, **kw))
 
     def close(self) -> None:
         if self._measurer is not None:
             self._measurer.close()
             self._measurer = None
+
+
+def _undisturbed(measure: Callable[[], RelativeStats], tries: int = 3) -> RelativeStats:
+    """`measure()`, again while other programs disturbed it (up to `tries` in all); the run with the median
+    ratio of those taken."""
+    runs = [measure()]
+    while runs[-1].disturbed and len(runs) < tries:
+        runs.append(measure())
+    return sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]
 
 
 @dataclass
