@@ -20,7 +20,7 @@ from onnxconet.search.dmasking import (
     put_on_budget,
 )
 from onnxconet.search.masks import Supernet, importance_ranks, staircase_matrix, width_options
-from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.torch import slice_torch, zero_pruned
 

@@ -20,7 +20,7 @@ from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy, search_step
 from onnxconet.search.masks import Supernet
 from onnxconet.search.resolution import ResizedLoader, bind_costs, graphs_at, parse_resolutions
-from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.torch import slice_torch
 from tests.test_dmasking import TINY, cfg, killed_at_trial, npz_data  # noqa: F401 - the fixture
@@ -82,7 +82,7 @@ def test_latency_costs_per_resolution(tiny, tmp_path, monkeypatch):
     full-width model to the baseline; both are saved, and a resumed run loads them without measuring."""
     from onnxconet.latency import predictor as lp
     from onnxconet.latency.profile import Target
-    from onnxconet.search.run import onnx_with_weights
+    from onnxconet.surgery.parity import onnx_with_weights
 
     cg = tiny.graph
     space = WidthSpace(cg, min_ratio=0.25)

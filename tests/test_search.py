@@ -16,7 +16,7 @@ from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Trial, TrialState
 from onnxconet.search.baselines import RandomStrategy, UniformStrategy
 from onnxconet.search.cost import CostModel
-from onnxconet.search.run import SearchConfig, run_search
+from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.space import WidthSpace
 
 TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
@@ -296,7 +296,7 @@ def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, m
 
     from onnxconet.search import evaluate as ev
     from onnxconet.search import race
-    from onnxconet.search import run as run_mod
+    from onnxconet.commands import search as run_mod
 
     real_run, real_mcnemar = ev.Evaluator.run, race.mcnemar
 
@@ -337,7 +337,7 @@ def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, m
 def test_race_start_must_stay_within_the_budget_when_re_measured():
     from types import SimpleNamespace
 
-    from onnxconet.search import run as run_mod
+    from onnxconet.commands import search as run_mod
 
     start, other = {1: 8, 2: 16}, {1: 16, 2: 8}
     trials = [
@@ -373,7 +373,7 @@ def test_reachability_is_decided_as_deployed(tiny_graph):
     pairs), never on one in-loop measurement; the refusal names the figure and its spread."""
     from types import SimpleNamespace
 
-    from onnxconet.search.run import _check_reachable
+    from onnxconet.commands.search import _check_reachable
 
     class Judge:
         def __init__(self, ratio):
@@ -430,7 +430,7 @@ def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeyp
     finished instead, and the re-measured ratios are reported; nothing feasible -> the lowest re-measured."""
     from types import SimpleNamespace
 
-    import onnxconet.search.run as run_mod
+    import onnxconet.commands.search as run_mod
 
     space = WidthSpace(tiny_graph, min_ratio=0.25)
     full = {g.id: g.hi for g in space}

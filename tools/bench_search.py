@@ -33,7 +33,7 @@ import torch
 
 from onnxconet.data import load_data, make_loaders
 from onnxconet.prepare import prepare
-from onnxconet.search.run import SearchConfig, _config_json, run_search
+from onnxconet.commands.search import SearchConfig, _config_json, run_search
 from onnxconet.train.loop import TrainConfig, fit
 
 MODELS = {"digits": "models/digits_cnn.py:digits_cnn", "resnet20": "models/resnet_cifar.py:resnet20"}

@@ -188,7 +188,7 @@ def bind_costs(
     from onnxconet.latency.predictor import LatencyPredictor, calibrate
     from onnxconet.latency.profile import measure_relative
     from onnxconet.search.dmasking import EffectiveCost
-    from onnxconet.search.run import onnx_with_weights
+    from onnxconet.surgery.parity import onnx_with_weights
 
     for res in resolutions:
         for ga, gb in zip(base_cg.groups, res.cg.groups, strict=True):

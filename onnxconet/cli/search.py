@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from onnxconet.cli import InputShapeOpt, JsonOpt, ModelArg, OrtConfigOpt, WeightsOpt, _run, app, err, out
+from onnxconet.cli.app import InputShapeOpt, JsonOpt, ModelArg, OrtConfigOpt, WeightsOpt, _run, app, err, out
 
 
 def _renderer(progress: Progress, task_id):
@@ -162,11 +162,11 @@ def search(
     """Search the channel width of every group: candidates inherit the original's weights, are fine-tuned with
     distillation, scored by accuracy against measured latency; the best is fine-tuned and written as
     OUT/best.onnx with a report. With no arguments: the built-in digits CNN on digits, budget 0.5."""
+    from onnxconet.commands.search import SearchConfig, run_search
     from onnxconet.latency.profile import parse_session_config
     from onnxconet.load import parse_input_shape
     from onnxconet.report import threads_note
     from onnxconet.search.resolution import parse_resolutions
-    from onnxconet.search.run import SearchConfig, run_search
 
     cfg = SearchConfig(
         model=model,

@@ -6,36 +6,22 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from onnxconet.errors import SurgeryError
 from onnxconet.graph.ir import save_onnx
 from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.prepare import Prepared
 from onnxconet.surgery.onnx import check_onnx, slice_onnx
+from onnxconet.surgery.parity import max_rel_diff, onnx_outputs, torch_outputs
 from onnxconet.surgery.torch import slice_torch
 
 log = logging.getLogger(__name__)
 
 
-def onnx_outputs(path_or_bytes, x: np.ndarray) -> np.ndarray:
-    """First output of the model on `x` with onnxruntime on CPU."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
-def torch_outputs(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        y = module.eval()(torch.from_numpy(x))
-    return (y[0] if isinstance(y, (tuple, list)) else y).numpy()
-
-
 def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) -> dict:
     """Keep round((1-ratio)*C) channels of every prunable group (L1-top), write `out`, compare it with the
     pruned torch model on a random input. Returns the `prune --json` object."""
-    from onnxconet.verify import freeze_failing
+    from onnxconet.surgery.verify import freeze_failing
 
     cg = prep.graph
     widths = cg.uniform_widths(ratio)
@@ -60,10 +46,7 @@ def prune_model(prep: Prepared, ratio: float, out: str | Path, seed: int = 0) ->
             raise SurgeryError(
                 f"{out}: output shape {y_onnx.shape} differs from the pruned torch model's {y_torch.shape}"
             )
-        max_diff = float(np.abs(y_torch - y_onnx).max())
-        # relative to the output's scale: random-init nets can output 1e6 (inception_v3), where float32 rounding
-        # alone makes absolute differences of order 1
-        rel_diff = max_diff / max(float(np.abs(y_torch).max()), 1e-30)
+        max_diff, rel_diff = max_rel_diff(y_onnx, y_torch)
     frozen = [g for g in cg.groups if not g.prunable and not g.fixed_io]
     total, prunable = cg.total_channels()
     return {

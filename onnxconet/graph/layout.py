@@ -15,8 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from onnxconet.graph.groups import ChannelGraph, split_param_name
-from onnxconet.graph.stats import count_flops, count_params
-from onnxconet.prepare import Prepared
 
 
 def member_layout(positions: np.ndarray, chan: np.ndarray, n_bundles: int, divisor: int) -> dict:
@@ -71,20 +69,3 @@ def groups_json(cg: ChannelGraph) -> list[dict]:
             }
         )
     return out
-
-
-def inspect_report(prep: Prepared) -> dict:
-    cg = prep.graph
-    total, prunable = cg.total_channels()
-    return {
-        "model": prep.loaded.spec,
-        "input_shape": list(prep.loaded.input_shape),
-        "params": count_params(cg),
-        "flops": count_flops(cg),
-        "total_channels": total,
-        "prunable_channels": prunable,
-        "fingerprint": cg.fingerprint(),
-        "export_seconds": round(prep.export_seconds, 3),
-        "groups_seconds": round(prep.groups_seconds, 4),
-        "groups": groups_json(cg),
-    }

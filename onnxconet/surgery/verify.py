@@ -14,8 +14,8 @@ import torch
 
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.prepare import Prepared
-from onnxconet.prune import onnx_outputs, torch_outputs
 from onnxconet.surgery.onnx import slice_onnx
+from onnxconet.surgery.parity import onnx_outputs, torch_outputs
 from onnxconet.surgery.torch import slice_torch
 
 log = logging.getLogger(__name__)

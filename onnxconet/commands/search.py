@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
@@ -23,7 +22,6 @@ from onnxconet.graph.ir import save_onnx
 from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.latency.profile import Target, measure
 from onnxconet.prepare import prepare
-from onnxconet.prune import onnx_outputs, torch_outputs
 from onnxconet.report import pareto_front, write_report
 from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Trial, TrialState
@@ -37,6 +35,7 @@ from onnxconet.search.resolution import ResizedLoader, bind_costs, check_resolut
 from onnxconet.space import WidthSpace, save_widths
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import check_onnx, slice_onnx
+from onnxconet.surgery.parity import onnx_outputs, onnx_with_weights, torch_outputs
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -134,27 +133,6 @@ def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, 
     return ratio, (ratio * baseline_ms if baseline_ms else None)
 
 
-def onnx_with_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor]) -> onnx.ModelProto:
-    """The graph with its initializers replaced by the torch weights of the same names (state_dict keys)."""
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    for init in new.graph.initializer:
-        t = state.get(init.name)
-        if t is None:
-            continue
-        arr = t.detach().cpu().numpy()
-        if tuple(arr.shape) != tuple(init.dims):
-            raise OnnxconetError(
-                f"weight {init.name}: torch shape {tuple(arr.shape)} != ONNX {tuple(init.dims)}"
-            )
-        init.CopyFrom(
-            onnx.numpy_helper.from_array(
-                arr.astype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)), init.name
-            )
-        )
-    return new
-
-
 def _emit(progress: Progress | None, event: str, **data) -> None:
     if progress:
         progress(event, data)
@@ -206,7 +184,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> dict:
         base_stats = measure(str(out / "baseline.onnx"), target, max_seconds=2 * cfg.latency_seconds)
         budget, budget_ms = parse_budget(cfg.budget, cfg.budget_on, base_stats.median_ms)
 
-        from onnxconet.verify import freeze_failing
+        from onnxconet.surgery.verify import freeze_failing
 
         freeze_failing(prep, cg.uniform_widths(0.5))
         space = WidthSpace(cg, min_ratio=cfg.min_ratio, align=cfg.align)
