@@ -45,20 +45,28 @@ def count_flops(cg: ChannelGraph, keep: np.ndarray | None = None) -> int:
         pa = _weight(cg, node)
         if pa is None:
             continue
-        if node.op == "Conv":
-            out = g.shape(node.outputs[0])
-            positions = int(np.prod(out)) // out[1] if out and None not in out else None
-        elif node.op == "ConvTranspose":
-            x = g.shape(node.inputs[0])
-            positions = int(np.prod(x)) // x[1] if x and None not in x else None
-        else:
-            a = g.shape(node.inputs[0])
-            positions = int(np.prod(a[:-1])) if a and None not in a else None
-            if node.op == "Gemm" and int(node.attr("transA", 0)) and a:
-                positions = int(a[1])
+        positions = output_positions(g, node)
         if positions is not None:
-            total += positions * int(np.prod(shapes[pa]))
+            total += int(positions) * int(np.prod(shapes[pa]))
     return int(total)
+
+
+def output_positions(g, node) -> float | None:
+    """Output positions per output channel of a Conv / ConvTranspose / Gemm / MatMul (batch included): a
+    layer's MACs are these times its weight's elements. None when a shape is not static. The one rule that
+    MAC counts, the latency predictor's features and dmasking's effective shapes all use."""
+    if node.op == "Conv":
+        out = g.shape(node.outputs[0])
+        return float(np.prod(out)) / out[1] if out and None not in out else None
+    if node.op == "ConvTranspose":
+        x = g.shape(node.inputs[0])
+        return float(np.prod(x)) / x[1] if x and None not in x else None
+    a = g.shape(node.inputs[0])
+    if not a or None in a:
+        return None
+    if node.op == "Gemm" and int(node.attr("transA", 0)):
+        return float(a[1])
+    return float(np.prod(a[:-1]))
 
 
 def _weight(cg: ChannelGraph, node) -> str | None:

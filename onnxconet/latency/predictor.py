@@ -62,8 +62,10 @@ from scipy.optimize import nnls
 from scipy.stats import spearmanr
 
 from onnxconet.errors import LatencyError
+from onnxconet.files import atomic_write
 from onnxconet.graph.analysis import Analyzer
 from onnxconet.graph.groups import ChannelGraph
+from onnxconet.graph.stats import output_positions
 from onnxconet.latency.profile import PAIRED
 
 log = logging.getLogger(__name__)
@@ -253,21 +255,11 @@ class LatencyFeatures:
         d0 = self._axis(wname, 0, wshape[0])
         d1 = self._axis(wname, 1, wshape[1])
         K = float(np.prod(wshape[2:])) if len(wshape) > 2 else 1.0
+        positions = output_positions(g, node)
         if node.op == "Conv":
-            out = g.shape(node.outputs[0])
-            positions = float(np.prod(out)) / out[1] if out and None not in out else None
-            group = int(node.attr("group", 1))
-            cls = "dw" if group > 1 else ("pw" if K == 1 else "conv")
-        elif node.op == "ConvTranspose":
-            x = g.shape(node.inputs[0])
-            positions = float(np.prod(x)) / x[1] if x and None not in x else None
-            cls = "conv"
+            cls = "dw" if int(node.attr("group", 1)) > 1 else ("pw" if K == 1 else "conv")
         else:
-            a = g.shape(node.inputs[0])
-            positions = float(np.prod(a[:-1])) if a and None not in a else None
-            if node.op == "Gemm" and int(node.attr("transA", 0)) and a:
-                positions = float(a[1])
-            cls = "fc"
+            cls = "conv" if node.op == "ConvTranspose" else "fc"
         if positions is None:
             log.debug("latency features: %s has no static shape; skipped", node.describe())
             return
@@ -587,7 +579,7 @@ class LatencyPredictor:
     def save(self, path: str | os.PathLike) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_json()) + "\n")
+        atomic_write(p, json.dumps(self.to_json()) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike, cg: ChannelGraph | None = None) -> LatencyPredictor:

@@ -87,19 +87,59 @@ class Objective:
         )
 
 
+@dataclass
+class Setup:
+    """What a strategy's preparation changes for its trials; the run applies it (strategies never reach into
+    the evaluator).
+
+    Attributes:
+        bank: the weights trials are cut from instead of the original's (dmasking: the trained supernet,
+            in its staircase order).
+        resolution: the input resolution trials are cut, trained and measured at (dmasking --resolutions;
+            a `search.resolution.Resolution`).
+    """
+
+    bank: Any = None
+    resolution: Any = None
+
+
 class Strategy:
-    """Base class: `ask()` returns the next widths; `tell(trial)` reports its result."""
+    """Base class: `ask()` returns the next widths; `tell(trial)` reports its result and returns the facts the
+    strategy wants recorded with it (kept apart from the trial's own fields in the history).
+
+    Optional capabilities, declared here with their defaults so the run never probes for them:
+        reinit: trials start from re-initialized weights (the `scratch` baseline), not the original's.
+        absorb: with --final-from trial, an accepted trial's fine-tuned weights go back into the bank.
+        prepare(ctx, records): work before the first ask (dmasking trains its supernet); returns a `Setup`.
+        anchor(): the widths the search started from, raced against its best at the end (search/race.py).
+        summary(): extra result.json entries (dmasking: the supernet's summary and its logits' history).
+    """
 
     name = "base"
+    reinit: bool = False
+    absorb: bool = True
 
     def __init__(self, space: WidthSpace, objective: Objective, seed: int = 0) -> None:
         self.space = space
         self.objective = objective
         self.seed = seed
 
+    def prepare(self, ctx: Any, records: list[dict]) -> Setup:
+        """Before the first ask. `ctx` is the run's `search.context.RunContext`; `records` the history's
+        finished trials (non-empty when resuming). Default: nothing to prepare."""
+        return Setup()
+
     def ask(self) -> dict[int, int]:
         raise NotImplementedError
 
     def tell(self, trial: Trial) -> dict[str, Any]:
         """Returns facts to record with the trial (e.g. accepted, temperature)."""
+        return {}
+
+    def anchor(self) -> dict[int, int] | None:
+        """The widths the search started from, or None when it has no such start."""
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Extra entries for result.json."""
         return {}

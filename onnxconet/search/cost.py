@@ -4,6 +4,8 @@ moves a configuration onto the budget."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from onnxconet.graph.groups import ChannelGraph
@@ -11,15 +13,52 @@ from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.space import WidthSpace
 
 
+class Correction:
+    """How a calibrated prediction is corrected by what the search measures: the median of measured / predicted
+    over the measurements so far, clipped to [0.5, 2] (a factor outside says the prediction is broken, not off);
+    1 without any."""
+
+    def __init__(self) -> None:
+        self.ratios: list[float] = []
+
+    def add(self, measured: float, predicted: float) -> None:
+        self.ratios.append(float(measured) / max(float(predicted), 1e-6))
+
+    def factor(self) -> float:
+        return float(np.clip(np.median(self.ratios), 0.5, 2.0)) if self.ratios else 1.0
+
+
+def scale_onto(
+    widths: dict[int, float],
+    target: float,
+    predict: Callable[[dict[int, int]], float],
+    snap: Callable[[dict[int, float]], dict[int, int]],
+    span: tuple[float, float, int] = (-3.0, 3.0, 18),
+) -> tuple[dict[int, int], float]:
+    """Scale every group of `widths` by one factor 2**s (then `snap` to allowed widths) so that `predict` lands at
+    or just under `target`: bisection on s over `span` = (lo, hi, iterations). Returns (widths, s); when even
+    2**lo misses the target, the widths at 2**lo."""
+    lo, hi, iters = span
+    best, best_s = snap({g: w * 2.0**lo for g, w in widths.items()}), lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        cand = snap({g: w * 2.0**mid for g, w in widths.items()})
+        if predict(cand) <= target:
+            best, best_s, lo = cand, mid, mid
+        else:
+            hi = mid
+    return best, best_s
+
+
 class CostModel:
     """ratio(widths) for the budgeted quantity. For latency with a calibrated `predictor`
-    (latency/predictor.py): its prediction times the median measured/predicted ratio of the trials so far.
+    (latency/predictor.py): its prediction times the `Correction` of the trials measured so far.
     Without one: r = a + b * flops_ratio, least squares over the measured (flops_ratio, latency_ratio) pairs
     plus the baseline point (1, 1); before two measurements exist it is the FLOPs ratio itself."""
 
     def __init__(self, cg: ChannelGraph, space: WidthSpace, on: str = "latency", predictor=None) -> None:
         self.cg, self.space, self.on, self.predictor = cg, space, on, predictor
-        self.corrections: list[float] = []
+        self.correction = Correction()
         self.base_flops = max(count_flops(cg), 1)
         self.base_params = max(count_params(cg), 1)
         self._zero = np.zeros(len(cg.group_of_bundle))
@@ -33,9 +72,7 @@ class CostModel:
 
     def observe(self, flops_ratio: float, latency_ratio: float, widths: dict[int, int] | None = None) -> None:
         if self.predictor is not None and widths is not None:
-            self.corrections.append(
-                float(latency_ratio) / max(float(self.predictor.predict_ratio(widths)), 1e-6)
-            )
+            self.correction.add(latency_ratio, self.predictor.predict_ratio(widths))
         self.points.append((float(flops_ratio), float(latency_ratio)))
         x = np.array([p[0] for p in self.points])
         y = np.array([p[1] for p in self.points])
@@ -50,19 +87,9 @@ class CostModel:
         if self.on == "params":
             return p
         if self.predictor is not None:
-            corr = float(np.median(self.corrections)) if self.corrections else 1.0
-            return float(self.predictor.predict_ratio(widths)) * corr
+            return float(self.predictor.predict_ratio(widths)) * self.correction.factor()
         return self.a + self.b * f
 
-    def rescale(self, widths: dict[int, int], target: float, iters: int = 18) -> dict[int, int]:
+    def rescale(self, widths: dict[int, int], target: float) -> dict[int, int]:
         """Scale every group of `widths` by one factor so the predicted ratio lands at (just under) `target`."""
-        lo, hi = -3.0, 3.0  # log2 of the scale
-        best = self.space.clip({g: w * 2.0**lo for g, w in widths.items()})
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            cand = self.space.clip({g: w * 2.0**mid for g, w in widths.items()})
-            if self.predict(cand) <= target:
-                best, lo = cand, mid
-            else:
-                hi = mid
-        return best
+        return scale_onto(widths, target, self.predict, self.space.clip)[0]

@@ -24,18 +24,13 @@ import numpy as np
 import torch
 
 from onnxconet.errors import OnnxconetError
+from onnxconet.files import atomic_save
 from onnxconet.search.base import Objective, Strategy, Trial, TrialState
 from onnxconet.search.evaluate import Evaluator, failed_trial
 from onnxconet.surgery.inherit import WeightBank
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, dict], None]
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class History:

@@ -1,0 +1,127 @@
+"""What a search run is asked to do (`SearchConfig`, filled by the CLI or a script) and the budget it is held to."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from onnxconet.errors import OnnxconetError
+from onnxconet.latency.profile import Target
+from onnxconet.search.dmasking import DMaskingConfig
+from onnxconet.search.resolution import check_resolutions
+
+# the --strategy names; "uniform" is the old name of "scratch" (uniform widths trained from re-initialized weights)
+STRATEGY_NAMES = ("anneal", "dmasking", "random", "l1", "scratch")
+ALIASES = {"uniform": "scratch"}
+DEFAULT_MODEL = "models/digits_cnn.py:digits_cnn"
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search run needs; the CLI fills it from its options."""
+
+    model: str | None = None
+    data: str = "digits"
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    strategy: str = "anneal"
+    budget: str = "0.5"
+    budget_on: str = "latency"
+    provider: str = "auto"
+    threads: int = 0
+    trials: int = 12
+    epochs_per_trial: int = 1
+    final_epochs: int = 4
+    # where the best widths' final fine-tuning starts: "trial" = the best trial's fine-tuned weights (what the
+    # search already trained), "original" = cut afresh from the original (or, for `uniform`, from its
+    # re-initialized weights): every strategy's widths then get the same training, as when CONetV2 and
+    # FBNetV2 retrain the widths they found; tools/bench_search.py compares widths this way. The trials then
+    # only rank widths: each is cut from the original and trained on the same batches (a paired comparison)
+    final_from: str = "trial"
+    pretrain_epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.05
+    alpha: float = 0.5
+    temperature: float = 4.0
+    min_ratio: float = 0.125
+    align: int = 8
+    penalty: float = 1.0
+    latency_seconds: float = 2.0
+    probes: int = 12
+    max_batches: int | None = None
+    out: str = "runs/search"
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+    ort_config: dict = field(default_factory=dict)  # onnxruntime session config entries the deployment sets
+    dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking.py)
+    resolutions: list[int] | None = None  # square input sizes searched by dmasking (search/resolution.py)
+
+    def check(self) -> None:
+        self.strategy = ALIASES.get(self.strategy, self.strategy)
+        if self.strategy not in STRATEGY_NAMES:
+            raise OnnxconetError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGY_NAMES)}")
+        if self.budget_on not in ("latency", "flops", "params"):
+            raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
+        if self.trials < 1:
+            raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
+        if self.final_from not in ("trial", "original"):
+            raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
+        if self.strategy == "dmasking":
+            DMaskingConfig.from_dict(self.dmasking)
+        if self.resolutions is not None:
+            if self.strategy != "dmasking":
+                raise OnnxconetError(
+                    f"--resolutions is searched by --strategy dmasking only (not {self.strategy}); "
+                    "add --strategy dmasking or drop --resolutions"
+                )
+            self.resolutions = check_resolutions(self.resolutions)
+        self.target()  # validates the provider and threads
+
+    def target(self) -> Target:
+        """The deployment the budget is measured on: provider, threads, session options."""
+        return Target(
+            provider=self.provider, threads=self.threads, session_config=tuple(self.ort_config.items())
+        )
+
+
+def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, float | None]:
+    """'0.5' -> ratio 0.5; '12ms' -> 12 / baseline ms (latency only). Returns (ratio, ms or None)."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            if on != "latency" or not baseline_ms:
+                raise OnnxconetError(f"--budget {text}: milliseconds need --budget-on latency")
+            ms = float(t[:-2])
+            return ms / baseline_ms, ms
+        ratio = float(t)
+    except ValueError:
+        raise OnnxconetError(
+            f"--budget {text!r} is neither a ratio (0.5) nor milliseconds (12ms)"
+        ) from None
+    if not 0 < ratio <= 1:
+        raise OnnxconetError(
+            f"--budget {text}: a ratio must be in (0, 1], e.g. 0.5 for half the baseline"
+        )
+    return ratio, (ratio * baseline_ms if baseline_ms else None)
+
+
+def config_json(cfg: SearchConfig) -> dict:
+    """The config as recorded in history.jsonl and result.json (tools/bench_search.py compares runs by it)."""
+    d = asdict(cfg)
+    d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
+    d["model"] = cfg.model or DEFAULT_MODEL
+    if d.get("resolutions") is None:
+        d.pop("resolutions", None)  # runs without it keep their config as before
+    return d
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budgeted quantity (latency | flops | params), its ratio to the baseline, and milliseconds (latency)."""
+
+    on: str
+    ratio: float
+    ms: float | None = None
+
+    def to_json(self) -> dict:
+        return {"on": self.on, "ratio": self.ratio, "ms": self.ms}
