@@ -28,6 +28,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from onnxconet.files import atomic_write
+from onnxconet.search.pareto import as_number as _num
+from onnxconet.search.pareto import pareto_front
+from onnxconet.search.results import SearchResult
+
 log = logging.getLogger(__name__)
 
 # budget_on -> (ratio key in trials/best, short label, axis label)
@@ -39,42 +44,6 @@ _AXES = {
 _MAX_TRIAL_ROWS = 40  # above this, the trials table lists the Pareto trials, the best, the first and last
 _HEAD_TAIL = 10
 _NA = "—"
-
-
-def _num(v: Any) -> float | None:
-    """`v` as a finite float, else None (None, bool, str, NaN, inf)."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def pareto_front(trials: list[dict], x: str = "latency_ratio", y: str = "accuracy") -> list[int]:
-    """Indices into `trials` of the non-dominated completed trials, sorted by `x` (then by index).
-
-    Lower `x` and higher `y` are better. Trials whose state is not "complete", or whose `x` or `y` is
-    missing or not finite, are ignored. A trial is dominated when another is at least as good on both
-    and better on one, so exact duplicates of a front point are all kept; a trial with the same `y`
-    as a front point but a larger `x` is dominated.
-    """
-    points = []
-    for i, t in enumerate(trials):
-        xv, yv = _num(t.get(x)), _num(t.get(y))
-        if t.get("state") == "complete" and xv is not None and yv is not None:
-            points.append((xv, -yv, i))
-    points.sort()  # by x, then best y first, then index
-    front: list[int] = []
-    best_y, best_x = -math.inf, math.nan
-    for xv, neg_y, i in points:
-        if -neg_y > best_y:
-            front.append(i)
-            best_y, best_x = -neg_y, xv
-        elif -neg_y == best_y and xv == best_x:  # exact duplicate of the last front point
-            front.append(i)
-    return front
 
 
 # ---------------------------------------------------------------- formatting (numbers for humans)
@@ -670,13 +639,14 @@ def _markdown(result: dict, trials: list[dict], front: list[int], on: str, paths
     return "\n".join(md)
 
 
-def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
+def write_report(result: SearchResult | dict, out_dir: str | Path) -> dict[str, Path]:
     """Write the outputs of a search run into `out_dir` (created if needed).
 
     Args:
-        result: the search result (config, baseline, budget, best, trials, groups, optional
-            logits_history...; see the module docstring). Missing optional keys and ``best=None``
-            are reported as such, never raised on.
+        result: the search result (`search.results.SearchResult`), or a result.json object (config, baseline,
+            budget, best, trials, groups, optional logits_history...; see the module docstring): the report
+            renders result.json's structure, so a partial one (missing optional keys, ``best=None``) is
+            reported as such, never raised on.
         out_dir: folder of the run.
 
     Returns:
@@ -685,9 +655,9 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = _jsonable(result)
+    data = _jsonable(result.to_json() if isinstance(result, SearchResult) else result)
     paths = {"result": out / "result.json", "report": out / "report.md", "pareto": out / "pareto.png"}
-    paths["result"].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    atomic_write(paths["result"], json.dumps(data, indent=1) + "\n")
 
     on = _axis(data)
     base = data.get("baseline") or {}

@@ -21,7 +21,7 @@ from latency_oracle import previous_inloop_ratio
 from onnxconet.graph.ir import save_onnx
 from onnxconet.latency.profile import Target
 from onnxconet.prepare import prepare
-from onnxconet.search.evaluate import LatencyJudge
+from onnxconet.search.judge import LatencyJudge
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.onnx import slice_onnx
 

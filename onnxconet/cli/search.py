@@ -62,21 +62,25 @@ def search(
         typer.Option(
             "--strategy",
             help="anneal (CONetV2 metric + simulated annealing), dmasking (FBNetV2 channel-masking supernet "
-            "with a latency-predictor cost), or the baselines random | uniform | l1.",
+            "with a latency-predictor cost), or the baselines l1 (uniform widths, top-L1 channels of the "
+            "original) | scratch (uniform widths, re-initialized; 'uniform' is its old name) | random.",
         ),
     ] = "anneal",
-    latency_budget: Annotated[
+    budget: Annotated[
         str,
         typer.Option(
-            "--latency-budget", help="Budget as a ratio of the original (0.5) or milliseconds (12ms)."
+            "--budget",
+            "--latency-budget",
+            help="The budget on the --budget-on quantity, as a ratio of the original's (0.5), or in "
+            "milliseconds (12ms, latency only). --latency-budget is its old name.",
         ),
     ] = "0.5",
     budget_on: Annotated[
         str,
         typer.Option(
             "--budget-on",
-            help="latency (measured with onnxruntime), flops or "
-            "params; --latency-budget is then that quantity's ratio.",
+            help="What --budget limits: latency (measured as deployed with onnxruntime), flops (MACs) or "
+            "params.",
         ),
     ] = "latency",
     provider: Annotated[
@@ -165,7 +169,6 @@ def search(
     from onnxconet.commands.search import SearchConfig, run_search
     from onnxconet.latency.profile import parse_session_config
     from onnxconet.load import parse_input_shape
-    from onnxconet.report import threads_note
     from onnxconet.search.resolution import parse_resolutions
 
     cfg = SearchConfig(
@@ -174,7 +177,7 @@ def search(
         weights=str(weights) if weights else None,
         input_shape=_run(parse_input_shape, input_shape),
         strategy=strategy,
-        budget=latency_budget,
+        budget=budget,
         budget_on=budget_on,
         provider=provider,
         threads=threads,
@@ -206,27 +209,32 @@ def search(
         task = progress.add_task("preparing", total=trials)
         result = _run(run_search, cfg, _renderer(progress, task))
     if json_out:
-        print(json.dumps(result))
+        print(json.dumps(result.to_json()))
         return
-    b, base = result["best"], result["baseline"]
+    _print_result(result, Path(cfg.out))
+
+
+def _print_result(result, out_dir: Path) -> None:
+    from onnxconet.report import threads_note
+
+    b, base, budget = result.best, result.baseline, result.budget
     out.print(
-        f"[bold]best[/] (trial {b['trial']}): accuracy {100 * b['accuracy']:.1f}% "
-        f"(baseline {100 * base['accuracy']:.1f}%), latency {b['latency_ms']:.2f} ms = {b['latency_ratio']:.3f}× "
-        f"the baseline ({b['speedup']:.2f}× faster), MACs {b['flops_ratio']:.2f}×, params {b['params_ratio']:.2f}×; "
-        f"budget {result['budget']['on']} ≤ {result['budget']['ratio']:.3f}: "
-        + ("[green]met[/]" if b["budget_met"] else "[red]not met[/]")
-        + (" as deployed" if result["budget"]["on"] == "latency" else "")
+        f"[bold]best[/] (trial {b.trial}): accuracy {100 * b.accuracy:.1f}% (baseline {100 * base.accuracy:.1f}%), "
+        f"latency {b.latency_ms:.2f} ms = {b.latency_ratio:.3f}× the baseline ({b.speedup:.2f}× faster), "
+        f"MACs {b.flops_ratio:.2f}×, params {b.params_ratio:.2f}×; budget {budget.on} ≤ {budget.ratio:.3f}: "
+        + ("[green]met[/]" if b.budget_met else "[red]not met[/]")
+        + (" as deployed" if budget.on == "latency" else "")
     )
-    note = threads_note(b.get("latency") or {})
+    note = threads_note(b.latency.to_json() if b.latency else {})
     if note:
         out.print(note, highlight=False)
+    searched = result.config.get("resolutions")
     out.print(
         (
-            f"input resolution {result['resolution']}x{result['resolution']} (searched over "
-            f"{result['config'].get('resolutions')}); "
-            if result.get("resolution")
+            f"input resolution {result.resolution}x{result.resolution} (searched over {searched}); "
+            if result.resolution
             else ""
         )
-        + f"wrote {b['onnx']} (onnxruntime vs torch max |diff| {b['max_abs_diff']:.1e}), "
-        f"{Path(cfg.out) / 'report.md'}, {Path(cfg.out) / 'result.json'}"
+        + f"wrote {b.onnx} (onnxruntime vs torch max |diff| {b.max_abs_diff:.1e}), "
+        f"{out_dir / 'report.md'}, {out_dir / 'result.json'}"
     )

@@ -9,13 +9,14 @@ channels go and the budget decides *how many* — unlike CONetV2, where γ was t
 The new trial is accepted with the Metropolis rule on the objective (accuracy minus a hinge on the budget);
 the temperature cools geometrically. The first trial is the uniform widths on the budget (what `l1` proposes):
 the search starts from that baseline and leaves it only for a trial that scores better. With
-`--final-from original` the trials are paired (each cut from the original, same batches; search/run.py), so
+`--final-from original` the trials are paired (each cut from the original, same batches; search/setup.py), so
 "scores better" means better widths, not more accumulated training or luckier batches.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +24,20 @@ from onnxconet.metrics.conet import MetricMomentum
 from onnxconet.search.base import Objective, Strategy, Trial, TrialState
 from onnxconet.search.cost import CostModel
 from onnxconet.space import WidthSpace
+
+
+@dataclass(frozen=True)
+class AnnealConfig:
+    """Knobs of `anneal`: t0 and cooling (temperature per trial: t0 · cooling^n), gamma (CONetV2's momentum of
+    the metric), gain (how far Δ moves a group), noise (relative, scaled by the temperature), margin (moves are
+    put on margin × budget)."""
+
+    t0: float = 0.02
+    cooling: float = 0.85
+    gamma: float = 0.8
+    gain: float = 4.0
+    noise: float = 0.15
+    margin: float = 0.97
 
 
 class AnnealStrategy(Strategy):
@@ -34,25 +49,26 @@ class AnnealStrategy(Strategy):
         objective: Objective,
         cost: CostModel,
         init: dict[int, int],
+        config: AnnealConfig | None = None,
         *,
         seed: int = 0,
-        t0: float = 0.02,
-        cooling: float = 0.85,
-        gamma: float = 0.8,
-        gain: float = 4.0,
-        noise: float = 0.15,
-        margin: float = 0.97,
     ) -> None:
         super().__init__(space, objective, seed)
-        self.cost, self.init, self.margin = cost, dict(init), margin
+        c = config or AnnealConfig()
+        self.cost, self.init, self.margin = cost, dict(init), c.margin
         self.rng = np.random.default_rng(seed)
-        self.t0, self.temperature, self.cooling, self.gain, self.noise = t0, t0, cooling, gain, noise
-        self.momentum = MetricMomentum(gamma)
+        self.t0, self.temperature, self.cooling, self.gain, self.noise = (
+            c.t0,
+            c.t0,
+            c.cooling,
+            c.gain,
+            c.noise,
+        )
+        self.momentum = MetricMomentum(c.gamma)
         self.delta: dict[int, float] = {}
         self.current: Trial | None = None
         self.told = 0
 
-    @property
     def anchor(self) -> dict[int, int]:
         """The widths the search started from (its first trial); see search/race.py."""
         return dict(self.init)

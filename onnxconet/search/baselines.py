@@ -1,8 +1,9 @@
 """Baselines for benchmarks, on the same interface as the searches.
 
-- `uniform`: every group scaled by one factor onto the budget, weights re-initialized (width scaling,
-  trained from scratch with distillation for the same epochs).
-- `l1`: the same uniform widths, keeping the top-L1 channels of the original (magnitude pruning).
+- `l1`: every group scaled by one factor onto the budget (uniform widths), keeping the top-L1 channels of the
+  original (magnitude pruning).
+- `scratch` (formerly `uniform`): the same uniform widths with re-initialized weights (width scaling trained from
+  scratch with distillation for the same epochs: Liu et al. 2019's control).
 - `random`: random widths scaled onto the budget, each trial cut from the original (best one wins).
 """
 
@@ -15,11 +16,10 @@ from onnxconet.search.cost import CostModel
 from onnxconet.space import WidthSpace
 
 
-class UniformStrategy(Strategy):
-    """Always proposes the uniform configuration on the budget."""
+class L1Strategy(Strategy):
+    """Always proposes the uniform widths on the budget, cut from the original by L1 norm."""
 
     name = "l1"
-    reinit = False
     absorb = False
 
     def __init__(self, space: WidthSpace, objective: Objective, cost: CostModel, seed: int = 0) -> None:
@@ -33,8 +33,10 @@ class UniformStrategy(Strategy):
         return {"accepted": True, "objective": self.objective(trial)}
 
 
-class ScratchUniformStrategy(UniformStrategy):
-    name = "uniform"
+class ScratchStrategy(L1Strategy):
+    """The uniform widths on the budget, trained from re-initialized weights."""
+
+    name = "scratch"
     reinit = True
 
 

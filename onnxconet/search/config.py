@@ -95,13 +95,9 @@ def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, 
             return ms / baseline_ms, ms
         ratio = float(t)
     except ValueError:
-        raise OnnxconetError(
-            f"--budget {text!r} is neither a ratio (0.5) nor milliseconds (12ms)"
-        ) from None
+        raise OnnxconetError(f"--budget {text!r} is neither a ratio (0.5) nor milliseconds (12ms)") from None
     if not 0 < ratio <= 1:
-        raise OnnxconetError(
-            f"--budget {text}: a ratio must be in (0, 1], e.g. 0.5 for half the baseline"
-        )
+        raise OnnxconetError(f"--budget {text}: a ratio must be in (0, 1], e.g. 0.5 for half the baseline")
     return ratio, (ratio * baseline_ms if baseline_ms else None)
 
 

@@ -27,7 +27,7 @@ from onnxconet.latency.profile import measure
 from onnxconet.prepare import Prepared, prepare
 from onnxconet.search.config import Budget, SearchConfig, parse_budget
 from onnxconet.search.driver import atomic_save, load_checkpoint
-from onnxconet.search.evaluate import LatencyJudge
+from onnxconet.search.judge import LatencyJudge
 from onnxconet.search.resolution import Resolution, graphs_at
 from onnxconet.search.results import Baseline
 from onnxconet.surgery.parity import onnx_with_weights
@@ -119,7 +119,9 @@ def build_context(cfg: SearchConfig, progress: Progress | None = None) -> RunCon
     teacher = _teacher(cfg, prep.loaded.module, loaders, tcfg, progress)
     baseline = Baseline(
         accuracy=evaluate(teacher, loaders.val, device=cfg.device, max_batches=cfg.max_batches)["accuracy"],
-        test_accuracy=evaluate(teacher, loaders.test, device=cfg.device)["accuracy"] if loaders.test else None,
+        test_accuracy=evaluate(teacher, loaders.test, device=cfg.device)["accuracy"]
+        if loaders.test
+        else None,
         onnx=str(out / "baseline.onnx"),
     )
     save_onnx(onnx_with_weights(prep.onnx_model, teacher.state_dict()), baseline.onnx)
@@ -145,7 +147,9 @@ def _loaders(cfg: SearchConfig, prep: Prepared) -> Loaders:
     return Loaders(*make_loaders(splits, cfg.batch_size, cfg.seed))
 
 
-def _teacher(cfg: SearchConfig, module: nn.Module, loaders: Loaders, tcfg: TrainConfig, progress) -> nn.Module:
+def _teacher(
+    cfg: SearchConfig, module: nn.Module, loaders: Loaders, tcfg: TrainConfig, progress
+) -> nn.Module:
     """The original as the trials' teacher: the given weights, or teacher.pt of a resumed run, or trained now for
     --pretrain-epochs (and saved to teacher.pt)."""
     teacher = copy.deepcopy(module)

@@ -118,7 +118,7 @@ class Loop:
             self._emit("stage", {"text": f"resumed after {len(records)} finished trials"})
 
     def run(self) -> None:
-        absorb = self.absorb and getattr(self.strategy, "absorb", True)
+        absorb = self.absorb and self.strategy.absorb
         for n in range(len(self.records), self.trials):
             widths = self.strategy.ask()
             self._emit("trial_start", {"trial": n, "trials": self.trials, "widths": widths})

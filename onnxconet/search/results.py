@@ -38,6 +38,7 @@ class DeployedLatency:
 
     method: str
     how: str
+    provider: str
     ratio: float
     ratio_p10: float
     ratio_p90: float
@@ -59,9 +60,6 @@ class BestRecord:
 
     trial: int
     widths: dict[str, int]
-    accuracy: float
-    test_accuracy: float | None
-    search_accuracy: float | None
     latency_ms: float
     latency_ratio: float
     speedup: float
@@ -74,6 +72,9 @@ class BestRecord:
     max_rel_diff: float
     onnx: str
     latency: DeployedLatency | None = None
+    accuracy: float | None = None
+    test_accuracy: float | None = None
+    search_accuracy: float | None = None
     confirm_ratios: dict[int, float] | None = None
     race: dict | None = None
 

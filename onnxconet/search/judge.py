@@ -1,0 +1,74 @@
+"""The search's latency judge: candidates against the baseline, in-loop for every trial and as deployed for
+every decision (see `onnxconet.latency.profile` for the two ways of measuring)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import onnx
+
+from onnxconet.latency.profile import PairedMeasurer, RelativeStats, Target, measure_isolated
+
+
+class LatencyJudge:
+    """Latency of candidates relative to the baseline ONNX, at the deployment's target.
+
+    `measure` is the in-loop estimate every trial takes: a `PairedMeasurer` whose runner processes hold the
+    baseline for the whole search (started on first use); a measurement that other programs disturbed is taken
+    again (up to twice; the median of what was taken). `reference_ms` keeps the baseline's latency measured
+    beside every candidate: when it moves, the machine's speed changed during the search (see `drift`).
+    `deployed` is the ratio as deployed (`measure_isolated`: each model alone in fresh processes, pairs added up
+    to twice `pairs` while they disagree), for the decisions a search takes on one figure: whether the budget
+    is reachable, which trial to finish, whether the result met the budget.
+    """
+
+    def __init__(self, reference: bytes | str, target: Target, max_seconds: float = 2.0, pairs: int = 4):
+        self.reference, self.target, self.max_seconds, self.pairs = reference, target, max_seconds, pairs
+        self._measurer: PairedMeasurer | None = None
+        self.reference_ms: list[float] = []
+
+    @property
+    def measurer(self) -> PairedMeasurer:
+        if self._measurer is None:
+            self._measurer = PairedMeasurer(self.reference, self.target)
+        return self._measurer
+
+    def measure(self, candidate: onnx.ModelProto | bytes) -> tuple[float, float]:
+        """(ratio to the baseline, candidate median ms), the in-loop way."""
+        src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
+        rel = _undisturbed(lambda: self.measurer.compare(src, max_seconds=self.max_seconds))
+        self.reference_ms.append(rel.reference.median_ms)
+        return rel.ratio, rel.candidate.median_ms
+
+    def drift(self) -> dict | None:
+        """How far the baseline's own latency moved over the in-loop measurements: {"min_ms", "max_ms",
+        "spread" (max / min - 1), "measurements"}, or None before two measurements."""
+        if len(self.reference_ms) < 2:
+            return None
+        lo, hi = min(self.reference_ms), max(self.reference_ms)
+        return {"min_ms": lo, "max_ms": hi, "spread": hi / lo - 1, "measurements": len(self.reference_ms)}
+
+    def deployed(self, candidate, threads: int | None = None) -> RelativeStats:
+        """The ratio as deployed (`measure_isolated`, `pairs` pairs) of `candidate` (a proto, bytes or path);
+        `threads` overrides the target's thread count. Disturbed (other programs took the cores): measured again,
+        up to twice, and the median of what was measured returned."""
+        target = self.target if threads is None else replace(self.target, threads=threads)
+        src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
+        seconds = max(0.25, self.max_seconds / 4)  # per process: 0.5 s at the default 2 s
+        kw = dict(pairs=self.pairs, max_pairs=2 * self.pairs, seconds=seconds)
+        return _undisturbed(lambda: measure_isolated(src, self.reference, target, **kw))
+
+    def close(self) -> None:
+        if self._measurer is not None:
+            self._measurer.close()
+            self._measurer = None
+
+
+def _undisturbed(measure: Callable[[], RelativeStats], tries: int = 3) -> RelativeStats:
+    """`measure()`, again while other programs disturbed it (up to `tries` in all); the run with the median
+    ratio of those taken."""
+    runs = [measure()]
+    while runs[-1].disturbed and len(runs) < tries:
+        runs.append(measure())
+    return sorted(runs, key=lambda r: r.ratio)[len(runs) // 2]

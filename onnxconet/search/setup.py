@@ -1,0 +1,121 @@
+"""Before the first trial: the width space, the cost model (with a latency predictor calibrated on measured
+probes), the check that the budget can be met at all, the strategy, and the evaluator its trials run in. Each
+step takes the run context (`search.context.RunContext`) and at most one thing more."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from onnxconet.errors import BudgetError, OnnxconetError
+from onnxconet.search.anneal import AnnealStrategy
+from onnxconet.search.base import Objective, Strategy
+from onnxconet.search.baselines import L1Strategy, RandomStrategy, ScratchStrategy
+from onnxconet.search.calibration import PREDICTOR, calibrated_predictor
+from onnxconet.search.cost import CostModel
+from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
+from onnxconet.search.evaluate import Evaluator
+from onnxconet.space import WidthSpace
+from onnxconet.surgery.inherit import WeightBank
+from onnxconet.surgery.onnx import slice_onnx
+from onnxconet.surgery.verify import freeze_failing
+
+log = logging.getLogger(__name__)
+
+
+def width_space(ctx) -> WidthSpace:
+    """The searched widths: groups whose pruning breaks the model are frozen first (`surgery.verify`)."""
+    cfg = ctx.cfg
+    freeze_failing(ctx.prep, ctx.cg.uniform_widths(0.5))
+    space = WidthSpace(ctx.cg, min_ratio=cfg.min_ratio, align=cfg.align)
+    if not len(space):
+        raise OnnxconetError(
+            f"{ctx.prep.loaded.spec}: no prunable group (see onnxconet inspect); nothing to search"
+        )
+    return space
+
+
+def cost_model(ctx, space: WidthSpace) -> CostModel:
+    """The budgeted quantity's cost of widths; for latency a predictor calibrated on `--probes` measured probes
+    (saved in the run directory for --resume and shared with dmasking), so every strategy proposes widths that
+    land on the budget as measured."""
+    cfg = ctx.cfg
+    predictor = None
+    if cfg.budget_on == "latency" and cfg.probes > 0:
+        predictor = calibrated_predictor(ctx, ctx.cg, space, cfg.probes, ctx.out / PREDICTOR)
+    return CostModel(ctx.cg, space, cfg.budget_on, predictor)
+
+
+def check_reachable(ctx, space: WidthSpace, cost: CostModel) -> None:
+    """Refuse a budget that the smallest allowed widths cannot meet, before any training. For latency the
+    smallest widths are measured as deployed (`LatencyJudge.deployed`: several alternated process pairs), not
+    once in-loop: a single in-loop measurement of a sub-millisecond model refused budgets that the search then
+    met with wider widths."""
+    cfg, budget = ctx.cfg, ctx.budget.ratio
+    smallest = space.smallest()
+    how = ""
+    if cfg.budget_on == "latency":
+        ctx.stage("measuring the smallest allowed widths as deployed: is the budget reachable?")
+        rel = ctx.judge.deployed(slice_onnx(ctx.cg, ctx.cg.keep_mask(smallest)))
+        ratio = rel.ratio
+        how = f" as deployed ({rel.rounds} process pairs: {rel.ratio_p10:.3f}-{rel.ratio_p90:.3f})"
+        cost.observe(cost.exact(smallest)[0], ratio, smallest)
+    else:
+        ratio = cost.predict(smallest)
+    if ratio > budget:
+        raise BudgetError(
+            f"budget {budget:.3f} is out of reach: the smallest allowed widths (every group at "
+            f"{cfg.min_ratio:g} of its channels) give a {cfg.budget_on} ratio of {ratio:.3f}{how}; raise "
+            f"--budget to at least {ratio * 1.05:.2f} or lower --min-ratio"
+        )
+
+
+def make_strategy(ctx, space: WidthSpace, cost: CostModel) -> Strategy:
+    """The `--strategy` on the run's budget."""
+    cfg = ctx.cfg
+    objective = Objective(ctx.budget.ratio, cfg.penalty)
+    if cfg.strategy == "anneal":
+        return AnnealStrategy(
+            space, objective, cost, cost.rescale(space.full(), objective.budget), seed=cfg.seed
+        )
+    if cfg.strategy == "dmasking":
+        return DMaskingStrategy(
+            space, objective, cost, DMaskingConfig.from_dict(cfg.dmasking), seed=cfg.seed, trials=cfg.trials,
+            epochs_per_trial=cfg.epochs_per_trial,
+        )  # fmt: skip
+    kinds = {"random": RandomStrategy, "scratch": ScratchStrategy, "l1": L1Strategy}
+    return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
+
+
+def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
+    """The evaluator the trials run in. With --final-from original the search only ranks widths, so trials must
+    be comparable: each is cut from the original (the loop absorbs nothing; no trial inherits another's
+    training) and trains on the same batches."""
+    cfg = ctx.cfg
+    bank = reinit_bank(ctx.teacher, cfg.seed) if strategy.reinit else WeightBank(ctx.teacher)
+    return Evaluator(
+        cg=ctx.cg,
+        bank=bank,
+        teacher=ctx.teacher,
+        train_loader=ctx.loaders.train,
+        val_loader=ctx.loaders.val,
+        train_cfg=ctx.train,
+        judge=ctx.judge if cfg.budget_on == "latency" or cfg.latency_seconds > 0 else None,
+        on=cfg.budget_on,
+        device=cfg.device,
+        metric="qc" if cfg.strategy == "anneal" else "none",
+        progress=ctx.train_progress,
+        same_batches=cfg.final_from == "original",
+    )
+
+
+def reinit_bank(teacher: torch.nn.Module, seed: int) -> WeightBank:
+    """The teacher's architecture with fresh weights (seeded): what `scratch` trains."""
+    fresh = copy.deepcopy(teacher)
+    torch.manual_seed(seed)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters") and m is not fresh:
+            m.reset_parameters()
+    return WeightBank(fresh)
