@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.data import load_data, make_loaders
 from onnxconet.prepare import prepare
-from onnxconet.commands.search import SearchConfig, _config_json, run_search
+from onnxconet.search.config import config_json
 from onnxconet.train.loop import TrainConfig, fit
 
 MODELS = {"digits": "models/digits_cnn.py:digits_cnn", "resnet20": "models/resnet_cifar.py:resnet20"}
@@ -64,7 +65,7 @@ def finished(out: Path, cfg: SearchConfig) -> dict | None:
     if not path.is_file():
         return None
     res = json.loads(path.read_text())
-    mine = {k: v for k, v in _config_json(cfg).items() if k != "resume"}
+    mine = {k: v for k, v in config_json(cfg).items() if k != "resume"}
     theirs = {k: v for k, v in res.get("config", {}).items() if k != "resume"}
     return res if all(theirs.get(k) == v for k, v in mine.items()) else None
 
@@ -73,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits,resnet20")
     ap.add_argument("--budgets", default="0.5,0.3")
-    ap.add_argument("--strategies", default="anneal,dmasking,uniform,l1,random")
+    ap.add_argument("--strategies", default="anneal,dmasking,scratch,l1,random")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--epochs-per-trial", type=int, default=1)
@@ -153,7 +154,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     res = finished(out, cfg)
                     if res is None:
-                        res = run_search(cfg)
+                        res = run_search(cfg).to_json()
                     else:
                         print(f"  (reused the finished run in {out})", flush=True)
                     b = res["best"]
