@@ -201,7 +201,7 @@ def test_calibrated_predictor_is_close_to_measured(r20):
     cg = r20.graph
     space = WidthSpace(cg, min_ratio=0.25)
     budget = {"min_rounds": 6, "max_seconds": 0.35}
-    pred, results = calibrate(cg, r20.onnx_model, CPU1, space=space, n=8, seed=0, **budget)
+    pred, results = calibrate(cg, r20.onnx_model, CPU1, probe_widths(space, 8, seed=0), **budget)
     assert pred.report.measurements == 8 + 2 * pred.report.remeasured and len(results) == 8
     assert pred.target["threads"] == 1 and pred.reference_ms > 0
     rng = np.random.default_rng(99)
@@ -241,7 +241,7 @@ def test_calibrate_remeasures_a_disturbed_probe(r20, monkeypatch):
         return {"ratio": r, "reference_ms": 1.0, "provider": "CPUExecutionProvider", "threads": 1}
 
     monkeypatch.setattr(cand, "measure_candidate", fake)
-    pred, results = calibrate(cg, r20.onnx_model, CPU1, space=space, n=12, seed=0)
+    pred, results = calibrate(cg, r20.onnx_model, CPU1, probes)
     assert calls[bad] == 3 and all(n == 1 for k, n in calls.items() if k != bad)
     assert pred.report.remeasured == 1 and pred.report.measurements == 14
     assert results[7]["ratio"] == pytest.approx(truth[bad])

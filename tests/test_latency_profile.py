@@ -296,13 +296,13 @@ def test_auto_never_warns_and_strict_auto_never_raises():
 
 def test_batch_mismatch_raises():
     with pytest.raises(RunnerError, match="exported with batch 1"):
-        TimedSession(SMALL, "cpu", batch=4)
+        TimedSession(SMALL, {"provider": "cpu", "batch": 4})
     with pytest.raises(LatencyError, match="exported with batch 1"):  # the runner's error, one line
         measure(SMALL, Target(provider="cpu", batch=4), **QUICK)
 
 
 def test_symbolic_batch_uses_target_batch():
-    ts = TimedSession(cnn(batch="N").SerializeToString(), "cpu", batch=3)
+    ts = TimedSession(cnn(batch="N").SerializeToString(), {"provider": "cpu", "batch": 3})
     assert ts.input_shape == (3, 3, 16, 16)
     assert ts.run_once() > 0
     stats = measure(cnn(batch="N"), Target(provider="cpu", batch=3), **QUICK)
@@ -312,11 +312,11 @@ def test_symbolic_batch_uses_target_batch():
 def test_symbolic_spatial_dims_need_input_shape():
     model = cnn(batch="N", hw="H").SerializeToString()
     with pytest.raises(RunnerError, match="symbolic dims"):
-        TimedSession(model, "cpu")
-    ts = TimedSession(model, "cpu", batch=2, input_shape=(1, 3, 24, 24))
+        TimedSession(model, {"provider": "cpu"})
+    ts = TimedSession(model, {"provider": "cpu", "batch": 2, "input_shape": (1, 3, 24, 24)})
     assert ts.input_shape == (2, 3, 24, 24)  # batch entry replaced by the target's batch
     with pytest.raises(RunnerError, match="does not fit"):
-        TimedSession(SMALL, "cpu", input_shape=(1, 3, 32, 32))
+        TimedSession(SMALL, {"provider": "cpu", "input_shape": (1, 3, 32, 32)})
 
 
 def test_corrupt_model_raises(tmp_path):
@@ -396,7 +396,7 @@ def test_runner_stands_alone():
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_runner_uses_iobinding():
-    ts = TimedSession(LARGE, "cuda", strict=True)
+    ts = TimedSession(LARGE, {"provider": "cuda", "strict": True})
     assert ts.provider == "CUDAExecutionProvider" and ts._binding is not None
     assert ts.run_once() > 0
     stats = measure(LARGE, Target(provider="cuda", strict=True), **QUICK)

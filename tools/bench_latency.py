@@ -49,7 +49,7 @@ from scipy.stats import spearmanr
 from onnxconet.graph.export import export_onnx, fold_castlike
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.latency.candidate import graph_info, measure_candidate, reference_source
-from onnxconet.latency.predictor import calibrate
+from onnxconet.latency.predictor import calibrate, probe_widths
 from onnxconet.latency.profile import Target, measure, physical_cores
 from onnxconet.latency.runner import TimedSession
 from onnxconet.prepare import prepare
@@ -115,8 +115,8 @@ def section_cost(models, args, preps) -> list[dict]:
         cand = slice_onnx(cg, keep).SerializeToString()
         ref_bytes, _ = reference_source(ref)
         t1 = time.perf_counter()
-        TimedSession(cand, "cpu", target.threads)  # what a runner process does on load
-        TimedSession(ref_bytes, "cpu", target.threads)
+        TimedSession(cand, {"provider": "cpu", "threads": target.threads})  # what a runner does on load
+        TimedSession(ref_bytes, {"provider": "cpu", "threads": target.threads})
         sess = time.perf_counter() - t1
         # the alternative: rebuild the pruned torch model and export it
         t2 = time.perf_counter()
@@ -191,7 +191,7 @@ def section_predictor(models, args, preps) -> list[dict]:
             target = Target(provider="cpu", threads=threads)
             n = None if args.probes == "auto" else int(args.probes)
             pred, _ = calibrate(
-                cg, prep.onnx_model, target, space=space, n=n, seed=0, max_seconds=args.seconds
+                cg, prep.onnx_model, target, probe_widths(space, n, 0), max_seconds=args.seconds
             )
             rng = np.random.default_rng(1000)
             configs = [space.sample(rng) for _ in range(args.configs)]

@@ -75,29 +75,19 @@ def profile(
     """Measure a model's latency with onnxruntime as deployed: alone in a fresh process, onnxruntime's default
     session options (an .onnx file, or a model spec exported and optionally sliced to --widths); with
     --compare, its latency ratio to another model."""
-    from onnxconet.commands.profile import profile_model
+    from onnxconet.commands.profile import ProfileRequest, profile_model
     from onnxconet.latency.profile import parse_session_config
     from onnxconet.load import parse_input_shape
 
     shape = _run(parse_input_shape, input_shape)
     with err.status("preparing…", spinner="dots") as spin:
-        res = _run(
-            profile_model,
-            target,
-            provider=provider,
-            strict=strict,
-            threads=threads,
-            batch=batch,
-            input_shape=shape,
-            widths=str(widths) if widths else None,
-            compare=compare,
-            isolated=isolated,
-            pairs=pairs,
-            session_config=_run(parse_session_config, ort_config),
-            weights=str(weights) if weights else None,
+        req = ProfileRequest(
+            target=target, provider=provider, strict=strict, threads=threads, batch=batch, input_shape=shape,
+            widths=str(widths) if widths else None, compare=compare, isolated=isolated, pairs=pairs,
+            session_config=_run(parse_session_config, ort_config), weights=str(weights) if weights else None,
             max_seconds=seconds,
-            status=lambda text: spin.update(text),
-        )
+        )  # fmt: skip
+        res = _run(profile_model, req, status=lambda text: spin.update(text))
     if json_out:
         print(json.dumps(res))
         return

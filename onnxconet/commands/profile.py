@@ -122,41 +122,46 @@ def _load(
     return _Timed(spec, model.SerializeToString(), flops, params, input_shape, cg, full)
 
 
-def profile_model(
-    target: str | None,
-    *,
-    provider: str = "auto",
-    strict: bool = False,
-    threads: int = 0,
-    batch: int | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    widths: str | None = None,
-    compare: str | None = None,
-    isolated: bool = False,
-    pairs: int = 4,
-    session_config: dict | None = None,
-    weights: str | None = None,
-    max_seconds: float = 5.0,
-    status: Callable[[str], None] | None = None,
-) -> dict:
-    """Time `target` on onnxruntime as deployed (and, with `compare`, its latency ratio to another model).
+@dataclass(frozen=True)
+class ProfileRequest:
+    """What `onnxconet profile` is asked (the CLI fills it from its options).
 
-    Args:
+    Attributes:
         target: an .onnx file or a model spec (None: the built-in digits CNN).
-        provider: auto | cpu | cuda | tensorrt.
-        strict: raise when the asked provider does not load instead of falling back to CPU.
-        threads: intra-op threads (0: the physical cores this process may use).
+        provider: auto | cpu | cuda | tensorrt; strict: raise when it does not load instead of falling back.
+        threads: intra-op threads (0: onnxruntime's default, the physical cores).
         batch: batch size (default: that of `input_shape`, else 1); a model spec is exported with it.
         input_shape: N,C,H,W to export a model spec with (or the concrete shape of an ONNX file with
             symbolic dims).
-        widths: a widths file (`onnxconet inspect --widths-out`, or written by a search) to slice the target to.
+        widths: a widths file (`onnxconet inspect --widths-out`, or a search's) to slice the target to.
         compare: another .onnx file or model spec; reports "ratio" = target latency / its latency.
         isolated: measure the ratio as deployed (`measure_isolated`: each model alone in fresh processes,
             `pairs` pairs alternated) instead of the in-loop way (`measure_relative`).
-        pairs: process pairs of an isolated ratio.
         session_config: onnxruntime session config entries the deployment sets.
         weights: state_dict file for a model spec.
         max_seconds: time cap of each measurement (of each process, when isolated).
+    """
+
+    target: str | None = None
+    provider: str = "auto"
+    strict: bool = False
+    threads: int = 0
+    batch: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    widths: str | None = None
+    compare: str | None = None
+    isolated: bool = False
+    pairs: int = 4
+    session_config: dict | None = None
+    weights: str | None = None
+    max_seconds: float = 5.0
+
+
+def profile_model(req: ProfileRequest, status: Callable[[str], None] | None = None) -> dict:
+    """Time `req.target` on onnxruntime as deployed (and, with `req.compare`, its latency ratio to another model).
+
+    Args:
+        req: what to time and how.
         status: called with a short text at each stage (the CLI's spinner).
 
     Returns:
@@ -167,71 +172,60 @@ def profile_model(
         "fallback" is None unless the asked provider did not load.
     """
     status = status or (lambda _text: None)
-    spec = target or "models/digits_cnn.py:digits_cnn"
-    config = tuple((session_config or {}).items())
-    tgt = Target(provider=provider, threads=threads, strict=strict)  # validates the provider name first
-    b, shape = _batch_shape(spec, batch, input_shape)
-    tgt = Target(
-        provider=provider, threads=threads, strict=strict, batch=b, input_shape=shape, session_config=config
-    )
-    timed = _load(spec, weights=weights, batch=b, input_shape=shape, widths=widths, status=status)
-    status(f"timing {spec} on onnxruntime ({provider})…")
-    stats = measure(timed.source, tgt, max_seconds=max_seconds)
-    other = None
-    if compare is not None:
-        if compare == spec and timed.full is not None and timed.cg is not None:
-            other = _Timed(compare, timed.full, *_graph_counts(timed.cg), shape)
-        else:  # exported (a spec) at the shape the target was timed with
-            other = _load(
-                compare, weights=None, batch=b, input_shape=stats.input_shape, widths=None, status=status
-            )
+    spec = req.target or "models/digits_cnn.py:digits_cnn"
+    Target(provider=req.provider, threads=req.threads, strict=req.strict)  # validates the provider name first
+    b, shape = _batch_shape(spec, req.batch, req.input_shape)
+    tgt = _target(req, req.provider, b, shape)
+    timed = _load(spec, weights=req.weights, batch=b, input_shape=shape, widths=req.widths, status=status)
+    status(f"timing {spec} on onnxruntime ({req.provider})…")
+    stats = measure(timed.source, tgt, max_seconds=req.max_seconds)
     out = {
-        "target": spec,
-        "provider": stats.provider,
-        "requested": provider,
-        "fallback": stats.fallback,
-        "median_ms": stats.median_ms,
-        "p10_ms": stats.p10_ms,
-        "p90_ms": stats.p90_ms,
-        "mean_ms": stats.mean_ms,
-        "std_ms": stats.std_ms,
-        "runs": stats.runs,
-        "threads": stats.threads,
-        "batch": stats.batch,
-        "input_shape": list(stats.input_shape),
-        "onnxruntime": stats.onnxruntime,
-        "flops": timed.flops,
-        "params": timed.params,
-        "widths": widths,
-        "session": tgt.describe(),
-    }
-    if other is not None:
-        how = f"as deployed, {pairs} process pairs" if isolated else "in-loop"
-        status(f"timing {spec} against {compare} ({how})…")
-        # on the provider the first measurement really used: no second round of failed GPU attempts and warnings
-        used = _PROVIDER_NAMES.get(stats.provider, provider)
-        pinned = Target(
-            provider=used, threads=threads, strict=strict, batch=b, input_shape=shape, session_config=config
-        )
-        if isolated:
-            rel = measure_isolated(timed.source, other.source, pinned, pairs=pairs, seconds=max_seconds)
-        else:
-            rel = measure_relative(timed.source, other.source, pinned, max_seconds=max_seconds)
-        out |= {
-            "ratio": rel.ratio,
-            "ratio_p10": rel.ratio_p10,
-            "ratio_p90": rel.ratio_p90,
-            "ratios": rel.ratios,
-            "method": rel.method,
-            "load": rel.load,
-            "disturbed": rel.disturbed,
-            "compare": {
-                "target": compare,
-                "median_ms": rel.reference.median_ms,
-                "flops": other.flops,
-                "params": other.params,
-                "rounds": rel.rounds,
-                "target_ms": rel.candidate.median_ms,
-            },
-        }
+        "target": spec, "provider": stats.provider, "requested": req.provider, "fallback": stats.fallback,
+        "median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "mean_ms": stats.mean_ms,
+        "std_ms": stats.std_ms, "runs": stats.runs, "threads": stats.threads, "batch": stats.batch,
+        "input_shape": list(stats.input_shape), "onnxruntime": stats.onnxruntime, "flops": timed.flops,
+        "params": timed.params, "widths": req.widths, "session": tgt.describe(),
+    }  # fmt: skip
+    if req.compare is not None:
+        out |= _compare(req, timed, stats, status)
     return out
+
+
+def _target(req: ProfileRequest, provider: str, batch: int, shape) -> Target:
+    config = tuple((req.session_config or {}).items())
+    return Target(
+        provider=provider, threads=req.threads, strict=req.strict, batch=batch, input_shape=shape,
+        session_config=config,
+    )  # fmt: skip
+
+
+def _compare(req: ProfileRequest, timed: _Timed, stats, status) -> dict:
+    """The ratio target / `req.compare`, in-loop or as deployed (`req.isolated`)."""
+    spec, shape = timed.spec, timed.input_shape
+    if req.compare == spec and timed.full is not None and timed.cg is not None:
+        other = _Timed(req.compare, timed.full, *_graph_counts(timed.cg), shape)
+    else:  # exported (a spec) at the shape the target was timed with
+        other = _load(
+            req.compare,
+            weights=None,
+            batch=stats.batch,
+            input_shape=stats.input_shape,
+            widths=None,
+            status=status,
+        )
+    how = f"as deployed, {req.pairs} process pairs" if req.isolated else "in-loop"
+    status(f"timing {spec} against {req.compare} ({how})…")
+    # on the provider the first measurement really used: no second round of failed GPU attempts and warnings
+    pinned = _target(req, _PROVIDER_NAMES.get(stats.provider, req.provider), stats.batch, shape)
+    if req.isolated:
+        rel = measure_isolated(timed.source, other.source, pinned, pairs=req.pairs, seconds=req.max_seconds)
+    else:
+        rel = measure_relative(timed.source, other.source, pinned, max_seconds=req.max_seconds)
+    return {
+        "ratio": rel.ratio, "ratio_p10": rel.ratio_p10, "ratio_p90": rel.ratio_p90, "ratios": rel.ratios,
+        "method": rel.method, "load": rel.load, "disturbed": rel.disturbed,
+        "compare": {
+            "target": req.compare, "median_ms": rel.reference.median_ms, "flops": other.flops,
+            "params": other.params, "rounds": rel.rounds, "target_ms": rel.candidate.median_ms,
+        },
+    }  # fmt: skip

@@ -8,6 +8,7 @@ assume an unknown op is element-wise. See DESIGN.md, "The channel graph".
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,21 +33,23 @@ def rule(*ops: str):
 
 
 # ----------------------------------------------------------------------------------------------- producers
-def _producer(
-    ctx: Analyzer,
-    node: Node,
-    x: str,
-    w: str,
-    x_axis: int,
-    in_axis: int,
-    out_axis: int,
-    groups: int,
-    out_rank_axis: int,
-    bias: str | None,
-) -> None:
+@dataclass(frozen=True)
+class _Layout:
+    """Where a producer's channels live: `x_axis` of its input x, `in_axis`/`out_axis` of its weight (consumed /
+    produced channels), `out_rank_axis` of its output; `groups` > 1 for a grouped conv."""
+
+    x_axis: int
+    in_axis: int
+    out_axis: int
+    out_rank_axis: int
+    groups: int = 1
+
+
+def _producer(ctx: Analyzer, node: Node, x: str, w: str, lay: _Layout, bias: str | None) -> None:
     """Shared by Conv, ConvTranspose, Gemm and MatMul: `w` consumes x's channels on `in_axis` and produces
     new channels on `out_axis`; `groups` > 1 is a grouped conv (depthwise handled by the caller)."""
     ws = ctx.shape(w)
+    x_axis, in_axis, out_axis, groups = lay.x_axis, lay.in_axis, lay.out_axis, lay.groups
     xm = ctx.map(x)
     if xm is not None and not xm.on_axis(x_axis):
         ctx.freeze(xm.ids, f"{node.describe()} reads channels on an axis it does not reduce; input frozen")
@@ -64,7 +67,7 @@ def _producer(
         # the bias broadcasts against the output, so its channels lie on its last axis (Gemm's C may be [1, N])
         brank = len(ctx.shape(bias) or (0,))
         ctx.channelwise_operand(node, bias, ChanMap((brank - 1,), ids), expect_rank=brank)
-    ctx.set(node.outputs[0], ChanMap((out_rank_axis,), ids))
+    ctx.set(node.outputs[0], ChanMap((lay.out_rank_axis,), ids))
 
 
 @rule("Conv")
@@ -84,7 +87,7 @@ def conv(ctx: Analyzer, node: Node) -> None:
             ctx.channelwise_operand(node, bias, ChanMap((0,), xm.ids), expect_rank=1)
         ctx.set(node.outputs[0], xm)
         return
-    _producer(ctx, node, x, w, 1, 1, 0, group, 1, bias)
+    _producer(ctx, node, x, w, _Layout(1, 1, 0, 1, group), bias)
 
 
 @rule("ConvTranspose")
@@ -96,7 +99,7 @@ def conv_transpose(ctx: Analyzer, node: Node) -> None:
     if group > 1:
         return ctx.unknown(node, "grouped ConvTranspose is not supported")
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    _producer(ctx, node, node.inputs[0], w, 1, 0, 1, 1, 1, bias)
+    _producer(ctx, node, node.inputs[0], w, _Layout(1, 0, 1, 1), bias)
 
 
 @rule("Gemm")
@@ -108,7 +111,7 @@ def gemm(ctx: Analyzer, node: Node) -> None:
         return ctx.unknown(node, "transA=1 is not supported")
     tb = int(node.attr("transB", 0))
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    _producer(ctx, node, a, b, 1, 1 if tb else 0, 0 if tb else 1, 1, 1, bias)
+    _producer(ctx, node, a, b, _Layout(1, 1 if tb else 0, 0 if tb else 1, 1), bias)
 
 
 @rule("MatMul")
@@ -118,7 +121,7 @@ def matmul(ctx: Analyzer, node: Node) -> None:
     if bs is None or as_ is None or len(bs) != 2 or ctx.param_axis(b, 0) is None:
         return ctx.unknown(node, "only activation @ weight-matrix is supported")
     out_rank = len(ctx.shape(node.outputs[0]) or as_)
-    _producer(ctx, node, a, b, len(as_) - 1, 0, 1, 1, out_rank - 1, None)
+    _producer(ctx, node, a, b, _Layout(len(as_) - 1, 0, 1, out_rank - 1), None)
 
 
 # ----------------------------------------------------------------------------------------------- channel-wise

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -105,10 +106,7 @@ def measure_candidate(
     *,
     scores: np.ndarray | None = None,
     measurer: PairedMeasurer | None = None,
-    min_rounds: int = 6,
-    max_rounds: int = 200,
-    max_seconds: float = 2.0,
-    rel_ci: float = 0.02,
+    **timing: Any,
 ) -> dict:
     """Slice `cg`'s model to `widths` and time it against the full-width reference (the in-loop measurement).
 
@@ -121,7 +119,7 @@ def measure_candidate(
         scores: per-bundle scores choosing which channels stay (default: L1 norm of the producers).
         measurer: a `PairedMeasurer` holding `reference_onnx` (saves starting runners for every candidate);
             None starts a fresh pair.
-        min_rounds, max_rounds, max_seconds, rel_ci: the timing budget (`PairedMeasurer.compare`).
+        **timing: min_rounds, max_rounds, max_seconds, rel_ci of `PairedMeasurer.compare`.
 
     Returns:
         ``{"widths", "latency_ms", "reference_ms", "ratio", "ratio_p10", "ratio_p90", "speedup", "flops",
@@ -137,64 +135,22 @@ def measure_candidate(
     t0 = time.perf_counter()
     full_scores, flops0, params0 = graph_info(cg)
     keep = cg.keep_mask(widths, full_scores if scores is None else scores)
-    model = slice_onnx(cg, keep)
     flops, params = count_flops(cg, keep), count_params(cg, keep)
-    ref_src, ref_hash = reference_source(reference_onnx)
-    tmp = None
-    if model.ByteSize() >= _PROTO_LIMIT:  # protobuf cannot serialize it: external data next to a temp file
-        tmp = tempfile.TemporaryDirectory(prefix="onnxconet-cand-")
-        cand_src: bytes | str = os.path.join(tmp.name, "candidate.onnx")
-        onnx.save(model, cand_src, save_as_external_data=True, location="candidate.onnx.data")
-    else:
-        cand_src = model.SerializeToString()
-    del model
-    try:
+    with _serialized(slice_onnx(cg, keep)) as cand_src:
         cand_hash = graph_hash(cand_src)
         slice_s = time.perf_counter() - t0
-        shape = None if target.input_shape is None else (target.batch, *target.input_shape[1:])
-        k_c, k_r, k_ratio = _rel_keys(cand_hash, ref_hash, target, shape)
-        hit = None
-        load, bad = None, False
-        if cache is not None:
-            got = (cache.get(k_c), cache.get(k_r), cache.get(k_ratio))
-            if all(g is not None for g in got):
-                hit = got
         t1 = time.perf_counter()
-        if hit is not None:
-            cs, rs, ratio_st = hit
-            if target.strict and cs.fallback:
-                raise LatencyError(
-                    f"cached measurement fell back ({cs.fallback}); drop strict or fix the provider"
-                )
-            ratio, p10, p90, rounds = ratio_st.median_ms, ratio_st.p10_ms, ratio_st.p90_ms, ratio_st.runs
-            log.debug("latency cache hit for candidate %s: ratio %.4f", cand_hash[:12], ratio)
-        else:
-            timing = dict(
-                min_rounds=min_rounds, max_rounds=max_rounds, max_seconds=max_seconds, rel_ci=rel_ci
-            )
-            if measurer is not None:
-                rel = measurer.compare(cand_src, **timing)
-            else:
-                rel = measure_relative(cand_src, ref_src, target, **timing)
-            cs, rs = rel.candidate, rel.reference
-            ratio, p10, p90, rounds = rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds
-            load, bad = rel.load, rel.disturbed
-            if cache is not None and not bad:
-                cache.put(k_c, cs)
-                cache.put(k_r, rs)
-                cache.put(k_ratio, _ratio_stats(rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds, cs))
+        m = _timed(cand_src, cand_hash, reference_onnx, target, cache, measurer, timing)
         measure_s = time.perf_counter() - t1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    cs, rs, r = m["candidate"], m["reference"], m["ratio"]
     return {
         "widths": {str(k): int(v) for k, v in sorted(widths.items())},
         "latency_ms": cs.median_ms,
         "reference_ms": rs.median_ms,
-        "ratio": ratio,
-        "ratio_p10": p10,
-        "ratio_p90": p90,
-        "speedup": 1.0 / ratio if ratio > 0 else float("inf"),
+        "ratio": r.median_ms,
+        "ratio_p10": r.p10_ms,
+        "ratio_p90": r.p90_ms,
+        "speedup": 1.0 / r.median_ms if r.median_ms > 0 else float("inf"),
         "flops": flops,
         "params": params,
         "flops_ratio": flops / flops0 if flops0 else 1.0,
@@ -204,14 +160,64 @@ def measure_candidate(
         "threads": cs.threads,
         "batch": cs.batch,
         "onnxruntime": cs.onnxruntime,
-        "rounds": rounds,
+        "rounds": r.runs,
         "slice_seconds": slice_s,
         "measure_seconds": measure_s,
-        "cached": hit is not None,
+        "cached": m["cached"],
         "graph_hash": cand_hash,
-        "load": load,
-        "disturbed": bad,
+        "load": m["load"],
+        "disturbed": m["disturbed"],
     }
+
+
+@contextmanager
+def _serialized(model: onnx.ModelProto):
+    """What onnxruntime opens for a sliced candidate: bytes, or (> 2 GB, which protobuf cannot serialize) a
+    temporary file with its weights as external data next to it."""
+    if model.ByteSize() < _PROTO_LIMIT:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxconet-cand-") as tmp:
+        path = os.path.join(tmp, "candidate.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="candidate.onnx.data")
+        del model
+        yield path
+
+
+def _timed(cand_src, cand_hash: str, reference_onnx, target: Target, cache, measurer, timing: dict) -> dict:
+    """The candidate's and the reference's stats and the ratio statistics (a `LatencyStats` whose *_ms fields
+    hold ratios), from the cache or measured (a disturbed measurement is not cached)."""
+    ref_src, ref_hash = reference_source(reference_onnx)
+    shape = None if target.input_shape is None else (target.batch, *target.input_shape[1:])
+    keys = _rel_keys(cand_hash, ref_hash, target, shape)
+    got = [cache.get(k) for k in keys] if cache is not None else [None]
+    if all(g is not None for g in got):
+        cs, rs, ratio = got
+        if target.strict and cs.fallback:
+            raise LatencyError(
+                f"cached measurement fell back ({cs.fallback}); drop strict or fix the provider"
+            )
+        log.debug("latency cache hit for candidate %s: ratio %.4f", cand_hash[:12], ratio.median_ms)
+        return {
+            "candidate": cs,
+            "reference": rs,
+            "ratio": ratio,
+            "cached": True,
+            "load": None,
+            "disturbed": False,
+        }
+    if measurer is not None:
+        rel = measurer.compare(cand_src, **timing)
+    else:
+        rel = measure_relative(cand_src, ref_src, target, **timing)
+    ratio = _ratio_stats(rel.ratio, rel.ratio_p10, rel.ratio_p90, rel.rounds, rel.candidate)
+    if cache is not None and not rel.disturbed:
+        for key, stats in zip(keys, (rel.candidate, rel.reference, ratio), strict=True):
+            cache.put(key, stats)
+    return {
+        "candidate": rel.candidate, "reference": rel.reference, "ratio": ratio, "cached": False,
+        "load": rel.load, "disturbed": rel.disturbed,
+    }  # fmt: skip
 
 
 def _ratio_stats(ratio: float, p10: float, p90: float, rounds: int, like: LatencyStats) -> LatencyStats:

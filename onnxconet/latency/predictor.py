@@ -52,7 +52,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -600,12 +600,19 @@ def default_probes(space) -> int:
     return int(min(40, max(16, len(space) + 8)))
 
 
-def probe_widths(space, n: int, seed: int = 0) -> list[dict[int, int]]:
-    """`n` probe configurations: uniform scales spread over the space, then random samples.
+def probe_widths(space, n: int | None = None, seed: int = 0) -> list[dict[int, int]]:
+    """`n` probe configurations (default `default_probes(space)`): uniform scales spread over the space, then
+    random samples.
 
     About a third are uniform scalings (every group at the same share of its width), the rest random
     samples of `space` (`WidthSpace`) so that the fit sees groups move independently.
+
+    Raises:
+        LatencyError: the space has no prunable group.
     """
+    if len(space) == 0:
+        raise LatencyError("no prunable group; nothing to predict")
+    n = n or default_probes(space)
     rng = np.random.default_rng(seed)
     n_uniform = max(2, n // 3) if n >= 4 else n
     lo = min((g.lo / g.hi for g in space), default=1.0)
@@ -627,61 +634,49 @@ def calibrate(
     cg: ChannelGraph,
     reference_onnx,
     target,
+    probes: list[dict[int, int]],
     *,
-    space=None,
-    n: int | None = None,
-    seed: int = 0,
     cache=None,
-    progress: Callable[[int, int], None] | None = None,
     measurer=None,
     **budget: Any,
 ) -> tuple[LatencyPredictor, list[dict]]:
-    """Measure `n` probe candidates against the reference (the in-loop measurement, an estimate of the ratio as
-    deployed) and fit a predictor on them.
+    """Measure the `probes` (`probe_widths`) against the reference (the in-loop measurement, an estimate of the
+    ratio as deployed) and fit a predictor on them.
 
     Args:
         cg: the model's channel graph.
         reference_onnx: the full-width ONNX (ModelProto, bytes or path).
         target: `Target` to measure on.
-        space: a `WidthSpace` (default `WidthSpace(cg)`).
-        n: measurements to take (default `default_probes(space)`: 16, or groups + 8, at most 40).
-        seed: seeds the random probes.
+        probes: the width configurations to measure.
         cache: a `LatencyCache` (measured probes are reused on a later call).
-        progress: called with (done, n) after each measurement.
         measurer: a `PairedMeasurer` holding `reference_onnx`; None starts one for this calibration.
         **budget: passed to `measure_candidate` (max_seconds, rel_ci, ...).
 
     Returns:
         (predictor, the measurement dicts of `measure_candidate`).
     """
-    from onnxconet.latency.candidate import reference_source
+    from onnxconet.latency.candidate import measure_candidate, reference_source
     from onnxconet.latency.profile import PairedMeasurer
-    from onnxconet.space import WidthSpace
 
-    space = space or WidthSpace(cg)
-    if len(space) == 0:
-        raise LatencyError(f"{cg.source}: no prunable group; nothing to predict")
     own = measurer is None
     if own:
         measurer = PairedMeasurer(reference_source(reference_onnx)[0], target)
     try:
-        return _calibrate(cg, reference_onnx, target, space, n, seed, cache, progress, measurer, budget)
+        budget = dict(budget, measurer=measurer)
+        results = [measure_candidate(cg, w, reference_onnx, target, cache, **budget) for w in probes]
+        return _fit_remeasuring(cg, (reference_onnx, target, budget), probes, results)
     finally:
         if own:
             measurer.close()
 
 
-def _calibrate(cg, reference_onnx, target, space, n, seed, cache, progress, measurer, budget):
+def _fit_remeasuring(cg, how: tuple, probes, results):
+    """Fit on the probes' ratios; a probe whose measurement looks disturbed (far off the fit, or flagged) is
+    measured twice more and the median kept, then the fit is redone. `how` = (reference, target, budget)."""
     from onnxconet.latency.candidate import measure_candidate
 
-    budget = dict(budget, measurer=measurer)
+    reference_onnx, target, budget = how
     features = LatencyFeatures(cg)
-    probes = probe_widths(space, n or default_probes(space), seed)
-    results = []
-    for i, w in enumerate(probes):
-        results.append(measure_candidate(cg, w, reference_onnx, target, cache, **budget))
-        if progress is not None:
-            progress(i + 1, len(probes))
     ref_ms = float(np.median([r["reference_ms"] for r in results]))
     tgt = {k: results[0][k] for k in ("provider", "threads", "batch", "onnxruntime") if k in results[0]}
     tgt["method"] = PAIRED

@@ -194,7 +194,7 @@ def _warn_fallback(loaded: dict) -> None:
         log.warning("%s", loaded["fallback"])
 
 
-def make_session(model: ModelLike, target: Target, *, spin: bool = True):
+def make_session(model: ModelLike, target: Target):
     """An onnxruntime session for `model` in *this* process on the best provider of `target` that loads:
     (session, one-line fallback note or None). For checks (does CUDA load here?), not for timing.
 
@@ -203,10 +203,7 @@ def make_session(model: ModelLike, target: Target, *, spin: bool = True):
     """
     with model_file(model) as path:
         try:
-            return _make_session(
-                path, target.provider, target.threads, strict=target.strict, spin=spin,
-                config=dict(target.session_config), trt_cache_dir=target.trt_cache_dir, label=label_of(model),
-            )  # fmt: skip
+            return _make_session(path, target.load_request(path, label_of(model)), label_of(model))
         except RunnerError as e:
             raise LatencyError(str(e)) from None
 
@@ -281,9 +278,9 @@ class RelativeStats:
         return d | {"candidate": self.candidate.to_dict(), "reference": self.reference.to_dict()}
 
 
-def _relative(
-    ratios, cand_ms, ref_ms, loaded_c, loaded_r, target, method, watch, ratio=None
-) -> RelativeStats:
+def _relative(ratios, cand: tuple, ref: tuple, target, method, watch, ratio=None) -> RelativeStats:
+    """RelativeStats from the per-round (per-pair) `ratios` and each model's (times in ms, load answer)."""
+    (cand_ms, loaded_c), (ref_ms, loaded_r) = cand, ref
     r = np.asarray(ratios, dtype=np.float64)
     load = watch.load()
     rel = RelativeStats(
@@ -371,7 +368,7 @@ class PairedMeasurer:
                     break
             watch.add_runner(cand_cpu, self.cand.cpu_s)
             watch.add_runner(ref_cpu, self.ref.cpu_s)
-            rel = _relative(ratios, cand_ms, ref_ms, loaded, self.loaded_ref, self.target, PAIRED, watch)
+            rel = _relative(ratios, (cand_ms, loaded), (ref_ms, self.loaded_ref), self.target, PAIRED, watch)
             self.cand.request("unload")
         _warn_fallback(loaded)
         return rel
@@ -465,10 +462,8 @@ def measure_isolated(
     _warn_fallback(loaded["c"])
     return _relative(
         [c / r for c, r in zip(med_c, med_r, strict=True)],
-        [x for t in runs["c"] for x in t],
-        [x for t in runs["r"] for x in t],
-        loaded["c"],
-        loaded["r"],
+        ([x for t in runs["c"] for x in t], loaded["c"]),
+        ([x for t in runs["r"] for x in t], loaded["r"]),
         target,
         ISOLATED,
         watch,

@@ -43,7 +43,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -176,25 +176,17 @@ def session_options(threads: int = 0, spin: bool = True, config: dict | None = N
 
 
 def make_session(
-    source: str | bytes,
-    provider: str = "auto",
-    threads: int = 0,
-    *,
-    strict: bool = False,
-    spin: bool = True,
-    config: dict | None = None,
-    trt_cache_dir: str | None = None,
-    label: str | None = None,
+    source: str | bytes, opts: Mapping | None = None, label: str | None = None
 ) -> tuple[ort.InferenceSession, str | None]:
-    """An onnxruntime session on the best provider of `provider` that really loads.
+    """An onnxruntime session on the best provider asked for that really loads.
 
     Args:
         source: a model path (opened from the path, so external data next to it works) or ONNX bytes.
-        provider: "auto" (TensorRT, else CUDA, else CPU: whichever loads), "cpu", "cuda" or "tensorrt".
-        threads: intra-op threads; 0 leaves onnxruntime's default (its physical cores).
-        strict: raise when the asked provider does not load instead of falling back.
-        spin, config: see `session_options`.
-        trt_cache_dir: TensorRT engine cache folder (default ~/.cache/onnxconet/trt).
+        opts: the `load` request's session fields: "provider" ("auto": TensorRT, else CUDA, else CPU,
+            whichever loads; "cpu", "cuda" or "tensorrt"), "threads" (intra-op threads; 0 leaves
+            onnxruntime's default, its physical cores), "strict" (raise when the asked provider does not load
+            instead of falling back), "spin" and "config" (see `session_options`), "trt_cache_dir" (TensorRT
+            engine cache folder, default ~/.cache/onnxconet/trt).
         label: how error messages name the model (default: the path, or "<bytes>").
 
     Returns:
@@ -202,14 +194,16 @@ def make_session(
         notes, it logs what it chose).
 
     Raises:
-        RunnerError: the model cannot be loaded, or `strict` and the asked provider did not load.
+        RunnerError: the model cannot be loaded, or strict and the asked provider did not load.
     """
+    opts = opts or {}
+    provider, strict = opts.get("provider", "auto"), bool(opts.get("strict", False))
     label = label or (source if isinstance(source, str) else "<bytes>")
     if provider not in ("auto", *ASKED):
         raise RunnerError(f"unknown provider {provider!r}; use auto, cpu, cuda or tensorrt")
     if isinstance(source, str) and not os.path.isfile(source):
         raise RunnerError(f"model file {label} not found")
-    chain = _provider_chain(provider, trt_cache_dir)
+    chain = _provider_chain(provider, opts.get("trt_cache_dir"))
     reasons: list[str] = []
     if len(chain) > 1:
         available = set(ort.get_available_providers())
@@ -225,7 +219,7 @@ def make_session(
             _preload_nvidia_libs()
     if chain[0][0] == TRT:
         os.makedirs(chain[0][1]["trt_engine_cache_path"], exist_ok=True)
-    so = session_options(threads, spin, config)
+    so = session_options(int(opts.get("threads", 0)), bool(opts.get("spin", True)), opts.get("config"))
     while True:
         try:
             session = ort.InferenceSession(source, sess_options=so, providers=chain, enable_fallback=0)
@@ -284,36 +278,26 @@ class TimedSession:
     """
 
     def __init__(
-        self,
-        source: str | bytes,
-        provider: str = "auto",
-        threads: int = 0,
-        batch: int = 1,
-        input_shape=None,
-        *,
-        strict: bool = False,
-        spin: bool = True,
-        config: dict | None = None,
-        trt_cache_dir: str | None = None,
-        label: str | None = None,
-        seed: int = 0,
+        self, source: str | bytes, opts: Mapping | None = None, *, label: str | None = None, seed: int = 0
     ) -> None:
+        """`opts`: the `load` request's fields (`make_session`'s, plus "batch" and "input_shape": the input
+        timed, its batch entry replaced by batch; None reads the shape from the model)."""
+        opts = opts or {}
         label = label or (source if isinstance(source, str) else "<bytes>")
         t0 = time.perf_counter()
-        self.session, self.fallback = make_session(
-            source, provider, threads, strict=strict, spin=spin, config=config,
-            trt_cache_dir=trt_cache_dir, label=label,
-        )  # fmt: skip
+        self.session, self.fallback = make_session(source, opts, label)
         self.session_seconds = time.perf_counter() - t0
         self.provider: str = self.session.get_providers()[0]
-        self.threads = threads or physical_cores()
+        self.threads = int(opts.get("threads", 0)) or physical_cores()
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise RunnerError(f"model {label} has {len(inputs)} inputs; latency needs exactly one")
         inp = inputs[0]
         if inp.type not in _DTYPES:
             raise RunnerError(f"input {inp.name!r} of {label} has type {inp.type}; need a float tensor")
-        self.input_shape = _input_shape(list(inp.shape), batch, input_shape, inp.name, label)
+        self.input_shape = _input_shape(
+            list(inp.shape), int(opts.get("batch", 1)), opts.get("input_shape"), inp.name, label
+        )
         x = np.random.default_rng(seed).standard_normal(self.input_shape).astype(_DTYPES[inp.type])
         self._feed = {inp.name: x}
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -440,18 +424,7 @@ class Server:
         if op == "load":
             self.ts = None  # the previous session's threads go before the next one's start
             gc.collect()
-            self.ts = TimedSession(
-                req["model"],
-                req.get("provider", "auto"),
-                int(req.get("threads", 0)),
-                int(req.get("batch", 1)),
-                req.get("input_shape"),
-                strict=bool(req.get("strict", False)),
-                spin=bool(req.get("spin", True)),
-                config=req.get("config") or None,
-                trt_cache_dir=req.get("trt_cache_dir"),
-                label=req.get("label"),
-            )
+            self.ts = TimedSession(req["model"], req, label=req.get("label"))
             return self.ts.describe()
         if op == "unload":
             self.ts = None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from onnxconet.errors import OnnxconetError
 from onnxconet.graph.groups import ChannelGraph
-from onnxconet.latency.predictor import LatencyPredictor, calibrate
+from onnxconet.latency.predictor import LatencyPredictor, calibrate, probe_widths
 from onnxconet.space import WidthSpace
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ def calibrated_predictor(
     ctx.stage(f"calibrating the latency predictor on {n} measured candidates")
     judge = ctx.judge
     pred, _ = calibrate(
-        cg, judge.reference if reference is None else reference, judge.target, space=space, n=n,
-        seed=ctx.cfg.seed, measurer=judge.measurer if reference is None else None,
+        cg, judge.reference if reference is None else reference, judge.target,
+        probe_widths(space, n, ctx.cfg.seed), measurer=judge.measurer if reference is None else None,
         max_seconds=ctx.cfg.latency_seconds / 2,
     )  # fmt: skip
     pred.save(path)
