@@ -224,3 +224,37 @@ def check_surgery(cg: ChannelGraph, keep: np.ndarray, x: np.ndarray, atol: float
 
 def init_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+
+def small_cnn(
+    width: int = 8, layers: int = 1, batch: int | str = 1, hw: int | str = 16, seed: int = 0
+) -> onnx.ModelProto:
+    """Conv 3->width 3x3 (+ layers-1 Conv width->width) + Relu + GlobalAveragePool + Flatten + Gemm -> 10."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for i in range(layers):
+        cin = 3 if i == 0 else width
+        w = rng.standard_normal((width, cin, 3, 3)).astype(np.float32) * 0.1
+        inits.append(numpy_helper.from_array(w, f"conv{i}.weight"))
+        nodes += [
+            helper.make_node("Conv", [x, f"conv{i}.weight"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+        ]
+        x = f"r{i}"
+    inits.append(numpy_helper.from_array(rng.standard_normal((10, width)).astype(np.float32), "fc.weight"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.weight"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from onnxconet.cli import app
+from tests.conftest import TINY
 
-TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
 runner = CliRunner()
 
 

@@ -1,14 +1,11 @@
 """Weight inheritance: the bank gives candidates its best channels and takes their fine-tuned weights back."""
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from onnxconet.prepare import prepare
 from onnxconet.surgery.inherit import WeightBank
-
-TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
+from tests.conftest import TINY
 
 
 def test_cut_absorb_grow_roundtrip():

@@ -5,41 +5,16 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import onnxconet.latency.cache as cache_mod
 from onnxconet.errors import LatencyError
 from onnxconet.latency.cache import LatencyCache, cached_measure, graph_hash
 from onnxconet.latency.profile import LatencyStats, Target
+from tests.onnx_builders import small_cnn
 
-
-def cnn(width: int = 8, seed: int = 0) -> onnx.ModelProto:
-    """Conv 3->width 3x3 + Relu + GlobalAveragePool + Flatten + Gemm -> 10, input [1, 3, 16, 16]."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((width, 3, 3, 3)).astype(np.float32), "conv.weight"),
-        numpy_helper.from_array(rng.standard_normal((10, width)).astype(np.float32), "fc.weight"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv.weight"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc.weight"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+cnn = small_cnn
 
 
 def fake_stats(median: float = 1.0, **kw) -> LatencyStats:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,21 +18,9 @@ from onnxconet.latency.predictor import LatencyFeatures, LatencyPredictor, calib
 from onnxconet.latency.profile import Target
 from onnxconet.prepare import prepare
 from onnxconet.space import WidthSpace
+from tests.conftest import MIX
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "tests" / "data" / "tiny_models.py") + ":tiny_res"
-RESNET20 = str(ROOT / "models" / "resnet_cifar.py") + ":resnet20"
 CPU1 = Target(provider="cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return prepare(TINY)
-
-
-@pytest.fixture(scope="module")
-def r20():
-    return prepare(RESNET20)
 
 
 def synthetic(features: LatencyFeatures, widths_list, seed=0, noise=0.0):
@@ -48,7 +35,7 @@ def synthetic(features: LatencyFeatures, widths_list, seed=0, noise=0.0):
 @pytest.fixture(scope="module")
 def mix():
     """Concat of a plain and a grouped branch, a depthwise conv, flatten -> linear."""
-    return prepare(str(ROOT / "tests" / "data" / "tiny_models.py") + ":mix")
+    return prepare(MIX)
 
 
 @pytest.mark.parametrize("which", ["tiny", "mix", "r20"])

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import onnxconet.latency.profile as prof
 from onnxconet.errors import LatencyError
@@ -31,41 +30,13 @@ from onnxconet.latency.profile import (
     physical_cores,
 )
 from onnxconet.latency.runner import RunnerError, TimedSession
+from tests.onnx_builders import small_cnn
 
 QUICK = {"warmup": 3, "min_runs": 20, "max_seconds": 0.5}
 PAIRS = {"pairs": 2, "seconds": 0.1, "warmup_seconds": 0.02}
 
 
-def cnn(width: int = 8, layers: int = 1, batch: int | str = 1, hw: int | str = 16) -> onnx.ModelProto:
-    """Conv 3->width 3x3 (+ layers-1 Conv width->width) + Relu + GlobalAveragePool + Flatten + Gemm -> 10."""
-    rng = np.random.default_rng(0)
-    inits, nodes, x = [], [], "x"
-    for i in range(layers):
-        cin = 3 if i == 0 else width
-        w = rng.standard_normal((width, cin, 3, 3)).astype(np.float32) * 0.1
-        inits.append(numpy_helper.from_array(w, f"conv{i}.weight"))
-        nodes += [
-            helper.make_node("Conv", [x, f"conv{i}.weight"], [f"c{i}"], pads=[1, 1, 1, 1]),
-            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
-        ]
-        x = f"r{i}"
-    inits.append(numpy_helper.from_array(rng.standard_normal((10, width)).astype(np.float32), "fc.weight"))
-    nodes += [
-        helper.make_node("GlobalAveragePool", [x], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc.weight"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, hw, hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+cnn = small_cnn
 
 
 SMALL = cnn().SerializeToString()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import onnx
 import pytest
@@ -15,10 +14,8 @@ from onnxconet.errors import LatencyError
 from onnxconet.latency.profile import Target, make_session
 from onnxconet.prepare import prepare
 from onnxconet.space import save_widths
+from tests.conftest import MIX, TINY
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "tests" / "data" / "tiny_models.py") + ":tiny_res"
-MIX = str(ROOT / "tests" / "data" / "tiny_models.py") + ":mix"
 QUICK = ["--seconds", "0.2", "--threads", "1"]
 KEYS = {
     "provider",
@@ -38,11 +35,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, ["profile", *args])
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return prepare(TINY)
 
 
 @pytest.fixture(scope="module")

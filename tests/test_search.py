@@ -1,7 +1,6 @@
 """The search: strategy contract, resume after a kill, CLI smoke, bad inputs, unreachable budget."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,28 +17,9 @@ from onnxconet.search.base import Objective, Trial, TrialState
 from onnxconet.search.baselines import L1Strategy, RandomStrategy
 from onnxconet.search.cost import CostModel
 from onnxconet.space import WidthSpace
+from tests.conftest import TINY
 
-TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_graph():
-    return prepare(TINY).graph
-
-
-@pytest.fixture(scope="module")
-def npz_data(tmp_path_factory):
-    """A learnable 5-class problem shaped like the tiny model's input: class = which quadrant is bright."""
-    rng = np.random.default_rng(0)
-    n = 300
-    y = rng.integers(0, 5, n)
-    x = rng.normal(0, 0.3, (n, 3, 16, 16)).astype(np.float32)
-    for i, c in enumerate(y):
-        x[i, :, (c // 2) * 8 : (c // 2) * 8 + 8, (c % 2) * 8 : (c % 2) * 8 + 8] += 1.0 + 0.5 * (c == 4)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=y)
-    return f"npz:{path}"
 
 
 def fake_trial(n, widths, space, rng, fail=False):
@@ -197,7 +177,9 @@ def test_search_cli_smoke_latency_budget(tmp_path, npz_data):
     assert lat["method"] == "isolated-processes" and lat["ratio"] == best["latency_ratio"]
     assert best["budget_met"] == (best["latency_ratio"] <= res["budget"]["ratio"])
     assert lat["threads"] == 2 and set(lat["by_threads"]) == {"1", "2"}
-    assert isinstance(lat["fewer_threads_faster"], bool) and 4 <= len(lat["ratios"]) <= 8  # pairs added on spread
+    assert (
+        isinstance(lat["fewer_threads_faster"], bool) and 4 <= len(lat["ratios"]) <= 8
+    )  # pairs added on spread
     meta = {p.key: p.value for p in onnx.load(out / "best.onnx").metadata_props}
     assert float(meta["onnxconet.latency_ratio"]) == pytest.approx(best["latency_ratio"], abs=1e-4)
     assert (

@@ -1,0 +1,45 @@
+"""What many test modules share: the tiny reference models, and a small learnable dataset shaped for them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxconet.prepare import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "data" / "tiny_models.py") + ":tiny_res"
+MIX = str(ROOT / "tests" / "data" / "tiny_models.py") + ":mix"
+RESNET20 = str(ROOT / "models" / "resnet_cifar.py") + ":resnet20"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny residual CNN exported and grouped (per module: a search may freeze its groups)."""
+    return prepare(TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tiny):
+    return tiny.graph
+
+
+@pytest.fixture(scope="module")
+def r20():
+    return prepare(RESNET20)
+
+
+@pytest.fixture(scope="session")
+def npz_data(tmp_path_factory):
+    """A learnable 5-class problem shaped like the tiny model's input: class = which quadrant is bright."""
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.integers(0, 5, n)
+    x = rng.normal(0, 0.3, (n, 3, 16, 16)).astype(np.float32)
+    for i, c in enumerate(y):
+        x[i, :, (c // 2) * 8 : (c // 2) * 8 + 8, (c % 2) * 8 : (c % 2) * 8 + 8] += 1.0 + 0.5 * (c == 4)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
