@@ -8,11 +8,23 @@ import numpy as np
 import pytest
 
 from onnxconet.prepare import prepare
+from onnxconet.search.config import SearchConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "data" / "tiny_models.py") + ":tiny_res"
 MIX = str(ROOT / "tests" / "data" / "tiny_models.py") + ":mix"
 RESNET20 = str(ROOT / "models" / "resnet_cifar.py") + ":resnet20"
+
+
+def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
+    """A quick search of the tiny model on `data` (FLOPs budget: no timing noise), into tmp_path/run; `kw`
+    overrides any field."""
+    base = dict(
+        model=TINY, data=data, trials=3, epochs_per_trial=1, final_epochs=1, pretrain_epochs=2, batch_size=32,
+        budget="0.6", budget_on="flops", provider="cpu", threads=1, latency_seconds=0.2,
+        out=str(tmp_path / "run"), min_ratio=0.25,
+    )  # fmt: skip
+    return SearchConfig(**(base | kw))
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,29 @@ derived widths, a smoke run and resume after a kill."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from onnxconet.commands.search import run_search
+from onnxconet.errors import OnnxconetError
 from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.prepare import prepare
 from onnxconet.search.base import Objective, Trial, TrialState
-from onnxconet.search.cost import CostModel
-from onnxconet.search.dmasking import (
-    DMaskingConfig,
-    DMaskingStrategy,
-    EffectiveCost,
-    put_on_budget,
-)
+from onnxconet.search.cost import CostModel, scale_onto
+from onnxconet.search.dmasking import CHECKPOINT, CHECKS, DMaskingConfig, DMaskingStrategy
+from onnxconet.search.dmasking.derive import SPAN, Checks, judged
+from onnxconet.search.dmasking.supernet import RankedBank, SupernetResult
+from onnxconet.search.effective import EffectiveCost
 from onnxconet.search.masks import Supernet, importance_ranks, staircase_matrix, width_options
-from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.space import WidthSpace
+from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.torch import slice_torch, zero_pruned
-
-TINY = str(Path(__file__).parent / "data" / "tiny_models.py") + ":tiny_res"
+from onnxconet.train.loop import TrainConfig
+from tests.conftest import TINY, search_cfg
 
 
 class Grouped(nn.Module):
@@ -59,11 +60,6 @@ def killed_at_trial(n: int):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return prepare(TINY)
-
-
-@pytest.fixture(scope="module")
 def grouped(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "grouped.py"
     src = Path(__file__).read_text()
@@ -75,20 +71,6 @@ def grouped(tmp_path_factory):
         + "\ndef grouped():\n    return Grouped()\n"
     )
     return prepare(f"{path}:grouped")
-
-
-@pytest.fixture(scope="module")
-def npz_data(tmp_path_factory):
-    """Class = which quadrant is bright (as in test_search.py)."""
-    rng = np.random.default_rng(0)
-    n = 300
-    y = rng.integers(0, 5, n)
-    x = rng.normal(0, 0.3, (n, 3, 16, 16)).astype(np.float32)
-    for i, c in enumerate(y):
-        x[i, :, (c // 2) * 8 : (c // 2) * 8 + 8, (c % 2) * 8 : (c % 2) * 8 + 8] += 1.0 + 0.5 * (c == 4)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=y)
-    return f"npz:{path}"
 
 
 # --------------------------------------------------------------------------------------- staircase
@@ -217,8 +199,7 @@ def test_derived_widths_respect_divisors_and_budget(grouped):
     def make():
         s = DMaskingStrategy(space, Objective(0.4), cost, DMaskingConfig(options=4, align=1), seed=5)
         rng = np.random.default_rng(3)
-        s.logits = {g: rng.normal(0, 2, len(o)) for g, o in s.options.items()}
-        s.final_tau, s.trained = 1.0, True
+        s.derive_from(SupernetResult({g: rng.normal(0, 2, len(o)) for g, o in s.options.items()}, 1.0))
         return s
 
     runs = []
@@ -231,9 +212,10 @@ def test_derived_widths_respect_divisors_and_budget(grouped):
             for gid, width in w.items():
                 assert width % cg.groups[gid].divisor == 0
             assert space.contains(w), w
-            assert s.effective.ratio(w) <= 0.4 + 1e-9
-            assert s.effective.ratio(w) > 0.25  # put onto the budget, not far below it
-            facts = s.tell(Trial(n, w, TrialState.COMPLETE, accuracy=0.5, ratio=s.effective.ratio(w)))
+            ratio = s.dm_cost.effective.ratio(w)
+            assert ratio <= 0.4 + 1e-9
+            assert ratio > 0.25  # put onto the budget, not far below it
+            facts = s.tell(Trial(n, w, TrialState.COMPLETE, accuracy=0.5, ratio=ratio))
             assert facts["derived"] == ["argmax", "expected", "sample", "sample", "sample"][n]
         runs.append(asked)
     assert runs[0] == runs[1]
@@ -241,51 +223,110 @@ def test_derived_widths_respect_divisors_and_budget(grouped):
 
 
 def test_put_on_budget_scales_both_ways():
-    snap = lambda g, w: int(min(64, max(8, round(w / 8) * 8)))  # noqa: E731
+    """The derivation's fit to the budget (`scale_onto` over dmasking's span) scales down and up."""
+    one = lambda w: int(min(64, max(8, round(w / 8) * 8)))  # noqa: E731
+    snap = lambda ws: {g: one(w) for g, w in ws.items()}  # noqa: E731
     predict = lambda w: sum(v * v for v in w.values()) / (2 * 64 * 64)  # noqa: E731
     for start in ({0: 64, 1: 64}, {0: 8, 1: 16}):
-        w, _ = put_on_budget(start, 0.5, predict, snap)
+        w, _ = scale_onto(start, 0.5, predict, snap, span=SPAN)
         assert predict(w) <= 0.5
-        assert predict({g: snap(g, v + 8) for g, v in w.items()}) > 0.5
+        assert predict({g: one(v + 8) for g, v in w.items()}) > 0.5
 
 
 def test_config_rejects_unknown_options():
-    from onnxconet.errors import OnnxconetError
-
     with pytest.raises(OnnxconetError, match="unknown dmasking option"):
         DMaskingConfig.from_dict({"epocs": 3})
     with pytest.raises(OnnxconetError, match="loss"):
         DMaskingConfig.from_dict({"loss": "mse"})
 
 
+# --------------------------------------------------------------------------------------- prepare
+def run_context(prep, out, on="flops", resume=False, resolutions=None):
+    """A `RunContext` stand-in with what `DMaskingStrategy.prepare` reads (no run: no judge, no evaluator)."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(0, 1, (96, 3, 16, 16)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, 96))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    return SimpleNamespace(
+        cfg=SimpleNamespace(resume=resume, seed=0, device="cpu", probes=4, latency_seconds=0.2),
+        out=Path(out), cg=prep.graph, loaders=SimpleNamespace(train=loader), train=TrainConfig(batch_size=32),
+        teacher=prep.loaded.module.eval(), judge=None, budget=SimpleNamespace(on=on), resolutions=resolutions,
+        stage=lambda text: None,
+    )  # fmt: skip
+
+
+def test_prepare_trains_resumes_and_derives(tmp_path, monkeypatch):
+    """`prepare` trains the supernet (one history entry per epoch, a checkpoint) and returns the bank the trials
+    are cut from, in the original's L1 order; ask() never trains. A resumed prepare trains no step and gives the
+    same supernet, bank and derived widths."""
+    from onnxconet.search.dmasking import supernet as dm
+
+    prep = prepare(TINY)
+    cg = prep.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    config = DMaskingConfig(epochs=2, options=4, align=1)
+
+    def make():
+        return DMaskingStrategy(space, Objective(0.5), CostModel(cg, space, "flops"), config, seed=1)
+
+    s = make()
+    with pytest.raises(OnnxconetError, match="prepare"):
+        s.ask()
+    assert s.summary() == {}
+    setup = s.prepare(run_context(prep, tmp_path), [])
+    assert isinstance(setup.bank, RankedBank) and setup.resolution is None
+    assert np.array_equal(setup.bank.scores(cg), WeightBank(prep.loaded.module).scores(cg))
+    summary = s.summary()
+    assert [h["epoch"] for h in summary["logits_history"]] == [0, 1, 2] and summary["dmasking"]["epochs"] == 2
+    assert (tmp_path / CHECKPOINT).is_file()
+    widths = [s.ask() for _ in range(3)]
+    facts = s.tell(Trial(0, widths[0], TrialState.COMPLETE, accuracy=0.5, ratio=0.4))
+    assert facts["supernet"] is summary["dmasking"] and facts["logits_history"] == summary["logits_history"]
+
+    monkeypatch.setattr(dm, "search_step", lambda *a, **k: pytest.fail("a supernet step on resume"))
+    again = make()
+    setup2 = again.prepare(run_context(prep, tmp_path, resume=True), [])
+    assert again.summary()["logits_history"] == summary["logits_history"]
+    assert all(torch.equal(v, setup2.bank.state[k]) for k, v in setup.bank.state.items())
+    assert [again.ask() for _ in range(3)] == widths
+
+
+def test_prepare_binds_the_recorded_resolution(tmp_path):
+    """With searched resolutions, `prepare` binds the one a resumed run's trials were recorded at (else the
+    supernet's argmax) and returns it; the derived candidates are priced at it and the trials record it."""
+    from onnxconet.search.resolution import graphs_at
+
+    prep = prepare(TINY)
+    cg = prep.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    config = DMaskingConfig(epochs=1, options=4, align=1, checkpoint=False)
+    s = DMaskingStrategy(space, Objective(0.5), CostModel(cg, space, "flops"), config)
+    setup = s.prepare(run_context(prep, tmp_path, resolutions=graphs_at(prep, [8, 12])), [{"resolution": 8}])
+    assert (
+        setup.resolution.size == 8
+        and s.cg is setup.resolution.cg
+        and s.dm_cost.resolution is setup.resolution
+    )
+    assert s.summary()["dmasking"]["resolution"] == 8 and not (tmp_path / CHECKPOINT).exists()
+    w = s.ask()
+    facts = s.tell(Trial(0, w, TrialState.COMPLETE, accuracy=0.5, ratio=0.4))
+    assert facts["resolution"] == 8
+    assert facts["predicted_ratio"] == pytest.approx(
+        setup.resolution.scale * setup.resolution.effective.ratio(w)
+    )
+
+
 # --------------------------------------------------------------------------------------- end to end
 def cfg(tmp_path, data, **kw):
-    base = dict(
-        model=TINY,
-        data=data,
-        strategy="dmasking",
-        trials=2,
-        epochs_per_trial=1,
-        final_epochs=1,
-        pretrain_epochs=3,
-        batch_size=32,
-        budget="0.5",
-        budget_on="flops",
-        provider="cpu",
-        threads=1,
-        latency_seconds=0.2,
-        out=str(tmp_path / "run"),
-        min_ratio=0.25,
-        dmasking={"epochs": 2, "options": 4, "align": 1},
-    )
-    base.update(kw)
-    return SearchConfig(**base)
+    """`search_cfg` with dmasking: 2 trials, budget 0.5, a 2-epoch supernet over 4 width options."""
+    dm = {"strategy": "dmasking", "trials": 2, "pretrain_epochs": 3, "budget": "0.5"}
+    return search_cfg(tmp_path, data, **(dm | {"dmasking": {"epochs": 2, "options": 4, "align": 1}} | kw))
 
 
 def test_dmasking_smoke(tmp_path, npz_data):
     """A dmasking run on the tiny model end to end: the best meets the budget, result.json carries the logits'
     history (one entry per supernet epoch), the report plots it, best.onnx matches torch."""
-    res = run_search(cfg(tmp_path, npz_data))
+    res = run_search(cfg(tmp_path, npz_data)).to_json()
     best = res["best"]
     assert best["budget_met"] and best["flops_ratio"] <= 0.5 + 1e-9
     assert best["max_abs_diff"] < 1e-4
@@ -307,8 +348,8 @@ def test_dmasking_smoke(tmp_path, npz_data):
 def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):
     """Killed in the second supernet epoch: the resumed run does not redo the first. Killed during the derived
     trials: the resumed run trains no supernet step and redoes no finished trial."""
-    from onnxconet.search import dmasking as dm
     from onnxconet.search import evaluate as ev
+    from onnxconet.search.dmasking import supernet as dm
 
     real_step, real_run = dm.search_step, ev.Evaluator.run
     calls = {"n": 0, "kill": False}
@@ -344,7 +385,7 @@ def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):
     res = run_search(
         cfg(tmp_path, npz_data, final_epochs=0, resume=True),
         progress=lambda e, d: seen.append(d["trial"]) if e == "trial_start" else None,
-    )
+    ).to_json()
     assert calls["n"] == 0 and seen == [1]
     # (Trial.from_json fills a replayed record's "extra" in place; compare the rest)
     assert {k: v for k, v in res["trials"][0].items() if k != "extra"} == {
@@ -366,7 +407,7 @@ def test_dmasking_latency_budget_fbnet_loss(tmp_path, npz_data):
             probes=4,
             dmasking={"epochs": 2, "options": 4, "align": 1, "loss": "fbnet", "warmup": 0.0},
         )
-    )
+    ).to_json()
     hist = res["logits_history"]
     assert all(np.isfinite(h["expected_ratio"]) and 0 < h["expected_ratio"] < 2 for h in hist)
     assert hist[-1]["arch_loss"] is not None and np.isfinite(hist[-1]["arch_loss"])
@@ -377,8 +418,6 @@ def test_dmasking_latency_budget_fbnet_loss(tmp_path, npz_data):
 def test_latency_candidates_are_checked_by_measurement(grouped, tmp_path):
     """When a derived candidate measures over the budget (the predictor is 30% optimistic here), it is corrected
     and put back on the budget before the driver sees it; the checks are cached, so a replay asks the same."""
-    from types import SimpleNamespace
-
     cg = grouped.graph
     space = WidthSpace(cg, min_ratio=0.25)
     params = EffectiveCost(cg, "params")
@@ -394,15 +433,12 @@ def test_latency_candidates_are_checked_by_measurement(grouped, tmp_path):
 
     def make(resume):
         s = DMaskingStrategy(space, Objective(0.5), CostModel(cg, space, "latency"), DMaskingConfig(align=1))
-        s.predictor = SimpleNamespace(predict_ratio=params.ratio)
-        s.attach(
-            SimpleNamespace(judge=judge, bank=SimpleNamespace(scores=lambda cg: cg.l1_scores())),
-            tmp_path,
-            resume=resume,
-        )
+        s.dm_cost.predictor = SimpleNamespace(predict_ratio=params.ratio)
         rng = np.random.default_rng(0)
-        s.logits = {g: rng.normal(0, 1, len(o)) for g, o in s.options.items()}
-        s.final_tau, s.trained = 1.0, True
+        logits = {g: rng.normal(0, 1, len(o)) for g, o in s.options.items()}
+        s.derive_from(
+            SupernetResult(logits, 1.0), Checks(judged(judge, cg, cg.l1_scores()), tmp_path / CHECKS, resume)
+        )
         return s
 
     s = make(False)

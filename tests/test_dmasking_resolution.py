@@ -4,6 +4,7 @@ one-line errors, resume."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -13,17 +14,19 @@ import torch
 from typer.testing import CliRunner
 
 from onnxconet.cli import app
+from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.errors import OnnxconetError
 from onnxconet.prepare import prepare
 from onnxconet.search.base import Objective
 from onnxconet.search.cost import CostModel
-from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy, search_step
+from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
+from onnxconet.search.dmasking.step import SearchStep, search_step
 from onnxconet.search.masks import Supernet
 from onnxconet.search.resolution import ResizedLoader, bind_costs, graphs_at, parse_resolutions
-from onnxconet.commands.search import SearchConfig, run_search
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.torch import slice_torch
-from tests.test_dmasking import TINY, cfg, killed_at_trial, npz_data  # noqa: F401 - the fixture
+from tests.conftest import TINY
+from tests.test_dmasking import cfg, killed_at_trial
 
 FLAT = """import torch
 from torch import nn
@@ -46,18 +49,13 @@ def flat():
 """
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return prepare(TINY)
-
-
 def strategy_at(prep, sizes, on="flops"):
     cg = prep.graph
     space = WidthSpace(cg, min_ratio=0.25)
     res = graphs_at(prep, sizes)
-    bind_costs(res, cg, space, on, teacher=prep.loaded.module, reference=b"", target=None)
+    bind_costs(SimpleNamespace(cg=cg, budget=SimpleNamespace(on=on)), res, space)
     s = DMaskingStrategy(space, Objective(0.5), CostModel(cg, space, on), DMaskingConfig(options=4, align=1))
-    s.set_resolutions(res)
+    s.dm_cost.search_resolutions(res)
     return s, res
 
 
@@ -72,9 +70,9 @@ def test_costs_per_resolution(tiny):
     w = {g: s.options[g][0] for g in s.options}
     probs = {g: torch.eye(len(o), dtype=torch.float64)[0] for g, o in s.options.items()}
     for i, r in enumerate(res):
-        e = s.expected_ratio(probs, s.options, torch.eye(3, dtype=torch.float64)[i])
-        assert float(e) == pytest.approx(s.predict_raw(w, r), rel=1e-9)
-        assert s.predict_raw(w, r) == pytest.approx(r.scale * r.effective.ratio(w))
+        e = s.dm_cost.expected_ratio(probs, s.options, torch.eye(3, dtype=torch.float64)[i])
+        assert float(e) == pytest.approx(s.dm_cost.predict_raw(w, r), rel=1e-9)
+        assert s.dm_cost.predict_raw(w, r) == pytest.approx(r.scale * r.effective.ratio(w))
 
 
 def test_latency_costs_per_resolution(tiny, tmp_path, monkeypatch):
@@ -82,21 +80,29 @@ def test_latency_costs_per_resolution(tiny, tmp_path, monkeypatch):
     full-width model to the baseline; both are saved, and a resumed run loads them without measuring."""
     from onnxconet.latency import predictor as lp
     from onnxconet.latency.profile import Target
+    from onnxconet.search import calibration
     from onnxconet.surgery.parity import onnx_with_weights
 
     cg = tiny.graph
     space = WidthSpace(cg, min_ratio=0.25)
     reference = onnx_with_weights(tiny.onnx_model, tiny.loaded.module.state_dict()).SerializeToString()
-    kw = dict(teacher=tiny.loaded.module, reference=reference, target=Target(provider="cpu", threads=1),
-              probes=4, latency_seconds=0.2, out=tmp_path)  # fmt: skip
+
+    def ctx(resume):
+        return SimpleNamespace(
+            cg=cg, budget=SimpleNamespace(on="latency"), teacher=tiny.loaded.module, out=tmp_path,
+            judge=SimpleNamespace(reference=reference, target=Target(provider="cpu", threads=1)),
+            cfg=SimpleNamespace(resume=resume, seed=0, latency_seconds=0.2), stage=lambda text: None,
+        )  # fmt: skip
+
     res = graphs_at(tiny, [8, 16])
-    bind_costs(res, cg, space, "latency", **kw)
+    bind_costs(ctx(False), res, space, probes=4)
     assert res[1].scale == 1.0 and 0.05 < res[0].scale < 1.5
     assert res[0].predictor.report.measurements == 4 and res[0].cg is not cg
     assert (tmp_path / "latency_predictor_8.json").is_file() and (tmp_path / "resolutions.json").is_file()
-    monkeypatch.setattr(lp, "calibrate", lambda *a, **k: pytest.fail("measured again on resume"))
+    for module in (lp, calibration):
+        monkeypatch.setattr(module, "calibrate", lambda *a, **k: pytest.fail("measured again on resume"))
     again = graphs_at(tiny, [8, 16])
-    bind_costs(again, cg, space, "latency", resume=True, **kw)
+    bind_costs(ctx(True), again, space, probes=4)
     assert (
         again[0].scale == res[0].scale
         and again[0].predictor.theta.tolist() == res[0].predictor.theta.tolist()
@@ -117,9 +123,8 @@ def test_resolution_logits_get_gradients(tiny):
     arch = (torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,)))
     net.attach()
     try:
-        loss, aloss, ratio = search_step(
-            s, net, model, None, wopt, aopt, batch, arch, 2.0, torch.Generator().manual_seed(0), 0.0, 4.0
-        )
+        step = SearchStep(net, model, None, wopt, aopt, s.dm_cost, alpha=0.0, temperature=4.0)
+        loss, aloss, ratio = search_step(step, batch, arch, 2.0, torch.Generator().manual_seed(0))
     finally:
         net.detach()
     g = net.logits["resolution"].grad
@@ -150,7 +155,7 @@ def test_dmasking_resolution_end_to_end(tmp_path, npz_data):  # noqa: F811
     """Resolutions 8 and 12 for a 16x16 model: the chosen one is written into result.json, report.md, the
     history and best.onnx's input; best.onnx runs at it in onnxruntime like the torch model with its weights;
     the budget is met relative to the baseline at 16x16."""
-    res = run_search(cfg(tmp_path, npz_data, resolutions=[8, 12], pretrain_epochs=1))
+    res = run_search(cfg(tmp_path, npz_data, resolutions=[8, 12], pretrain_epochs=1)).to_json()
     r = res["resolution"]
     assert r in (8, 12)
     assert res["input_shape"] == [1, 3, r, r] and res["baseline"]["input_shape"] == [1, 3, 16, 16]
@@ -223,8 +228,8 @@ def test_resized_loader():
 def test_dmasking_resolution_resume(tmp_path, npz_data, monkeypatch):  # noqa: F811
     """Killed during the derived trials: the resumed run trains no supernet step, rebinds the same resolution
     and redoes no finished trial."""
-    from onnxconet.search import dmasking as dm
     from onnxconet.search import evaluate as ev
+    from onnxconet.search.dmasking import supernet as dm
 
     real_step, real_run = dm.search_step, ev.Evaluator.run
     calls = {"n": 0}
@@ -249,6 +254,6 @@ def test_dmasking_resolution_resume(tmp_path, npz_data, monkeypatch):  # noqa: F
     res = run_search(
         cfg(tmp_path, npz_data, resume=True, **c),
         progress=lambda e, d: seen.append(d["trial"]) if e == "trial_start" else None,
-    )
+    ).to_json()
     assert calls["n"] == 0 and seen == [1]
     assert res["resolution"] == first[0]["resolution"] == res["trials"][1]["resolution"]

@@ -17,7 +17,7 @@ from onnxconet.search.base import Objective, Trial, TrialState
 from onnxconet.search.baselines import L1Strategy, RandomStrategy
 from onnxconet.search.cost import CostModel
 from onnxconet.space import WidthSpace
-from tests.conftest import TINY
+from tests.conftest import TINY, search_cfg
 
 runner = CliRunner()
 
@@ -74,25 +74,7 @@ def test_anneal_metropolis_rejects_much_worse(tiny_graph):
     assert s.current.number == 0
 
 
-def cfg(tmp_path, data, **kw):
-    base = dict(
-        model=TINY,
-        data=data,
-        trials=3,
-        epochs_per_trial=1,
-        final_epochs=1,
-        pretrain_epochs=2,
-        batch_size=32,
-        budget="0.6",
-        budget_on="flops",
-        provider="cpu",
-        threads=1,
-        latency_seconds=0.2,
-        out=str(tmp_path / "run"),
-        min_ratio=0.25,
-    )
-    base.update(kw)
-    return SearchConfig(**base)
+cfg = search_cfg
 
 
 def test_search_end_to_end_and_resume_after_kill(tmp_path, npz_data, monkeypatch):

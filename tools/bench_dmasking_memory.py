@@ -4,7 +4,7 @@
     python tools/bench_dmasking_memory.py --options 2,4,8,16 --naive --device cuda
 
 One search step = one weights step (SGD) and one logits step (Adam, task loss + expected-FLOPs hinge) of
-`onnxconet.search.dmasking.search_step`, exactly what the search runs. Every K is measured in a fresh
+`onnxconet.search.dmasking.step.search_step`, exactly what the search runs. Every K is measured in a fresh
 subprocess (same model, same seeds, same batch), after one unmeasured warm-up step, so optimizer state and
 allocator pools exist before the measured step.
 
@@ -46,7 +46,8 @@ def worker(args) -> dict:
     from onnxconet.prepare import prepare
     from onnxconet.search.base import Objective
     from onnxconet.search.cost import CostModel
-    from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy, search_step
+    from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
+    from onnxconet.search.dmasking.step import SearchStep, search_step
     from onnxconet.search.masks import Supernet, width_options
     from onnxconet.space import WidthSpace
 
@@ -74,8 +75,10 @@ def worker(args) -> dict:
     y = torch.randint(0, n_classes, (args.batch,), generator=gen).to(device)
     ya = torch.randint(0, n_classes, (args.batch,), generator=gen).to(device)
 
+    s = SearchStep(net, model, teacher, wopt, aopt, strat.dm_cost, alpha=0.5, temperature=4.0)
+
     def step():
-        return search_step(strat, net, model, teacher, wopt, aopt, (x, y), (xa, ya), 5.0, gen, 0.5, 4.0)
+        return search_step(s, (x, y), (xa, ya), 5.0, gen)
 
     step()  # warm-up: optimizer state, allocator pools
     out = {"k": args.k, "options_per_group": counts, "groups": len(options), "sites": len(net.sites)}

@@ -9,7 +9,7 @@ import onnx
 
 from onnxconet.graph.groups import ChannelGraph
 
-_FLOAT_TYPES = {
+FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
     onnx.TensorProto.BFLOAT16,
@@ -32,7 +32,7 @@ def count_params(cg: ChannelGraph, keep: np.ndarray | None = None) -> int:
     """Elements of the floating-point initializers (weights, biases, norm parameters and statistics)."""
     shapes = _new_shapes(cg, keep)
     return int(
-        sum(int(np.prod(shapes[n])) for n, t in cg.graph.initializers.items() if t.data_type in _FLOAT_TYPES)
+        sum(int(np.prod(shapes[n])) for n, t in cg.graph.initializers.items() if t.data_type in FLOAT_TYPES)
     )
 
 

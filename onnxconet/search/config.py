@@ -53,7 +53,7 @@ class SearchConfig:
     seed: int = 0
     device: str | None = None
     ort_config: dict = field(default_factory=dict)  # onnxruntime session config entries the deployment sets
-    dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking.py)
+    dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking/config.py)
     resolutions: list[int] | None = None  # square input sizes searched by dmasking (search/resolution.py)
 
     def check(self) -> None:

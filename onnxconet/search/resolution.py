@@ -11,7 +11,7 @@ relative to the baseline:
   * flops / params: effective shapes on r's graph, scaled by its full-width count / the baseline's.
 
 The supernet samples a resolution per weights step and takes the expectation over resolutions in its logits
-step (see `search/dmasking.py`); after it, the argmax resolution r* is bound for the rest of the run: the
+step (see `search/dmasking/`); after it, the argmax resolution r* is bound for the rest of the run: the
 derived candidates are cut from r*'s graph, trained and validated on batches resized to r* (`ResizedLoader`,
 bilinear), measured against the base baseline, and best.onnx takes (N, C, r*, r*).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from onnxconet.errors import OnnxconetError
+from onnxconet.files import atomic_write
 from onnxconet.graph.export import export_onnx
 from onnxconet.graph.groups import ChannelGraph
+from onnxconet.latency.predictor import LatencyPredictor
+from onnxconet.latency.profile import measure_relative
+from onnxconet.search.calibration import calibrated_predictor
+from onnxconet.search.effective import EffectiveCost
+from onnxconet.surgery.parity import onnx_with_weights
 
 log = logging.getLogger(__name__)
 SCALES = "resolutions.json"
@@ -166,30 +171,19 @@ def graphs_at(prep, resolutions: list[int]) -> list[Resolution]:
     return out
 
 
-def bind_costs(
-    resolutions: list[Resolution],
-    base_cg: ChannelGraph,
-    space,
-    on: str,
-    *,
-    teacher: torch.nn.Module,
-    reference: bytes,
-    target,
-    base_predictor=None,
-    probes: int = 6,
-    latency_seconds: float = 2.0,
-    seed: int = 0,
-    out: Path | None = None,
-    resume: bool = False,
-    emit=None,
-) -> None:
-    """Give every resolution its cost relative to the baseline (see the module docstring); the latency
-    predictors and scales are saved in `out` (resumed with `resume`). Copies the base graph's frozen groups."""
-    from onnxconet.latency.predictor import LatencyPredictor, calibrate
-    from onnxconet.latency.profile import measure_relative
-    from onnxconet.search.dmasking import EffectiveCost
-    from onnxconet.surgery.parity import onnx_with_weights
+def bind_costs(ctx, resolutions: list[Resolution], space, base_predictor=None, probes: int = 6) -> None:
+    """Give every resolution its cost relative to the baseline (see the module docstring). Copies the base
+    graph's frozen groups. For latency, the predictors (`latency_predictor_<r>.json`) and scales
+    (`resolutions.json`) are saved in the run directory and loaded back when the run resumes.
 
+    Args:
+        ctx: the run's `RunContext` (base graph, budgeted quantity, teacher, judge, seed, timing, out,
+            resume).
+        space: the width space the predictors' probes are drawn from.
+        base_predictor: the run's predictor, reused at the base resolution.
+        probes: measurements per calibrated predictor.
+    """
+    base_cg, on = ctx.cg, ctx.budget.on
     for res in resolutions:
         for ga, gb in zip(base_cg.groups, res.cg.groups, strict=True):
             gb.prunable, gb.reason = ga.prunable, ga.reason
@@ -199,43 +193,55 @@ def bind_costs(
             res.effective = EffectiveCost(res.cg, on)
             res.scale = res.effective.base / base
         return
-    saved_path = out / SCALES if out is not None else None
+    saved_path = Path(ctx.out) / SCALES
     saved = {}
-    if saved_path is not None and resume and saved_path.is_file():
+    if ctx.cfg.resume and saved_path.is_file():
         try:
             saved = json.loads(saved_path.read_text())
         except ValueError:
             log.warning("%s is unreadable; measuring again", saved_path)
     state = dict(saved)
     for res in resolutions:
-        key = str(res.size)
         if res.cg is base_cg and base_predictor is not None:
             res.predictor, res.scale = base_predictor, 1.0
             continue
-        ppath = out / f"latency_predictor_{res.size}.json" if out is not None else None
-        got = saved.get(key)
-        if got and got.get("fingerprint") == res.cg.fingerprint() and ppath is not None and ppath.is_file():
-            try:
-                res.predictor = LatencyPredictor.load(ppath, res.cg)
-                res.scale = float(got["scale"])
-                continue
-            except OnnxconetError as e:
-                log.warning("%s: %s; calibrating a new one", ppath, e)
-        ref_r = onnx_with_weights(res.onnx_model, teacher.state_dict()).SerializeToString()
-        if emit:
-            emit(f"resolution {res.size}: measuring the full-width model and {probes} probes")
-        res.scale = (
-            1.0
-            if res.cg is base_cg
-            else measure_relative(ref_r, reference, target, max_seconds=2 * latency_seconds).ratio
-        )
-        res.predictor, _ = calibrate(
-            res.cg, ref_r, target, space=space, n=probes, seed=seed, max_seconds=latency_seconds / 2
-        )
-        state[key] = {"scale": res.scale, "fingerprint": res.cg.fingerprint()}
-        if ppath is not None:
-            res.predictor.save(ppath)
-            tmp = saved_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, saved_path)
+        if _restored(ctx, res, saved.get(str(res.size))):
+            continue
+        _calibrate_at(ctx, res, space, probes)
+        state[str(res.size)] = {"scale": res.scale, "fingerprint": res.cg.fingerprint()}
+        atomic_write(saved_path, json.dumps(state))
     log.info("resolution latency scales: %s", {r.size: round(r.scale, 3) for r in resolutions})
+
+
+def _predictor_path(ctx, res: Resolution) -> Path:
+    return Path(ctx.out) / f"latency_predictor_{res.size}.json"
+
+
+def _restored(ctx, res: Resolution, got: dict | None) -> bool:
+    """`res`'s scale and predictor as a resumed run saved them (same graph fingerprint); False when absent."""
+    path = _predictor_path(ctx, res)
+    if not got or got.get("fingerprint") != res.cg.fingerprint() or not path.is_file():
+        return False
+    try:
+        res.predictor = LatencyPredictor.load(path, res.cg)
+    except OnnxconetError as e:
+        log.warning("%s: %s; calibrating a new one", path, e)
+        return False
+    res.scale = float(got["scale"])
+    return True
+
+
+def _calibrate_at(ctx, res: Resolution, space, probes: int) -> None:
+    """Measure `res`'s full-width model against the baseline (its scale) and calibrate its predictor on
+    `probes` probes against that full-width model (`calibrated_predictor`, saved in the run directory)."""
+    ref_r = onnx_with_weights(res.onnx_model, ctx.teacher.state_dict()).SerializeToString()
+    ctx.stage(f"resolution {res.size}: measuring the full-width model against the baseline")
+    seconds = ctx.cfg.latency_seconds
+    res.scale = (
+        1.0
+        if res.cg is ctx.cg
+        else measure_relative(ref_r, ctx.judge.reference, ctx.judge.target, max_seconds=2 * seconds).ratio
+    )
+    res.predictor = calibrated_predictor(
+        ctx, res.cg, space, probes, _predictor_path(ctx, res), reference=ref_r
+    )

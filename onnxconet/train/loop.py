@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from onnxconet.errors import DataError, OnnxconetError
 from onnxconet.train.distill import distillation_loss, primary_logits
 
-__all__ = ["TrainConfig", "evaluate", "fit", "recalibrate_bn", "resolve_device"]
+__all__ = ["TrainConfig", "evaluate", "fit", "lr_at", "make_optimizer", "recalibrate_bn", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,9 @@ def evaluate(
     return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n, "samples": n}
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg``'s optimizer over ``model``'s trainable parameters (public: dmasking's supernet trains its
+    weights with the same optimizer and schedule as a fine-tune)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise OnnxconetError("the model has no trainable parameters (all have requires_grad=False)")
@@ -193,7 +195,7 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _lr_at(cfg: TrainConfig, progress: float) -> float:
+def lr_at(cfg: TrainConfig, progress: float) -> float:
     """Learning rate at ``progress`` in [0, 1) of the run."""
     if cfg.schedule == "constant":
         return cfg.lr
@@ -232,6 +234,28 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.sync_every = _CUDA_SYNC_EVERY if self.device.type == "cuda" else 1
 
+    def epoch(self, train_loader: Iterable, val_loader: Iterable | None, epoch: int, history: dict) -> dict:
+        """Train one epoch, validate, log; appends to ``history`` and returns the epoch's progress record."""
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"phase": "epoch", "epoch": epoch, "epochs": cfg.epochs}
+        record["train_loss"] = self.train_epoch(train_loader, epoch)
+        history["train_loss"].append(record["train_loss"])
+        record["val_accuracy"] = None
+        if val_loader is not None:
+            val = evaluate(model, val_loader, self.device, max_batches=cfg.max_batches)
+            history["val_accuracy"].append(val["accuracy"])
+            history["val_loss"].append(val["loss"])
+            record["val_accuracy"] = val["accuracy"]
+        model.eval()
+        record["seconds"] = time.perf_counter() - t0
+        logger.info(
+            "epoch %d/%d: train loss %.4f%s (%.1f s)", epoch + 1, cfg.epochs, record["train_loss"],
+            "" if record["val_accuracy"] is None else f", val acc {record['val_accuracy']:.2%}",
+            record["seconds"],
+        )  # fmt: skip
+        return record
+
     def train_epoch(self, loader: Iterable, epoch: int) -> float:
         """One pass over ``loader``; returns the mean training loss per sample."""
         cfg = self.cfg
@@ -242,7 +266,7 @@ class _Run:
         for b, batch in enumerate(islice(loader, cfg.max_batches)):
             frac = self.step / total if total else epoch / cfg.epochs
             for group in self.optimizer.param_groups:
-                group["lr"] = _lr_at(cfg, frac)
+                group["lr"] = lr_at(cfg, frac)
             x, y, y_max = _unpack(batch, self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = primary_logits(self.model(x))
@@ -355,41 +379,17 @@ def fit(
         teacher.to(dev).eval()
     amp_dtype = _amp_dtype(dev, cfg.amp)
     history: dict[str, Any] = {"train_loss": [], "val_accuracy": [], "val_loss": []}
-    rng_devices = (
-        [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    )
     start = time.perf_counter()
-    logger.info(
-        "fine-tuning %d epoch(s) on %s (%s, lr %g, %s schedule, %s, amp %s)",
-        cfg.epochs, dev, cfg.optimizer, cfg.lr, cfg.schedule,
-        f"distillation alpha={cfg.alpha} T={cfg.temperature}" if teacher is not None else "labels only",
-        amp_dtype if amp_dtype is not None else "off",
-    )  # fmt: skip
+    _log_start(cfg, dev, teacher is not None, amp_dtype)
     try:
-        with torch.random.fork_rng(devices=rng_devices):
+        with torch.random.fork_rng(devices=_rng_devices(dev)):
             torch.manual_seed(cfg.seed)
             run = _Run(
-                model, teacher, cfg, _make_optimizer(model, cfg), dev, amp_dtype,
+                model, teacher, cfg, make_optimizer(model, cfg), dev, amp_dtype,
                 _steps_per_epoch(train_loader, cfg.max_batches), progress,
             )  # fmt: skip
             for epoch in range(cfg.epochs):
-                t0 = time.perf_counter()
-                record: dict[str, Any] = {"phase": "epoch", "epoch": epoch, "epochs": cfg.epochs}
-                record["train_loss"] = run.train_epoch(train_loader, epoch)
-                history["train_loss"].append(record["train_loss"])
-                record["val_accuracy"] = None
-                if val_loader is not None:
-                    val = evaluate(model, val_loader, dev, max_batches=cfg.max_batches)
-                    history["val_accuracy"].append(val["accuracy"])
-                    history["val_loss"].append(val["loss"])
-                    record["val_accuracy"] = val["accuracy"]
-                model.eval()
-                record["seconds"] = time.perf_counter() - t0
-                logger.info(
-                    "epoch %d/%d: train loss %.4f%s (%.1f s)", epoch + 1, cfg.epochs, record["train_loss"],
-                    "" if record["val_accuracy"] is None else f", val acc {record['val_accuracy']:.2%}",
-                    record["seconds"],
-                )  # fmt: skip
+                record = run.epoch(train_loader, val_loader, epoch, history)
                 if progress is not None:
                     progress(record)
                 if epoch_callback is not None:
@@ -400,6 +400,20 @@ def fit(
     model.eval()
     history["seconds"] = time.perf_counter() - start
     return history
+
+
+def _rng_devices(dev: torch.device) -> list[int]:
+    """The CUDA devices whose RNG ``fit`` forks (none on CPU)."""
+    return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+
+
+def _log_start(cfg: TrainConfig, dev: torch.device, distill: bool, amp_dtype: torch.dtype | None) -> None:
+    logger.info(
+        "fine-tuning %d epoch(s) on %s (%s, lr %g, %s schedule, %s, amp %s)",
+        cfg.epochs, dev, cfg.optimizer, cfg.lr, cfg.schedule,
+        f"distillation alpha={cfg.alpha} T={cfg.temperature}" if distill else "labels only",
+        amp_dtype if amp_dtype is not None else "off",
+    )  # fmt: skip
 
 
 @torch.no_grad()
