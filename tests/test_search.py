@@ -461,3 +461,22 @@ def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeyp
 
     tight = confirm_best(_fake_ctx(judge, 0.305), run)
     assert tight[0].number == 2 and set(tight[1]) == {0, 1, 2}  # none within 0.305: the lowest re-measured
+
+
+def test_best_onnx_that_differs_from_torch_is_not_written(tmp_path, npz_data, monkeypatch):
+    """Parity is enforced: when best.onnx's outputs would differ from the fine-tuned torch model's beyond the
+    tolerance, the run fails with one line saying by how much, writes no best.onnx, and keeps what --resume
+    needs (the history, the trial checkpoint)."""
+    from onnxconet.errors import SurgeryError
+    from onnxconet.search import finish as finish_mod
+
+    monkeypatch.setattr(finish_mod, "max_rel_diff", lambda a, b: (0.5, 0.05))  # 5 % of the output scale
+    with pytest.raises(
+        SurgeryError, match=r"differ from the fine-tuned torch model by 0.5 \(5.00% .*not written"
+    ):
+        run_search(cfg(tmp_path, npz_data, trials=2))
+    out = tmp_path / "run"
+    assert not (out / "best.onnx").exists() and not (out / "result.json").exists()
+    assert (out / "history.jsonl").is_file() and (out / "best_candidate.pt").is_file()
+    lines = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["trial"] for r in lines if r["kind"] == "trial"] == [0, 1]

@@ -2,7 +2,7 @@
 
 Each rule reads its inputs' channel maps from the analysis context and writes its outputs' maps; it records
 parameter slices (members) and ties. An op without a rule freezes every channel that reaches it: we never
-assume an unknown op is element-wise. See DESIGN.md, "The channel graph".
+assume an unknown op is element-wise. The README's "How it works" and docs/architecture.md place this in the whole.
 """
 
 from __future__ import annotations
