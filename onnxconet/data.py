@@ -7,6 +7,9 @@ Specs accepted by :func:`load_data`:
   subfolders, or a single folder of class subfolders split 80/20 by seed.
 - ``"cifar10:PATH"`` / ``"cifar100:PATH"``: the CIFAR "python version" batches folder.
 - ``"npz:FILE"``: arrays ``x`` (images) and ``y`` (integer labels).
+- ``"fashion-mnist"``: Debian's ``dataset-fashion-mnist`` package; ``"fashion-mnist:DIR"`` and
+  ``"mnist:DIR"``: any folder with the four standard IDX files (``.gz`` or not). The official
+  10,000 test images are the test split; a stratified, seeded 10 % of train is validation.
 
 Every sample is a float tensor of the model's (C, H, W): images are resized, grayscale is repeated
 to 3 channels, RGB is turned to luminance for 1 channel, and values are normalized with the
@@ -32,11 +35,15 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from onnxconet import idx
 from onnxconet.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPEC_FORMS = '"digits", a folder PATH (ImageFolder), "cifar10:PATH", "cifar100:PATH" or "npz:FILE"'
+SPEC_FORMS = (
+    '"digits", a folder PATH (ImageFolder), "cifar10:PATH", "cifar100:PATH", "npz:FILE", '
+    '"fashion-mnist", "fashion-mnist:DIR" or "mnist:DIR"'
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
@@ -69,15 +76,21 @@ class Splits:
 
 
 def load_data(
-    spec: str, input_shape: tuple[int, int, int, int], seed: int = 0, num_classes: int | None = None
+    spec: str,
+    input_shape: tuple[int, int, int, int],
+    seed: int = 0,
+    num_classes: int | None = None,
+    train_samples: int | None = None,
 ) -> Splits:
     """Load a dataset and shape its samples for a model.
 
     Args:
-        spec: "digits", a folder path, "cifar10:PATH", "cifar100:PATH" or "npz:FILE".
+        spec: one of :data:`SPEC_FORMS`.
         input_shape: the model's input shape (1, C, H, W); samples come out as (C, H, W).
         seed: fixes every split, independently of anything else.
         num_classes: the model's output size; when given it must equal the dataset's class count.
+        train_samples: keep a stratified, seeded subset of this many training samples (validation
+            and test are untouched); None keeps them all.
 
     Returns:
         The splits.
@@ -103,6 +116,9 @@ def load_data(
         splits = _load_cifar(prefix, Path(rest).expanduser(), shape, seed)
     elif prefix == "npz" and rest:
         splits = _load_npz(Path(rest).expanduser(), shape, seed)
+    elif spec == "fashion-mnist" or (prefix in ("fashion-mnist", "mnist") and rest):
+        root = Path(rest).expanduser() if rest else idx.debian_folder()
+        splits = _load_idx(prefix, root, shape, seed)
     elif ":" in spec and not Path(spec).expanduser().exists():
         raise DataError(f"unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
     else:
@@ -112,6 +128,8 @@ def load_data(
             f"data {spec!r} has {splits.num_classes} classes but the model outputs {num_classes}; "
             "pick the matching dataset or build the model with that many classes"
         )
+    if train_samples is not None:
+        splits.train = _train_subset(splits.train, train_samples, seed, spec)
     log.info(
         "data %s: %d train / %d val / %s test samples, %d classes, samples %s",
         splits.name,
@@ -378,6 +396,47 @@ def _load_cifar(kind: str, root: Path, shape: tuple[int, int, int], seed: int) -
     n_train = sum(len(b[1]) for b in train)
     train_idx, val_idx = stratified_split(labels[:n_train], (0.9, 0.1), seed)
     test_idx = np.arange(n_train, len(labels), dtype=np.int64)
+    return _array_splits(images, labels, [train_idx, val_idx, test_idx], shape, num_classes, f"{kind}:{root}")
+
+
+def _train_subset(train: Dataset, n: int, seed: int, spec: str) -> Dataset:
+    """A stratified, seeded subset of ``n`` training samples (all of them when ``n`` >= the count)."""
+    if n < 1:
+        raise DataError(f"data {spec!r}: --train-samples must be >= 1, got {n}")
+    labels = _labels_of(train)
+    if n >= len(labels):
+        return train
+    keep, _ = stratified_split(labels, (n / len(labels), 1 - n / len(labels)), seed + 7919)
+    return Subset(train, keep.tolist())
+
+
+def _labels_of(ds: Dataset) -> np.ndarray:
+    """The labels of a dataset, in order, without loading its images where the type allows."""
+    if isinstance(ds, Subset):
+        return _labels_of(ds.dataset)[np.asarray(ds.indices)]
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].numpy()
+    if hasattr(ds, "targets"):
+        return np.asarray(ds.targets)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
+
+
+# --- MNIST-style IDX files ---------------------------------------------------------------------
+
+
+def _load_idx(kind: str, root: Path, shape: tuple[int, int, int], seed: int) -> Splits:
+    """Four IDX files; the official test images are the test split, 10 % of train validation."""
+    if not root.is_dir():
+        raise DataError(f"{kind} folder {root} does not exist; pass {kind}:DIR with the four IDX files")
+    train_x, train_y = idx.read_split(root, "train")
+    test_x, test_y = idx.read_split(root, "t10k")
+    if train_x.shape[2:] != test_x.shape[2:]:
+        raise DataError(f"{root}: train images are {train_x.shape[2:]} but test images {test_x.shape[2:]}")
+    images = np.concatenate([train_x, test_x])
+    labels = np.concatenate([train_y, test_y])
+    train_idx, val_idx = stratified_split(train_y, (0.9, 0.1), seed)
+    test_idx = np.arange(len(train_y), len(labels), dtype=np.int64)
+    num_classes = int(labels.max()) + 1
     return _array_splits(images, labels, [train_idx, val_idx, test_idx], shape, num_classes, f"{kind}:{root}")
 
 

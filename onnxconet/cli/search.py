@@ -52,9 +52,21 @@ def search(
     data: Annotated[
         str,
         typer.Option(
-            "--data", help="digits (built-in), an ImageFolder PATH, cifar10:PATH, cifar100:PATH or npz:FILE."
+            "--data",
+            help="digits (built-in), an ImageFolder PATH, cifar10:PATH, cifar100:PATH, npz:FILE, "
+            "fashion-mnist (Debian's dataset-fashion-mnist package), fashion-mnist:DIR or mnist:DIR "
+            "(the four IDX files).",
         ),
     ] = "digits",
+    train_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--train-samples",
+            min=1,
+            help="Train on a stratified, seeded subset of about this many training images (validation "
+            "and test splits are untouched); default: all.",
+        ),
+    ] = None,
     weights: WeightsOpt = None,
     input_shape: InputShapeOpt = None,
     strategy: Annotated[
@@ -174,6 +186,7 @@ def search(
     cfg = SearchConfig(
         model=model,
         data=data,
+        train_samples=train_samples,
         weights=str(weights) if weights else None,
         input_shape=_run(parse_input_shape, input_shape),
         strategy=strategy,

@@ -21,6 +21,7 @@ class SearchConfig:
 
     model: str | None = None
     data: str = "digits"
+    train_samples: int | None = None  # a stratified subset of the training split (data.load_data)
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     strategy: str = "anneal"
@@ -106,8 +107,9 @@ def config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or DEFAULT_MODEL
-    if d.get("resolutions") is None:
-        d.pop("resolutions", None)  # runs without it keep their config as before
+    for key in ("resolutions", "train_samples"):
+        if d.get(key) is None:
+            d.pop(key, None)  # runs without it keep their config as before
     return d
 
 

@@ -143,7 +143,10 @@ def build_context(cfg: SearchConfig, progress: Progress | None = None) -> RunCon
 def _loaders(cfg: SearchConfig, prep: Prepared) -> Loaders:
     cg = prep.graph
     n_classes = (cg.graph.shape(cg.graph.outputs[0]) or (0,))[-1]
-    splits = load_data(cfg.data, prep.loaded.input_shape, seed=cfg.seed, num_classes=n_classes or None)
+    splits = load_data(
+        cfg.data, prep.loaded.input_shape, seed=cfg.seed, num_classes=n_classes or None,
+        train_samples=cfg.train_samples,
+    )  # fmt: skip
     return Loaders(*make_loaders(splits, cfg.batch_size, cfg.seed))
 
 
