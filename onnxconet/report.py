@@ -451,6 +451,11 @@ def _summary(result: dict) -> list[str]:
             f"{race['only_challenger']} images only the searched one gets right, {race['only_anchor']} only the "
             f"start; p = {race['p_value']:.3g} → shipped {shipped}.",
         ]
+    elif best and best.get("shipped") == "start":
+        lines += [
+            "",
+            "Shipped: the widths the strategy started from (uniform widths on the budget), not searched ones.",
+        ]
     return lines
 
 

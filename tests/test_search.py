@@ -231,6 +231,7 @@ def test_trials_are_paired_when_the_search_only_ranks_widths(tmp_path, npz_data,
         cfg(tmp_path, npz_data, trials=1, final_epochs=0, strategy="l1", out=str(tmp_path / "l1"))
     ).to_json()
     assert trials[0]["widths"] == l1["trials"][0]["widths"]
+    assert l1["best"]["shipped"] == "start"  # a uniform baseline never ships searched widths
 
 
 def test_mcnemar_needs_significantly_more_fixed_than_broken_images():
@@ -293,9 +294,10 @@ def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, m
     shipped = best["race"]["challenger_accuracy" if challenger_wins else "anchor_accuracy"]
     assert best["accuracy"] == pytest.approx(shipped, abs=1e-4)  # rounded in the record
     assert "Final race" in (tmp_path / "run" / "report.md").read_text()
-    # with --final-from trial there is no race: the best trial ships
+    assert best["shipped"] == ("search" if challenger_wins else "start")
+    # with --final-from trial there is no race: the best trial ships, and those are searched widths
     res = run_search(cfg(tmp_path, npz_data, trials=2, out=str(tmp_path / "t"))).to_json()
-    assert "race" not in res["best"] and res["best"]["trial"] == 1
+    assert "race" not in res["best"] and res["best"]["trial"] == 1 and res["best"]["shipped"] == "search"
 
 
 def _fake_run(cg, trials, objective, judge_ratio, anchor=None):

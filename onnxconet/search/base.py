@@ -109,6 +109,7 @@ class Strategy:
 
     Optional capabilities, declared here with their defaults so the run never probes for them:
         reinit: trials start from re-initialized weights (the `scratch` baseline), not the original's.
+        searches: False for the uniform baselines: whatever they ship is their start (`best.shipped`).
         absorb: with --final-from trial, an accepted trial's fine-tuned weights go back into the bank.
         prepare(ctx, records): work before the first ask (dmasking trains its supernet); returns a `Setup`.
         anchor(): the widths the search started from, raced against its best at the end (search/race.py).
@@ -118,6 +119,7 @@ class Strategy:
     name = "base"
     reinit: bool = False
     absorb: bool = True
+    searches: bool = True
 
     def __init__(self, space: WidthSpace, objective: Objective, seed: int = 0) -> None:
         self.space = space

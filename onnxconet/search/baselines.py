@@ -21,6 +21,7 @@ class L1Strategy(Strategy):
 
     name = "l1"
     absorb = False
+    searches = False
 
     def __init__(self, space: WidthSpace, objective: Objective, cost: CostModel, seed: int = 0) -> None:
         super().__init__(space, objective, seed)

@@ -70,7 +70,15 @@ def finish(ctx, run: SearchRun) -> SearchResult:
     record = write_best(ctx, run, best, keep, model)
     record.accuracy, record.test_accuracy, record.search_accuracy = val_acc, test_acc, best.accuracy
     record.confirm_ratios, record.race = confirmed or None, race
+    record.shipped = shipped(run, best)
     return _result(ctx, run, record)
+
+
+def shipped(run: SearchRun, best: Trial) -> str:
+    """ "start" when the shipped widths are those the strategy started from (or it only proposes its start:
+    the uniform baselines), else "search"."""
+    strategy = run.loop.strategy
+    return "start" if not strategy.searches or best.widths == strategy.anchor() else "search"
 
 
 def _closest(ctx, run: SearchRun) -> Trial:

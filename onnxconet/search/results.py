@@ -77,6 +77,9 @@ class BestRecord:
     search_accuracy: float | None = None
     confirm_ratios: dict[int, float] | None = None
     race: dict | None = None
+    # "search": the search's own widths shipped; "start": the widths it started from (anneal's uniform start,
+    # after losing its race or never leaving it; the uniform baselines always)
+    shipped: str = "search"
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
