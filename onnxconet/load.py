@@ -1,8 +1,10 @@
 """Model specs -> an nn.Module and its input shape. One loader for every command.
 
 Specs:
-    torchvision:NAME       any torchvision classification model, randomly initialized (never downloads)
-    timm:NAME              a timm model, randomly initialized (needs `pip install timm`)
+    torchvision:NAME       any torchvision classification model, randomly initialized (never downloads);
+                           with weights=PRETRAINED (--pretrained) torchvision's weights from the local torch hub cache
+    timm:NAME              a timm model, randomly initialized (needs `pip install timm`); PRETRAINED: timm's
+                           weights from the local Hugging Face cache
     path/to/file.py:FACTORY  calls FACTORY() from that file; the file may declare INPUT_SHAPE = (1, C, H, W)
     path/to/model.onnx     an ONNX file (inspect/prune/profile work on the graph alone; no torch side)
     default                the built-in digits CNN (models/digits_cnn.py:digits_cnn)
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_SPEC = "models/digits_cnn.py:digits_cnn"
+PRETRAINED = (
+    "pretrained:"  # the weights argument --pretrained passes: the library's own, from its local cache
+)
 # torchvision models that need a larger input than 224, and constructor arguments that keep them exportable
 _TV_INPUT = {"inception_v3": 299}
 _TV_KWARGS = {
@@ -88,11 +93,70 @@ def load_model(
         )
     if input_shape is not None:
         loaded.input_shape = tuple(input_shape)
-    if weights:
+    if weights == PRETRAINED:
+        load_pretrained(loaded)
+    elif weights:
         if loaded.module is None:
             raise ModelSpecError(f"--weights applies to torch models, not to the ONNX file {spec}")
         load_weights(loaded.module, weights)
     return loaded
+
+
+def load_pretrained(loaded: LoadedModel) -> None:
+    """The library's pretrained weights from its local cache; never downloads (one line says how to get them)."""
+    spec = loaded.spec
+    if spec.startswith("torchvision:"):
+        load_weights(loaded.module, str(torchvision_cached_weights(spec.split(":", 1)[1])))
+    elif spec.startswith("timm:"):
+        _timm_pretrained(loaded)
+    else:
+        raise ModelSpecError(
+            f"--pretrained applies to torchvision:NAME and timm:NAME; for {spec} pass --weights FILE"
+        )
+
+
+def torchvision_cached_weights(name: str) -> Path:
+    """Where torchvision keeps `name`'s default weights (torch hub's checkpoints folder), if they are there."""
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except (ValueError, AttributeError, KeyError):
+        raise ModelSpecError(f"torchvision:{name} has no pretrained weights in torchvision") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        raise ModelSpecError(
+            f"torchvision:{name} --pretrained: {path} is not there and nothing is downloaded at run time; on a "
+            f"connected machine run python -c \"import torchvision; torchvision.models.get_model('{name}', "
+            f"weights='DEFAULT')\" and copy {path.name} into {path.parent}, or pass --weights FILE"
+        )
+    return path
+
+
+def _timm_pretrained(loaded: LoadedModel) -> None:
+    import os
+
+    import timm
+
+    name = loaded.spec.split(":", 1)[1]
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the cache or nothing
+    try:
+        state = timm.create_model(name, pretrained=True).state_dict()
+    except Exception as e:  # noqa: BLE001
+        raise ModelSpecError(
+            f"timm:{name} --pretrained: its weights are not in the local Hugging Face cache ({type(e).__name__}); "
+            f"on a connected machine run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" "
+            "and copy ~/.cache/huggingface here, or pass --weights FILE"
+        ) from None
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+    loaded.module.load_state_dict(state)
 
 
 def load_weights(module: nn.Module, path: str) -> None:

@@ -1,198 +1,279 @@
-"""anneal vs the baselines at the same budget, data and training epochs; mean ± std over seeds.
+"""The search against the peers a user would pick instead, at the same deployed-latency budget and training epochs.
 
-    python tools/bench_search.py                                  # digits CNN + ResNet-20, budgets 0.5/0.3, 3 seeds
-    python tools/bench_search.py --models digits --budgets 0.5 --seeds 1 --strategies anneal,l1 --trials 6
+    pip install -e '.[bench]'                      # torch-pruning, for the tp-* peers
+    apt-get install dataset-fashion-mnist          # the real data (Debian)
+    python tools/bench_search.py                   # ResNet-20 on Fashion-MNIST, budgets 0.5/0.3, 3 seeds
+    python tools/bench_search.py --budgets 0.3 --strategies anneal,l1,tp-magnitude --seeds 1
 
-The current figures in docs/measurements.md — widths at equal final training (paired trials, every strategy's
-widths cut from the original and fine-tuned 6 epochs; anneal pays its final race with 3 of its 8 trials;
-~2.5 min per run, 48 runs ≈ 2 h on 2 cores):
-    python tools/bench_search.py --models resnet20 --budgets 0.5 --strategies anneal,uniform,l1,random \
-        --trials 8 --epochs-per-trial 2 --final-epochs 6 --final-from original --probes 6 --threads 1 \
-        --pretrain-epochs 8
-    (the same with --budgets 0.3 --align 4; and --models digits --budgets 0.5,0.3 --pretrain-epochs 4
-     --max-batches 10)
-and end to end at equal total epochs (--final-from trial, the default):
-    python tools/bench_search.py --models digits --trials 5 --final-epochs 2 --pretrain-epochs 4 \
-        --max-batches 5 --probes 6 --threads 1
+Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
+- teachers: the model trained once per seed on the whole training split (tools/bench_teacher.py), cached;
+- every strategy starts from that teacher and trains the same total epochs (--trials x --epochs-per-trial of
+  search + --final-epochs of final fine-tuning) with distillation from it, on the same training subset
+  (--train-samples, stratified) and the same batches; the test set is the full official 10,000 images;
+- the budget is a ratio of the teacher's latency *as deployed* (each file alone in its own process, medians of
+  alternated pairs) at --threads; a run whose final file re-measures over the budget counts as missed;
+- strategies: anneal (the default search), dmasking, l1 (uniform widths, top-L1 channels), random (best of
+  --trials random widths), scratch (uniform widths re-initialized), tp-magnitude / tp-groupnorm (Torch-Pruning,
+  global pruning, its ratio bisected onto the budget as deployed, then fine-tuned the same epochs), and
+  winner-scratch (the default strategy's shipped widths trained from re-initialized weights: Liu et al. 2019).
 
-A finished run whose result.json has the same configuration is reused, so a killed bench continues where it
-stopped. Each cell is a full `onnxconet search` run (its directory under --out) from the same pretrained teacher per
-(model, seed); the table reports the final test accuracy of the best candidate, its re-measured latency ratio,
-how many runs met the budget as measured, and the search's wall time.
+Each (model, budget, strategy, seed) is a cell saved as JSON under --out/cells, keyed by the code version (the
+git tree of onnxconet/ and models/): a rerun reuses the finished cells of the same code and configuration, so
+the bench continues across sessions; cells of other code versions are never mixed into a table. The tables
+(Markdown and JSON) are written to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from onnxconet.commands.search import SearchConfig, run_search
-from onnxconet.data import load_data, make_loaders
-from onnxconet.prepare import prepare
-from onnxconet.search.config import config_json
-from onnxconet.train.loop import TrainConfig, fit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_teacher import code_version, teacher  # noqa: E402
 
-MODELS = {"digits": "models/digits_cnn.py:digits_cnn", "resnet20": "models/resnet_cifar.py:resnet20"}
+from onnxconet.commands.search import SearchConfig, run_search  # noqa: E402
+from onnxconet.data import load_data, make_loaders  # noqa: E402
+from onnxconet.graph.export import export_onnx  # noqa: E402
+from onnxconet.graph.groups import ChannelGraph  # noqa: E402
+from onnxconet.graph.stats import count_flops, count_params  # noqa: E402
+from onnxconet.latency.profile import Target, measure_isolated  # noqa: E402
+from onnxconet.prepare import prepare  # noqa: E402
+from onnxconet.search.config import config_json  # noqa: E402
+from onnxconet.search.setup import reinit_bank  # noqa: E402
+from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn  # noqa: E402
+
+MODELS = {
+    "resnet20": "models/fashion_mnist.py:resnet20",
+    "mobilenetv2": "models/fashion_mnist.py:mobilenetv2",
+    "digits": "models/digits_cnn.py:digits_cnn",
+}
+SEARCHES = ("anneal", "dmasking", "random")  # strategies that use the trials to search
+LIBRARY = ("anneal", "dmasking", "random", "l1", "scratch")
+PEERS = ("l1", "random", "tp-magnitude", "tp-groupnorm")  # what a user would pick instead
 
 
-def pretrain(spec: str, seed: int, args) -> str:
-    """Train the original once per (model, seed); every strategy then starts from the same teacher."""
-    path = args.out / f"teacher_{Path(spec.split(':')[0]).stem}_{seed}.pt"
-    if not path.is_file():
-        prep = prepare(spec)
-        splits = load_data("digits", prep.loaded.input_shape, seed=seed)
-        train, val, _ = make_loaders(splits, 64, seed)
-        torch.manual_seed(seed)
-        fit(
-            prep.loaded.module,
-            train,
-            TrainConfig(epochs=args.pretrain_epochs, alpha=0.0, seed=seed),
-            val_loader=val,
+def code_key() -> str:
+    """The code the cells depend on: git's tree of onnxconet/ and models/ (+ a hash of their uncommitted diff)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    trees = "-".join(git("rev-parse", f"HEAD:{d}")[:10] for d in ("onnxconet", "models"))
+    diff = git("diff", "HEAD", "--", "onnxconet", "models")
+    return trees + (f"+{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else "")
+
+
+def search_config(
+    args, model: str, budget: str, strategy: str, seed: int, weights: str, out: Path
+) -> SearchConfig:
+    """The library run of a cell: equal total epochs (the uniform baselines fine-tune what the others search)."""
+    trials = args.trials if strategy in SEARCHES else 1
+    extra = (args.trials - trials) * args.epochs_per_trial
+    return SearchConfig(
+        model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
+        strategy=strategy, budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
+        final_epochs=args.final_epochs + extra, probes=args.probes, threads=args.threads, out=str(out),
+        seed=seed, align=args.align, resume=(out / "history.jsonl").exists(),
+    )  # fmt: skip
+
+
+def total_epochs(args) -> int:
+    return args.trials * args.epochs_per_trial + args.final_epochs
+
+
+def library_cell(args, model: str, budget: str, strategy: str, seed: int, weights: str) -> dict:
+    out = args.out / "runs" / f"{model}_{budget}_{strategy}_{seed}"
+    cfg = search_config(args, model, budget, strategy, seed, weights, out)
+    res = run_search(cfg).to_json()
+    b = res["best"]
+    return {
+        "test_acc": b["test_accuracy"], "val_acc": b["accuracy"], "ratio": b["latency_ratio"],
+        "met": bool(b["budget_met"]), "shipped": b.get("shipped", "search"), "macs_ratio": b["flops_ratio"],
+        "params_ratio": b["params_ratio"], "seconds": res.get("seconds"), "widths": b["widths"],
+        "search_trials": [
+            {"trial": t["trial"], "accuracy": t.get("accuracy"), "ratio": t.get("ratio"), "widths": t["widths"]}
+            for t in res["trials"] if t.get("state") == "complete"
+        ],
+        "run": str(out), "config": config_json(cfg),
+    }  # fmt: skip
+
+
+def _loaders(args, spec: str, seed: int):
+    prep = prepare(spec)
+    splits = load_data(args.data, prep.loaded.input_shape, seed=seed, train_samples=args.train_samples)
+    return make_loaders(splits, 64, seed)
+
+
+def _train(args, model, teacher_model, seed: int) -> dict:
+    """Fine-tune `model` exactly as a search's final network: distillation, the same epochs and batches."""
+    train, val, test = _loaders(args, args.spec, seed)
+    recalibrate_bn(model, train, batches=10, device="cpu")
+    cfg = TrainConfig(epochs=total_epochs(args), lr=0.05, alpha=0.5, temperature=4.0, seed=seed)
+    fit(model, train, cfg, teacher=teacher_model, val_loader=None)
+    return {"val_acc": evaluate(model, val)["accuracy"], "test_acc": evaluate(model, test)["accuracy"]}
+
+
+def tp_cell(args, budget: str, strategy: str, seed: int, weights: str) -> dict:
+    from bench_tp import prune_to_budget
+
+    t0 = time.perf_counter()
+    prep = prepare(args.spec, weights=weights)
+    shape = prep.loaded.input_shape
+    teacher_model = prep.loaded.module.eval()
+    pruned = prune_to_budget(
+        teacher_model, shape, strategy.removeprefix("tp-"), float(budget), Target(threads=args.threads)
+    )
+    model = pruned.model
+    scores = _train(args, model, teacher_model, seed)
+    final = export_onnx(model.eval(), shape)
+    ratio = measure_isolated(
+        final.SerializeToString(), export_onnx(teacher_model, shape).SerializeToString(),
+        Target(threads=args.threads), pairs=4, max_pairs=8, seconds=0.5,
+    ).ratio  # fmt: skip
+    return {
+        **scores, "ratio": ratio, "met": ratio <= float(budget), "shipped": "search",
+        "macs_ratio": count_flops(ChannelGraph(final)) / count_flops(prep.graph),
+        "params_ratio": count_params(ChannelGraph(final)) / count_params(prep.graph),
+        "pruning_ratio": pruned.pruning_ratio, "bisection": pruned.steps,
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def winner_scratch_cell(args, budget: str, seed: int, weights: str, winner: dict) -> dict:
+    """The default strategy's shipped widths, re-initialized and trained the same epochs (Liu et al. 2019)."""
+    t0 = time.perf_counter()
+    prep = prepare(args.spec, weights=weights)
+    cg = prep.graph
+    bank = reinit_bank(prep.loaded.module, seed)
+    keep = cg.keep_mask({int(k): v for k, v in winner["widths"].items()}, bank.scores(cg))
+    model = bank.cut(cg.param_slices(keep))
+    scores = _train(args, model, prep.loaded.module.eval(), seed)
+    same = {k: winner[k] for k in ("ratio", "met", "macs_ratio", "params_ratio", "widths")}
+    return {**scores, **same, "shipped": winner["shipped"], "seconds": time.perf_counter() - t0}
+
+
+def run_cell(args, model: str, budget: str, strategy: str, seed: int, cells: dict) -> dict:
+    """A cell's result: reused when this code and configuration already finished it, else run and saved."""
+    weights, meta = teacher(
+        MODELS.get(model, model), args.data, seed, args.teacher_epochs, args.out / "teachers"
+    )
+    key = {
+        "model": model, "budget": budget, "strategy": strategy, "seed": seed, "code": args.code,
+        "data": args.data, "train_samples": args.train_samples, "trials": args.trials,
+        "epochs_per_trial": args.epochs_per_trial, "final_epochs": args.final_epochs, "threads": args.threads,
+        "align": args.align, "probes": args.probes, "teacher_test_acc": meta["test_accuracy"],
+    }  # fmt: skip
+    path = args.out / "cells" / f"{model}_{budget}_{strategy}_{seed}.json"
+    if path.is_file():
+        cell = json.loads(path.read_text())
+        if cell.get("key") == key:
+            print(f"  (reused {path})", flush=True)
+            return cell
+    if strategy in LIBRARY:
+        result = library_cell(args, model, budget, strategy, seed, weights)
+    elif strategy.startswith("tp-"):
+        result = tp_cell(args, budget, strategy, seed, weights)
+    elif strategy == "winner-scratch":
+        result = winner_scratch_cell(args, budget, seed, weights, cells[(model, budget, args.default, seed)])
+    else:
+        raise SystemExit(f"unknown strategy {strategy!r}")
+    cell = {"key": key, **result, "teacher_test_acc": meta["test_accuracy"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell, indent=1))
+    return cell
+
+
+def summarize(model: str, budget: str, strategy: str, runs: list[dict]) -> dict:
+    acc = [100 * r["test_acc"] for r in runs]
+    ratios = [r["ratio"] for r in runs]
+    sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+    return {
+        "model": model, "budget": float(budget), "strategy": strategy, "runs": len(runs),
+        "acc": statistics.mean(acc), "acc_std": sd, "ratio": statistics.mean(ratios),
+        "ratio_max": max(ratios), "met": sum(r["met"] for r in runs),
+        "searched_shipped": sum(r.get("shipped") == "search" for r in runs),
+        "macs": statistics.mean(r["macs_ratio"] for r in runs),
+        "params": statistics.mean(r["params_ratio"] for r in runs),
+        "minutes": statistics.mean((r.get("seconds") or 0) / 60 for r in runs),
+        "teacher": statistics.mean(100 * r["teacher_test_acc"] for r in runs),
+    }  # fmt: skip
+
+
+def markdown(rows: list[dict], args) -> str:
+    head = (
+        "| model | budget | strategy | test acc % (mean ± std) | ratio as deployed (mean / max) | met | "
+        "searched widths shipped | MACs kept | params kept | min / run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [
+        f"code {args.code}; data {args.data}, train subset {args.train_samples}, {args.trials} x "
+        f"{args.epochs_per_trial} search + {args.final_epochs} final epochs, ORT threads {args.threads}",
+        "",
+        head,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['budget']} | {r['strategy']} | {r['acc']:.2f} ± {r['acc_std']:.2f} | "
+            f"{r['ratio']:.3f} / {r['ratio_max']:.3f} | {r['met']}/{r['runs']} | {r['searched_shipped']}/{r['runs']} | "
+            f"{r['macs']:.3f} | {r['params']:.3f} | {r['minutes']:.1f} |"
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(prep.loaded.module.state_dict(), path)
-    return str(path)
-
-
-def finished(out: Path, cfg: SearchConfig) -> dict | None:
-    """The result of a run already finished in `out` with this configuration (a rerun bench skips it)."""
-    path = out / "result.json"
-    if not path.is_file():
-        return None
-    res = json.loads(path.read_text())
-    mine = {k: v for k, v in config_json(cfg).items() if k != "resume"}
-    theirs = {k: v for k, v in res.get("config", {}).items() if k != "resume"}
-    return res if all(theirs.get(k) == v for k, v in mine.items()) else None
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="digits,resnet20")
-    ap.add_argument("--budgets", default="0.5,0.3")
-    ap.add_argument("--strategies", default="anneal,dmasking,scratch,l1,random")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--train-samples", type=int, default=20000, help="stratified training subset of the runs")
+    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--budgets", default="0.3,0.5")
+    ap.add_argument(
+        "--strategies", default="anneal,l1,tp-magnitude,tp-groupnorm,random,dmasking,winner-scratch,scratch"
+    )
+    ap.add_argument("--default", default="anneal", help="the strategy winner-scratch takes its widths from")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--epochs-per-trial", type=int, default=1)
-    ap.add_argument("--final-epochs", type=int, default=4)
-    ap.add_argument("--pretrain-epochs", type=int, default=8)
-    ap.add_argument(
-        "--final-from",
-        choices=("trial", "original"),
-        default="trial",
-        help="trial: end to end at equal total epochs (l1/uniform get the search's epochs as fine-tuning); "
-        "original: every strategy's widths cut from the original and fine-tuned --final-epochs (compares "
-        "the widths found, as CONetV2/FBNetV2 retrain theirs)",
-    )
-    ap.add_argument("--budget-on", default="latency")
-    ap.add_argument("--align", type=int, default=8, help="widths in multiples of this (the search's --align)")
-    ap.add_argument(
-        "--max-batches",
-        type=int,
-        default=None,
-        help="batches per training epoch of the searches (default all; the teacher always sees all)",
-    )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="onnxruntime intra-op threads of the latency target (0: all cores)",
-    )
-    ap.add_argument(
-        "--probes", type=int, default=12, help="measured candidates the latency predictor is fitted on"
-    )
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_search"))
+    ap.add_argument("--final-epochs", type=int, default=8)
+    ap.add_argument("--align", type=int, default=8)
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of the deployment")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_fashion"))
     args = ap.parse_args()
+    args.code = code_key()
+    torch.set_num_threads(2)
+    print(f"code {args.code} (commit {code_version()})", flush=True)
+    cells: dict = {}
     rows = []
-    teachers = {}
-    print(
-        f"{'model':<9}{'budget':>7} {'strategy':<8}{'test acc %':>16}{'ratio':>14}{'met':>5}{'search s':>10}",
-        flush=True,
-    )
     for model in args.models.split(","):
+        args.spec = MODELS.get(model, model)
         for budget in args.budgets.split(","):
             for strategy in args.strategies.split(","):
-                accs, ratios, secs, met, races, wins = [], [], [], 0, 0, 0
-                for seed in range(args.seeds):
-                    out = args.out / f"{model}_{budget}_{strategy}_{seed}"
-                    # equal total epochs (final from the trial): uniform and l1 evaluate one configuration and
-                    # fine-tune it as long as the others search. Equal final training (final from the
-                    # original): every strategy gets the same trials (uniform/l1 use theirs to put the uniform
-                    # widths on the budget as measured) and its widths --final-epochs from the original
-                    searches = strategy in ("anneal", "random", "dmasking") or args.final_from == "original"
-                    trials = args.trials if searches else 1
-                    if strategy == "anneal" and args.final_from == "original":
-                        # its final race may train a second configuration --final-epochs: paid for with
-                        # trials, so anneal never trains more epochs than the others (search/race.py)
-                        trials = max(2, args.trials - -(-args.final_epochs // args.epochs_per_trial))
-                    extra = (args.trials - trials) * args.epochs_per_trial
-                    weights = teachers.get((model, seed)) or pretrain(MODELS.get(model, model), seed, args)
-                    teachers[(model, seed)] = weights
-                    cfg = SearchConfig(
-                        model=MODELS.get(model, model),
-                        weights=weights,
-                        strategy=strategy,
-                        budget=budget,
-                        budget_on=args.budget_on,
-                        trials=trials,
-                        epochs_per_trial=args.epochs_per_trial,
-                        final_epochs=args.final_epochs + extra,
-                        final_from=args.final_from,
-                        pretrain_epochs=args.pretrain_epochs,
-                        max_batches=args.max_batches,
-                        probes=args.probes,
-                        threads=args.threads,
-                        out=str(out),
-                        seed=seed,
-                        align=args.align,
-                        resume=(out / "history.jsonl").exists(),
+                runs = []
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    if strategy == "winner-scratch" and (model, budget, args.default, seed) not in cells:
+                        continue
+                    cell = run_cell(args, model, budget, strategy, seed, cells)
+                    cells[(model, budget, strategy, seed)] = cell
+                    runs.append(cell)
+                    print(
+                        f"{model} {budget} {strategy} seed {seed}: test {100 * cell['test_acc']:.2f} %  ratio "
+                        f"{cell['ratio']:.3f} {'met' if cell['met'] else 'MISSED'}  shipped {cell['shipped']}",
+                        flush=True,
                     )
-                    t0 = time.perf_counter()
-                    res = finished(out, cfg)
-                    if res is None:
-                        res = run_search(cfg).to_json()
-                    else:
-                        print(f"  (reused the finished run in {out})", flush=True)
-                    b = res["best"]
-                    accs.append(
-                        100 * (b["test_accuracy"] if b["test_accuracy"] is not None else b["accuracy"])
-                    )
-                    ratios.append(
-                        b["latency_ratio"] if args.budget_on == "latency" else b[f"{args.budget_on}_ratio"]
-                    )
-                    secs.append(res.get("seconds", time.perf_counter() - t0))
-                    met += bool(b["budget_met"])
-                    races += "race" in b
-                    wins += bool(b.get("race", {}).get("challenger_wins"))
-                sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                rsd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-                row = {
-                    "model": model,
-                    "budget": float(budget),
-                    "strategy": strategy,
-                    "acc": statistics.mean(accs),
-                    "acc_std": sd,
-                    "ratio": statistics.mean(ratios),
-                    "ratio_std": rsd,
-                    "met": met,
-                    "runs": len(accs),
-                    "seconds": statistics.mean(secs),
-                    "races": races,
-                    "race_wins": wins,
-                }
-                rows.append(row)
-                print(
-                    f"{model:<9}{budget:>7} {strategy:<8}{row['acc']:>9.1f} ± {sd:>4.1f}{row['ratio']:>8.3f} ± {rsd:.2f}"
-                    f"{met:>3}/{len(accs)}{row['seconds']:>10.0f}"
-                    + (f"   searched widths won {wins}/{races} races" if races else ""),
-                    flush=True,
-                )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_search.json").write_text(json.dumps(rows, indent=1))
+                if runs:
+                    rows.append(summarize(model, budget, strategy, runs))
+                    (args.out / "bench_search.json").write_text(json.dumps(rows, indent=1))
+                    (args.out / "bench_search.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
 
 
 if __name__ == "__main__":

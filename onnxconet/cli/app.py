@@ -49,6 +49,14 @@ WeightsOpt = Annotated[
     Path | None,
     typer.Option("--weights", help="A state_dict file (loaded with torch.load(weights_only=True))."),
 ]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="torchvision:NAME / timm:NAME with the library's pretrained weights, read from its local cache "
+        "(nothing is downloaded; the error says how to get them).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 OrtConfigOpt = Annotated[
     list[str] | None,
@@ -106,7 +114,17 @@ def _run(fn, *args, **kwargs):
         raise typer.Exit(1) from None
 
 
-def _prepare(model: str | None, weights: Path | None, input_shape: str | None):
+def weights_arg(weights: Path | None, pretrained: bool) -> str | None:
+    """What --weights / --pretrained ask load_model for."""
+    from onnxconet.load import PRETRAINED
+
+    if pretrained and weights:
+        err.print("[red]error:[/] --pretrained and --weights both give weights; pass one of them")
+        raise typer.Exit(1)
+    return PRETRAINED if pretrained else (str(weights) if weights else None)
+
+
+def _prepare(model: str | None, weights: str | None, input_shape: str | None):
     from onnxconet.load import parse_input_shape
     from onnxconet.prepare import prepare
 
@@ -115,7 +133,7 @@ def _prepare(model: str | None, weights: Path | None, input_shape: str | None):
         f"exporting {model or 'the built-in digits CNN'} to ONNX and reading its channel groups…",
         spinner="dots",
     ):
-        return _run(prepare, model, str(weights) if weights else None, shape)
+        return _run(prepare, model, weights, shape)
 
 
 def _raise(e: Exception):

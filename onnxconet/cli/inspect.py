@@ -10,11 +10,13 @@ from onnxconet.cli.app import (
     InputShapeOpt,
     JsonOpt,
     ModelArg,
+    PretrainedOpt,
     WeightsOpt,
     _prepare,
     _run,
     app,
     out,
+    weights_arg,
 )
 
 
@@ -23,12 +25,13 @@ def inspect(
     model: ModelArg = None,
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the channel groups of a model: which layers must keep the same channels, and what is frozen."""
     from onnxconet.commands.inspect import inspect_report
 
-    prep = _prepare(model, weights, input_shape)
+    prep = _prepare(model, weights_arg(weights, pretrained), input_shape)
     report = _run(inspect_report, prep)
     if json_out:
         print(json.dumps(report))

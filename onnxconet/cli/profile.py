@@ -14,11 +14,13 @@ from onnxconet.cli.app import (
     JsonOpt,
     ModelArg,
     OrtConfigOpt,
+    PretrainedOpt,
     WeightsOpt,
     _run,
     app,
     err,
     out,
+    weights_arg,
 )
 
 
@@ -64,6 +66,7 @@ def profile(
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="Process pairs of an --isolated ratio.")] = 4,
     ort_config: OrtConfigOpt = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     seconds: Annotated[
         float,
         typer.Option(
@@ -84,7 +87,7 @@ def profile(
         req = ProfileRequest(
             target=target, provider=provider, strict=strict, threads=threads, batch=batch, input_shape=shape,
             widths=str(widths) if widths else None, compare=compare, isolated=isolated, pairs=pairs,
-            session_config=_run(parse_session_config, ort_config), weights=str(weights) if weights else None,
+            session_config=_run(parse_session_config, ort_config), weights=weights_arg(weights, pretrained),
             max_seconds=seconds,
         )  # fmt: skip
         res = _run(profile_model, req, status=lambda text: spin.update(text))

@@ -13,6 +13,7 @@ from onnxconet.cli.app import (
     InputShapeOpt,
     JsonOpt,
     ModelArg,
+    PretrainedOpt,
     WeightsOpt,
     _prepare,
     _raise,
@@ -20,6 +21,7 @@ from onnxconet.cli.app import (
     app,
     err,
     out,
+    weights_arg,
 )
 
 
@@ -34,6 +36,7 @@ def prune(
     ),
     input_shape: InputShapeOpt = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove the same share of channels from every prunable group (lowest L1 norm first) and write the
@@ -46,7 +49,7 @@ def prune(
             _raise,
             SurgeryError(f"--ratio {ratio} is outside [0, 1); use e.g. 0.5 to remove half the channels"),
         )
-    prep = _prepare(model, weights, input_shape)
+    prep = _prepare(model, weights_arg(weights, pretrained), input_shape)
     with err.status("slicing the ONNX graph and the torch model, checking outputs…", spinner="dots"):
         res = _run(prune_model, prep, ratio, out_path)
     if json_out:

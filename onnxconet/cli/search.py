@@ -10,7 +10,19 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from onnxconet.cli.app import InputShapeOpt, JsonOpt, ModelArg, OrtConfigOpt, WeightsOpt, _run, app, err, out
+from onnxconet.cli.app import (
+    InputShapeOpt,
+    JsonOpt,
+    ModelArg,
+    OrtConfigOpt,
+    PretrainedOpt,
+    WeightsOpt,
+    _run,
+    app,
+    err,
+    out,
+    weights_arg,
+)
 
 
 def _renderer(progress: Progress, task_id):
@@ -68,6 +80,7 @@ def search(
         ),
     ] = None,
     weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = False,
     input_shape: InputShapeOpt = None,
     strategy: Annotated[
         str,
@@ -187,7 +200,7 @@ def search(
         model=model,
         data=data,
         train_samples=train_samples,
-        weights=str(weights) if weights else None,
+        weights=weights_arg(weights, pretrained),
         input_shape=_run(parse_input_shape, input_shape),
         strategy=strategy,
         budget=budget,

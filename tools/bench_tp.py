@@ -1,0 +1,86 @@
+"""Torch-Pruning as the bench's peer: global pruning of the teacher, its ratio bisected until the exported ONNX
+meets the latency budget as deployed, then fine-tuned exactly like a search's final network.
+
+Used by tools/bench_search.py (strategies `tp-magnitude`, `tp-groupnorm`); needs the bench extra
+(`pip install -e '.[bench]'`, which brings `torch-pruning`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from onnxconet.graph.export import export_onnx
+from onnxconet.latency.profile import Target, measure_isolated
+
+IMPORTANCES = ("magnitude", "groupnorm")
+
+
+@dataclass
+class Pruned:
+    model: nn.Module
+    pruning_ratio: float
+    latency_ratio: float  # as deployed, against the teacher's ONNX
+    steps: list[tuple[float, float]]  # (pruning ratio tried, latency ratio measured)
+
+
+def importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "magnitude":
+        return tp.importance.MagnitudeImportance(p=1)  # L1 of each channel's weights, as `l1` ranks them
+    if kind == "groupnorm":
+        return tp.importance.GroupMagnitudeImportance(p=2)  # Fang et al. 2023's group norm (DepGraph)
+    raise ValueError(f"Torch-Pruning importance {kind!r} is not one of {IMPORTANCES}")
+
+
+def prune(teacher: nn.Module, input_shape: tuple, kind: str, ratio: float) -> nn.Module:
+    """A copy of `teacher` with `ratio` of its prunable channels removed by global ranking (the classifier kept)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(teacher).eval()
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(*input_shape),
+        importance=importance(kind),
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=classifier,
+    )
+    pruner.step()
+    return model
+
+
+def prune_to_budget(
+    teacher: nn.Module, input_shape: tuple, kind: str, budget: float, target: Target, steps: int = 7
+) -> Pruned:
+    """The least pruning whose ONNX file runs within `budget` of the teacher's latency as deployed (bisection on
+    Torch-Pruning's global pruning ratio; every step pruned afresh from the teacher)."""
+    reference = export_onnx(teacher, input_shape).SerializeToString()
+    tried: list[tuple[float, float]] = []
+
+    def ratio_at(r: float) -> tuple[nn.Module, float]:
+        model = prune(teacher, input_shape, kind, r)
+        onnx_bytes = export_onnx(model, input_shape).SerializeToString()
+        lat = measure_isolated(onnx_bytes, reference, target, pairs=3, max_pairs=6, seconds=0.5).ratio
+        tried.append((round(r, 4), round(lat, 4)))
+        return model, lat
+
+    lo, hi = 0.0, 0.9
+    best, best_lat = ratio_at(hi)
+    if best_lat > budget:
+        return Pruned(
+            best, hi, best_lat, tried
+        )  # the budget is out of Torch-Pruning's reach: reported as missed
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model, lat = ratio_at(mid)
+        if lat <= budget:
+            hi, best, best_lat = mid, model, lat
+        else:
+            lo = mid
+    return Pruned(best, hi, best_lat, tried)
