@@ -7,14 +7,22 @@ of epochs; print validation/test accuracy per run as JSON lines.
 
 (the figures behind search/race.py and docs/measurements.md: ResNet-20 on digits, ~3 min on 2 cores). A teacher
 is a state dict as tools/bench_search.py writes it (loaded with weights_only=True).
+
+With --run DIR (a finished search): the widths of up to --top of its complete trials (distinct widths), each
+trained from the original for --final-epochs on the run's data and training subset; prints each trial's search
+score next to its final test accuracy and the rank correlation between them (Kendall's tau, scipy):
+
+    python tools/trial_horizon.py --run runs/bench_fashion/runs/resnet20_0.3_anneal_0 --final-epochs 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
+from scipy.stats import kendalltau
 
 from onnxconet.data import load_data, make_loaders
 from onnxconet.prepare import prepare
@@ -23,16 +31,65 @@ from onnxconet.surgery.inherit import WeightBank
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
 
+def run_mode(run: Path, final_epochs: int, top: int, lr: float) -> dict:
+    """Kendall's tau between a search's trial scores and the final test accuracy of the same widths."""
+    lines = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
+    cfg = lines[0]["config"]
+    trials, seen = [], set()
+    for t in (r for r in lines[1:] if r.get("kind") == "trial" and r.get("state") == "complete"):
+        key = json.dumps(t["widths"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            trials.append(t)
+    trials = trials[:top]
+    prep = prepare(cfg["model"], cfg["weights"], tuple(cfg["input_shape"]) if cfg["input_shape"] else None)
+    cg, teacher = prep.graph, prep.loaded.module.eval()
+    splits = load_data(
+        cfg["data"], prep.loaded.input_shape, seed=cfg["seed"], train_samples=cfg.get("train_samples")
+    )
+    train, _, test = make_loaders(splits, cfg["batch_size"], cfg["seed"])
+    bank = WeightBank(teacher)
+    rows = []
+    for t in trials:
+        w = {int(k): v for k, v in t["widths"].items()}
+        model = bank.cut(cg.param_slices(cg.keep_mask(w, bank.scores(cg))))
+        reseed_loader(train, cfg["seed"])  # every configuration on the same batches
+        recalibrate_bn(model, train, batches=10)
+        fit(
+            model,
+            train,
+            TrainConfig(epochs=final_epochs, lr=lr, alpha=cfg["alpha"], seed=cfg["seed"]),
+            teacher=teacher,
+        )
+        row = {"trial": t["trial"], "search_accuracy": round(t["accuracy"], 4), "ratio": round(t["ratio"], 4)}
+        row["final_test"] = round(evaluate(model, test)["accuracy"], 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    tau = kendalltau([r["search_accuracy"] for r in rows], [r["final_test"] for r in rows])
+    summary = {"run": str(run), "trials": len(rows), "final_epochs": final_epochs, "kendall_tau": tau.statistic,
+               "p_value": tau.pvalue}  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="a finished search folder: rank correlation of its trials")
+    ap.add_argument("--final-epochs", type=int, default=8)
+    ap.add_argument("--top", type=int, default=8, help="--run: at most this many distinct trials")
     ap.add_argument("--model", default="models/resnet_cifar.py:resnet20")
-    ap.add_argument("--teacher", required=True, help="state dict of the trained original")
+    ap.add_argument("--teacher", help="state dict of the trained original")
     ap.add_argument("--seed", type=int, default=0, help="data split seed (the teacher's)")
-    ap.add_argument("--configs", required=True, help="JSON {name: [width per searchable group, in id order]}")
+    ap.add_argument("--configs", help="JSON {name: [width per searchable group, in id order]}")
     ap.add_argument("--epochs", default="2,6", help="short,final epochs")
     ap.add_argument("--orders", default="2,7,11", help="batch-order seeds")
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
+    if args.run:
+        run_mode(args.run, args.final_epochs, args.top, args.lr)
+        return
+    if not args.teacher or not args.configs:
+        ap.error("--teacher and --configs are needed without --run")
     prep = prepare(args.model)
     cg, teacher = prep.graph, prep.loaded.module
     teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
