@@ -91,6 +91,14 @@ def search(
             "original) | scratch (uniform widths, re-initialized; 'uniform' is its old name) | random.",
         ),
     ] = "anneal",
+    start: Annotated[
+        str,
+        typer.Option(
+            "--start",
+            help="anneal's first widths: uniform (one factor for every group, what l1 proposes) or knapsack "
+            "(latency saliency, as HALP: the channels with the most Taylor importance per predicted latency).",
+        ),
+    ] = "uniform",
     budget: Annotated[
         str,
         typer.Option(
@@ -203,6 +211,7 @@ def search(
         weights=weights_arg(weights, pretrained),
         input_shape=_run(parse_input_shape, input_shape),
         strategy=strategy,
+        start=start,
         budget=budget,
         budget_on=budget_on,
         provider=provider,

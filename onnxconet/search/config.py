@@ -25,6 +25,9 @@ class SearchConfig:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     strategy: str = "anneal"
+    # anneal's first widths: "uniform" (every group scaled by one factor onto the budget: what l1 proposes) or
+    # "knapsack" (latency saliency: the most Taylor importance per predicted latency; search/knapsack.py)
+    start: str = "uniform"
     budget: str = "0.5"
     budget_on: str = "latency"
     provider: str = "auto"
@@ -65,6 +68,12 @@ class SearchConfig:
             raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
         if self.trials < 1:
             raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
+        if self.start not in ("uniform", "knapsack"):
+            raise OnnxconetError(f"--start {self.start!r} is not uniform or knapsack")
+        if self.start != "uniform" and self.strategy != "anneal":
+            raise OnnxconetError(
+                f"--start {self.start} sets anneal's first widths; it does not apply to {self.strategy}"
+            )
         if self.final_from not in ("trial", "original"):
             raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
         if self.strategy == "dmasking":
@@ -107,8 +116,8 @@ def config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or DEFAULT_MODEL
-    for key in ("resolutions", "train_samples"):
-        if d.get(key) is None:
+    for key, default in (("resolutions", None), ("train_samples", None), ("start", "uniform")):
+        if d.get(key) == default:
             d.pop(key, None)  # runs without it keep their config as before
     return d
 

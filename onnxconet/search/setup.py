@@ -8,6 +8,7 @@ import copy
 import logging
 
 import torch
+from torch.utils.data import DataLoader
 
 from onnxconet.errors import BudgetError, OnnxconetError
 from onnxconet.search.anneal import AnnealStrategy
@@ -17,6 +18,7 @@ from onnxconet.search.calibration import PREDICTOR, calibrated_predictor
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.evaluate import Evaluator
+from onnxconet.search.knapsack import knapsack_widths, taylor_scores
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import slice_onnx
@@ -77,9 +79,7 @@ def make_strategy(ctx, space: WidthSpace, cost: CostModel) -> Strategy:
     cfg = ctx.cfg
     objective = Objective(ctx.budget.ratio, cfg.penalty)
     if cfg.strategy == "anneal":
-        return AnnealStrategy(
-            space, objective, cost, cost.rescale(space.full(), objective.budget), seed=cfg.seed
-        )
+        return AnnealStrategy(space, objective, cost, start_widths(ctx, space, cost), seed=cfg.seed)
     if cfg.strategy == "dmasking":
         return DMaskingStrategy(
             space, objective, cost, DMaskingConfig.from_dict(cfg.dmasking), seed=cfg.seed, trials=cfg.trials,
@@ -87,6 +87,18 @@ def make_strategy(ctx, space: WidthSpace, cost: CostModel) -> Strategy:
         )  # fmt: skip
     kinds = {"random": RandomStrategy, "scratch": ScratchStrategy, "l1": L1Strategy}
     return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
+
+
+def start_widths(ctx, space: WidthSpace, cost: CostModel) -> dict[int, int]:
+    """anneal's first widths on the budget: uniform (one factor for every group) or by latency saliency."""
+    budget = ctx.budget.ratio
+    if ctx.cfg.start != "knapsack":
+        return cost.rescale(space.full(), budget)
+    ctx.stage("placing the start by latency saliency (Taylor importance per predicted latency)")
+    loader = DataLoader(
+        ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
+    )  # fixed order: no shared RNG
+    return knapsack_widths(ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict, budget)
 
 
 def make_evaluator(ctx, strategy: Strategy) -> Evaluator:

@@ -1,0 +1,128 @@
+"""Latency-saliency widths (search/knapsack.py): Taylor importance against its definition computed by hand, the
+greedy knapsack against its invariants, and --start knapsack end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnxconet.errors import OnnxconetError
+from onnxconet.graph.export import export_onnx
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.search.knapsack import knapsack_widths, taylor_scores
+from onnxconet.space import WidthSpace
+from tests.conftest import search_cfg
+
+
+class TwoConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+def test_taylor_scores_follow_the_definition():
+    torch.manual_seed(0)
+    model = TwoConv().eval()
+    with torch.no_grad():
+        model.bn1.weight.uniform_(0.5, 1.5)
+        model.bn1.bias.uniform_(-0.2, 0.2)
+    cg = ChannelGraph(export_onnx(model, (1, 1, 8, 8)))
+    batches = [(torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))) for _ in range(3)]
+    scores = taylor_scores(cg, model, batches, batches=3)
+    # by hand: the gradient of the summed batch losses, then |w * g| over every weight of channel c
+    ref = TwoConv().eval()
+    ref.load_state_dict(model.state_dict())
+    for x, y in batches:
+        F.cross_entropy(ref(x), y).backward()
+
+    def wg(p):
+        return (p.detach() * p.grad).abs()
+
+    group = next(g for g in cg.groups if g.channels == 4 and not g.fixed_io)
+    for k, b in enumerate(group.bundles):
+        expected = (
+            wg(ref.conv1.weight)[k].sum() + wg(ref.conv1.bias)[k] + wg(ref.bn1.weight)[k] + wg(ref.bn1.bias)[k]
+            + wg(ref.conv2.weight)[:, k].sum()
+        )  # fmt: skip
+        assert scores[b] == pytest.approx(float(expected), rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # the model given is left untouched
+
+
+def _additive(cg, space, unit_costs):
+    """predict(widths) = sum over groups of unit cost x width (a known cost model)."""
+    return lambda w: sum(unit_costs[g] * w[g] for g in w)
+
+
+def test_knapsack_fills_the_cheapest_importance_first_and_is_maximal(tiny_graph):
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    ids = [g.id for g in space]
+    assert len(ids) >= 2
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.5, 1.0, len(tiny_graph.group_of_bundle))
+    unit = {g: 1.0 for g in ids}
+    unit[ids[0]] = 0.01  # one group is almost free: it must be filled before any other grows
+    predict = _additive(tiny_graph, space, unit)
+    smallest = predict(space.smallest())
+    budget = smallest + 0.5 * (predict(space.full()) - smallest)
+    w = knapsack_widths(tiny_graph, space, scores, predict, budget)
+    assert predict(w) <= budget and space.contains(w)
+    assert w[ids[0]] == space.groups[ids[0]].hi
+    for g in space:  # maximal: no single further step fits
+        if w[g.id] < g.hi:
+            assert predict({**w, g.id: g.clip(w[g.id] + g.step)}) > budget
+    # under a budget the smallest widths already miss, the smallest widths come back
+    assert knapsack_widths(tiny_graph, space, scores, predict, smallest - 1) == space.smallest()
+
+
+def test_knapsack_prefers_the_more_important_group_at_equal_cost(tiny_graph):
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    a, b = [g.id for g in space][:2]
+    scores = np.full(len(tiny_graph.group_of_bundle), 1e-3)
+    scores[tiny_graph.groups[b].bundles] = 10.0
+    unit = {g.id: 1.0 for g in space}
+    predict = _additive(tiny_graph, space, unit)
+    ga, gb = space.groups[a], space.groups[b]
+    budget = predict(space.smallest()) + (gb.hi - gb.lo)  # room to fill exactly one of the two
+    w = knapsack_widths(tiny_graph, space, scores, predict, budget)
+    assert w[b] == gb.hi and w[a] == ga.lo
+
+
+def test_start_knapsack_end_to_end(tmp_path, npz_data):
+    """anneal's first trial under --start knapsack: other widths than the uniform start, within the FLOPs budget
+    (exact: no timing), and maximal there: no group could take one more step."""
+    from onnxconet.commands.search import run_search
+    from onnxconet.prepare import prepare
+    from onnxconet.search.cost import CostModel
+    from tests.conftest import MIX
+
+    kw = dict(model=MIX, trials=1, final_epochs=0, align=1)
+    res = run_search(search_cfg(tmp_path, npz_data, start="knapsack", **kw)).to_json()
+    uni = run_search(search_cfg(tmp_path, npz_data, out=str(tmp_path / "u"), **kw)).to_json()
+    assert res["config"]["start"] == "knapsack" and "start" not in uni["config"]
+    first = {int(k): v for k, v in res["trials"][0]["widths"].items()}
+    assert first != {int(k): v for k, v in uni["trials"][0]["widths"].items()}
+    cg = prepare(MIX).graph
+    space = WidthSpace(cg, min_ratio=0.25, align=1)
+    flops = CostModel(cg, space, "flops").predict
+    assert flops(first) <= 0.6 + 1e-9 and res["trials"][0]["flops_ratio"] == pytest.approx(
+        flops(first), abs=1e-6
+    )
+    for g in space:
+        if first[g.id] < g.hi:
+            assert flops({**first, g.id: g.clip(first[g.id] + g.step)}) > 0.6
+    header = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
+    assert header["config"]["start"] == "knapsack"
+    with pytest.raises(OnnxconetError, match="does not apply to l1"):
+        search_cfg(tmp_path, npz_data, strategy="l1", start="knapsack").check()
