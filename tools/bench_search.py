@@ -12,7 +12,7 @@ Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
   (--train-samples, stratified) and the same batches; the test set is the full official 10,000 images;
 - the budget is a ratio of the teacher's latency *as deployed* (each file alone in its own process, medians of
   alternated pairs) at --threads; a run whose final file re-measures over the budget counts as missed;
-- strategies: anneal (the default search), dmasking, l1 (uniform widths, top-L1 channels), random (best of
+- strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), dmasking, l1 (uniform widths, top-L1 channels), random (best of
   --trials random widths), scratch (uniform widths re-initialized), tp-magnitude / tp-groupnorm (Torch-Pruning,
   global pruning, its ratio bisected onto the budget as deployed, then fine-tuned the same epochs), and
   winner-scratch (the default strategy's shipped widths trained from re-initialized weights: Liu et al. 2019).
@@ -76,11 +76,12 @@ def search_config(
     args, model: str, budget: str, strategy: str, seed: int, weights: str, out: Path
 ) -> SearchConfig:
     """The library run of a cell: equal total epochs (the uniform baselines fine-tune what the others search)."""
+    strategy, _, start = strategy.partition(":")  # anneal:knapsack = anneal --start knapsack
     trials = args.trials if strategy in SEARCHES else 1
     extra = (args.trials - trials) * args.epochs_per_trial
     return SearchConfig(
         model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
-        strategy=strategy, budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
+        strategy=strategy, start=start or "uniform", budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
         final_epochs=args.final_epochs + extra, probes=args.probes, threads=args.threads, out=str(out),
         seed=seed, align=args.align, resume=(out / "history.jsonl").exists(),
     )  # fmt: skip
@@ -91,7 +92,7 @@ def total_epochs(args) -> int:
 
 
 def library_cell(args, model: str, budget: str, strategy: str, seed: int, weights: str) -> dict:
-    out = args.out / "runs" / f"{model}_{budget}_{strategy}_{seed}"
+    out = args.out / "runs" / f"{model}_{budget}_{strategy.replace(':', '-')}_{seed}"
     cfg = search_config(args, model, budget, strategy, seed, weights, out)
     res = run_search(cfg).to_json()
     b = res["best"]
@@ -172,13 +173,13 @@ def run_cell(args, model: str, budget: str, strategy: str, seed: int, cells: dic
         "epochs_per_trial": args.epochs_per_trial, "final_epochs": args.final_epochs, "threads": args.threads,
         "align": args.align, "probes": args.probes, "teacher_test_acc": meta["test_accuracy"],
     }  # fmt: skip
-    path = args.out / "cells" / f"{model}_{budget}_{strategy}_{seed}.json"
+    path = args.out / "cells" / f"{model}_{budget}_{strategy.replace(':', '-')}_{seed}.json"
     if path.is_file():
         cell = json.loads(path.read_text())
         if cell.get("key") == key:
             print(f"  (reused {path})", flush=True)
             return cell
-    if strategy in LIBRARY:
+    if strategy.partition(":")[0] in LIBRARY:
         result = library_cell(args, model, budget, strategy, seed, weights)
     elif strategy.startswith("tp-"):
         result = tp_cell(args, budget, strategy, seed, weights)
