@@ -126,3 +126,46 @@ def test_start_knapsack_end_to_end(tmp_path, npz_data):
     assert header["config"]["start"] == "knapsack"
     with pytest.raises(OnnxconetError, match="does not apply to l1"):
         search_cfg(tmp_path, npz_data, strategy="l1", start="knapsack").check()
+
+
+@pytest.mark.parametrize("start", ["uniform", "knapsack"])
+def test_start_measured_over_the_budget_is_placed_again(tiny_graph, npz_data, start):
+    """The start is measured before training; while it measures over the budget, the corrected cost model places it
+    again (here the deployment runs 30 % slower than predicted, so the second start must be smaller)."""
+    from types import SimpleNamespace
+
+    from onnxconet.data import load_data, make_loaders
+    from onnxconet.graph.stats import count_flops
+    from onnxconet.search.config import Budget, SearchConfig
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.setup import start_widths
+    from tests.conftest import TINY
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    base = count_flops(tiny_graph)
+    flops = lambda w: count_flops(tiny_graph, tiny_graph.keep_mask(w)) / base  # noqa: E731
+    predictor = SimpleNamespace(predict_ratio=flops)
+    cost = CostModel(tiny_graph, space, "latency", predictor)
+    measured = []
+
+    def measure(model):
+        from onnxconet.graph.groups import ChannelGraph
+
+        sub = ChannelGraph(model)
+        ratio = 1.3 * count_flops(sub) / base
+        measured.append(ratio)
+        return ratio, 1.0
+
+    splits = load_data(npz_data, (1, 3, 16, 16), seed=0)
+    train, _, _ = make_loaders(splits, 32, 0)
+    from onnxconet.prepare import prepare
+
+    ctx = SimpleNamespace(
+        cfg=SearchConfig(model=TINY, budget_on="latency", start=start, batch_size=32),
+        budget=Budget("latency", 0.6), judge=SimpleNamespace(measure=measure), cg=tiny_graph,
+        loaders=SimpleNamespace(train=train), teacher=prepare(TINY).loaded.module, stage=lambda text: None,
+    )  # fmt: skip
+    w = start_widths(ctx, space, cost)
+    assert measured[0] > 0.6 and len(measured) >= 2  # the first start measured over, so it was placed again
+    assert measured[-1] <= 0.6 and 1.3 * flops(w) == pytest.approx(measured[-1], rel=1e-6)
+    assert cost.correction.factor() == pytest.approx(1.3, rel=1e-6)

@@ -89,16 +89,37 @@ def make_strategy(ctx, space: WidthSpace, cost: CostModel) -> Strategy:
     return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
 
 
-def start_widths(ctx, space: WidthSpace, cost: CostModel) -> dict[int, int]:
-    """anneal's first widths on the budget: uniform (one factor for every group) or by latency saliency."""
+def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dict[int, int]:
+    """anneal's first widths on the budget: uniform (one factor for every group) or by latency saliency. With a
+    latency budget the start is measured (in-loop) before any training and placed again with the corrected cost
+    model while it measures over the budget: on Fashion-MNIST the knapsack start predicted at 0.300 measured 0.351
+    and its trial was wasted."""
     budget = ctx.budget.ratio
-    if ctx.cfg.start != "knapsack":
-        return cost.rescale(space.full(), budget)
-    ctx.stage("placing the start by latency saliency (Taylor importance per predicted latency)")
-    loader = DataLoader(
-        ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
-    )  # fixed order: no shared RNG
-    return knapsack_widths(ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict, budget)
+    if ctx.cfg.start == "knapsack":
+        ctx.stage("placing the start by latency saliency (Taylor importance per predicted latency)")
+        loader = DataLoader(
+            ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
+        )  # fixed order: no shared RNG
+        scores = taylor_scores(ctx.cg, ctx.teacher, loader)
+
+        def place() -> dict[int, int]:
+            return knapsack_widths(ctx.cg, space, scores, cost.predict, budget)
+    else:
+
+        def place() -> dict[int, int]:
+            return cost.rescale(space.full(), budget)
+
+    widths = place()
+    if ctx.cfg.budget_on != "latency":
+        return widths
+    for _ in range(tries):
+        ratio, _ms = ctx.judge.measure(slice_onnx(ctx.cg, ctx.cg.keep_mask(widths)))
+        cost.observe(cost.exact(widths)[0], ratio, widths)
+        if ratio <= budget:
+            break
+        log.info("the start measured %.3f over the budget %.3f; placing it again", ratio, budget)
+        widths = place()
+    return widths
 
 
 def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
