@@ -2,6 +2,8 @@
 
     python tools/bench_teacher.py --model models/fashion_mnist.py:resnet20 --data fashion-mnist --seeds 0,1,2
 
+(into OUT/teachers, where tools/bench_search.py --out OUT looks for them; the bench trains a missing one itself).
+
 A teacher is `teacher_<model>_<data>_<seed>.pt` (a state_dict) next to a `.json` with its test and validation
 accuracy, epochs, wall time and the commit that trained it; a finished teacher is reused. Teachers see the
 whole training split (the user's trained model), whatever subset the searches train on.
@@ -73,10 +75,10 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_search"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_fashion"), help="the bench's --out")
     args = ap.parse_args()
     for seed in (int(s) for s in args.seeds.split(",")):
-        path, meta = teacher(args.model, args.data, seed, args.epochs, args.out)
+        path, meta = teacher(args.model, args.data, seed, args.epochs, args.out / "teachers")
         print(
             f"{path}: test {100 * (meta['test_accuracy'] or 0):.2f} %  val {100 * meta['val_accuracy']:.2f} %  "
             f"{meta['epochs']} epochs  {meta['seconds']:.0f} s",
