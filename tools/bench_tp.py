@@ -72,10 +72,13 @@ def prune_to_budget(
 
     lo, hi = 0.0, 0.9
     best, best_lat = ratio_at(hi)
-    if best_lat > budget:
-        return Pruned(
-            best, hi, best_lat, tried
-        )  # the budget is out of Torch-Pruning's reach: reported as missed
+    for more in (0.95, 0.98):  # global magnitude ranking may keep the expensive early channels: prune further
+        if best_lat <= budget:
+            break
+        lo, hi = hi, more
+        best, best_lat = ratio_at(hi)
+    if best_lat > budget:  # out of Torch-Pruning's reach: reported as missed
+        return Pruned(best, hi, best_lat, tried)
     for _ in range(steps):
         mid = (lo + hi) / 2
         model, lat = ratio_at(mid)
