@@ -1,6 +1,6 @@
 """The CIFAR networks of this folder for 1-channel 28x28 images (Fashion-MNIST, MNIST): no padding to 32.
 
-onnxconet search models/fashion_mnist.py:resnet20 --data fashion-mnist
+(the CLI) search models/fashion_mnist.py:resnet20 --data fashion-mnist
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _HERE = Path(__file__).resolve().parent
 
 def _sibling(stem: str):
     """Import models/<stem>.py by path (this folder is not a package)."""
-    name = f"_onnxconet_models_{stem}"
+    name = f"_fashion_mnist_base_{stem}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, _HERE / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
