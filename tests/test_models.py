@@ -22,7 +22,9 @@ FACTORIES = [
     ("fashion_mnist.py", "resnet20", 10),
     ("fashion_mnist.py", "mobilenetv2", 10),
 ]
-EXPORTED = [f for f in FACTORIES if f[1] != "resnet34" and f[0] != "fashion_mnist.py"]  # resnet34 export is too slow for the fast suite
+EXPORTED = [
+    f for f in FACTORIES if f[1] != "resnet34" and f[0] != "fashion_mnist.py"
+]  # resnet34 export is too slow for the fast suite
 
 
 def load_file(name: str) -> ModuleType:

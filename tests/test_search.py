@@ -136,7 +136,7 @@ def test_search_cli_smoke_latency_budget(tmp_path, npz_data):
             "--pretrain-epochs",
             "1",
             "--budget",
-            "0.9",
+            "1.0",  # a 16x16 toy at 2 threads: its smallest widths measured 0.83-1.23 of it on this VM (fixed costs)
             "--provider",
             "cpu",
             "--threads",
