@@ -394,9 +394,17 @@ def _load_cifar(kind: str, root: Path, shape: tuple[int, int, int], seed: int) -
     if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(f"CIFAR folder {root}: labels outside 0..{num_classes - 1}; is this {kind}?")
     n_train = sum(len(b[1]) for b in train)
+    return _official_test_splits(images, labels, n_train, shape, num_classes, f"{kind}:{root}", seed)
+
+
+def _official_test_splits(
+    images: np.ndarray, labels: np.ndarray, n_train: int, shape, num_classes: int, name: str, seed: int
+) -> Splits:
+    """Splits of a source with an official test set (the samples after the first `n_train`): validation is a
+    seeded, stratified 10 % of the training samples."""
     train_idx, val_idx = stratified_split(labels[:n_train], (0.9, 0.1), seed)
     test_idx = np.arange(n_train, len(labels), dtype=np.int64)
-    return _array_splits(images, labels, [train_idx, val_idx, test_idx], shape, num_classes, f"{kind}:{root}")
+    return _array_splits(images, labels, [train_idx, val_idx, test_idx], shape, num_classes, name)
 
 
 def _train_subset(train: Dataset, n: int, seed: int, spec: str) -> Dataset:
@@ -432,12 +440,10 @@ def _load_idx(kind: str, root: Path, shape: tuple[int, int, int], seed: int) -> 
     test_x, test_y = idx.read_split(root, "t10k")
     if train_x.shape[2:] != test_x.shape[2:]:
         raise DataError(f"{root}: train images are {train_x.shape[2:]} but test images {test_x.shape[2:]}")
-    images = np.concatenate([train_x, test_x])
     labels = np.concatenate([train_y, test_y])
-    train_idx, val_idx = stratified_split(train_y, (0.9, 0.1), seed)
-    test_idx = np.arange(len(train_y), len(labels), dtype=np.int64)
+    images = np.concatenate([train_x, test_x])
     num_classes = int(labels.max()) + 1
-    return _array_splits(images, labels, [train_idx, val_idx, test_idx], shape, num_classes, f"{kind}:{root}")
+    return _official_test_splits(images, labels, len(train_y), shape, num_classes, f"{kind}:{root}", seed)
 
 
 # --- npz arrays --------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_SPEC = "models/digits_cnn.py:digits_cnn"
-PRETRAINED = (
-    "pretrained:"  # the weights argument --pretrained passes: the library's own, from its local cache
-)
+# the weights argument --pretrained passes: the library's own weights, from its local cache
+PRETRAINED = "pretrained:"
 # torchvision models that need a larger input than 224, and constructor arguments that keep them exportable
 _TV_INPUT = {"inception_v3": 299}
 _TV_KWARGS = {

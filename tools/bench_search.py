@@ -110,15 +110,10 @@ def library_cell(args, model: str, budget: str, strategy: str, seed: int, weight
     }  # fmt: skip
 
 
-def _loaders(args, spec: str, seed: int):
-    prep = prepare(spec)
-    splits = load_data(args.data, prep.loaded.input_shape, seed=seed, train_samples=args.train_samples)
-    return make_loaders(splits, 64, seed)
-
-
-def _train(args, model, teacher_model, seed: int) -> dict:
+def _train(args, model, teacher_model, seed: int, input_shape: tuple) -> dict:
     """Fine-tune `model` exactly as a search's final network: distillation, the same epochs and batches."""
-    train, val, test = _loaders(args, args.spec, seed)
+    splits = load_data(args.data, input_shape, seed=seed, train_samples=args.train_samples)
+    train, val, test = make_loaders(splits, 64, seed)
     recalibrate_bn(model, train, batches=10, device="cpu")
     cfg = TrainConfig(epochs=total_epochs(args), lr=0.05, alpha=0.5, temperature=4.0, seed=seed)
     fit(model, train, cfg, teacher=teacher_model, val_loader=None)
@@ -136,7 +131,7 @@ def tp_cell(args, budget: str, strategy: str, seed: int, weights: str) -> dict:
         teacher_model, shape, strategy.removeprefix("tp-"), float(budget), Target(threads=args.threads)
     )
     model = pruned.model
-    scores = _train(args, model, teacher_model, seed)
+    scores = _train(args, model, teacher_model, seed, shape)
     final = export_onnx(model.eval(), shape)
     ratio = measure_isolated(
         final.SerializeToString(), export_onnx(teacher_model, shape).SerializeToString(),
@@ -159,7 +154,7 @@ def winner_scratch_cell(args, budget: str, seed: int, weights: str, winner: dict
     bank = reinit_bank(prep.loaded.module, seed)
     keep = cg.keep_mask({int(k): v for k, v in winner["widths"].items()}, bank.scores(cg))
     model = bank.cut(cg.param_slices(keep))
-    scores = _train(args, model, prep.loaded.module.eval(), seed)
+    scores = _train(args, model, prep.loaded.module.eval(), seed, prep.loaded.input_shape)
     same = {k: winner[k] for k in ("ratio", "met", "macs_ratio", "params_ratio", "widths")}
     return {**scores, **same, "shipped": winner["shipped"], "seconds": time.perf_counter() - t0}
 

@@ -31,6 +31,16 @@ from onnxconet.surgery.inherit import WeightBank
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
 
+def train_widths(bank: WeightBank, cg, widths: dict[int, int], train, teacher, tcfg: TrainConfig):
+    """`widths` cut from `bank` (top-L1 channels), BN recalibrated, trained with distillation on `train` replayed
+    from `tcfg.seed` (the same batches for every configuration of that seed)."""
+    model = bank.cut(cg.param_slices(cg.keep_mask(widths, bank.scores(cg))))
+    reseed_loader(train, tcfg.seed)
+    recalibrate_bn(model, train, batches=10)
+    fit(model, train, tcfg, teacher=teacher)
+    return model
+
+
 def run_mode(run: Path, final_epochs: int, top: int, lr: float) -> dict:
     """Kendall's tau between a search's trial scores and the final test accuracy of the same widths."""
     lines = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
@@ -52,15 +62,8 @@ def run_mode(run: Path, final_epochs: int, top: int, lr: float) -> dict:
     rows = []
     for t in trials:
         w = {int(k): v for k, v in t["widths"].items()}
-        model = bank.cut(cg.param_slices(cg.keep_mask(w, bank.scores(cg))))
-        reseed_loader(train, cfg["seed"])  # every configuration on the same batches
-        recalibrate_bn(model, train, batches=10)
-        fit(
-            model,
-            train,
-            TrainConfig(epochs=final_epochs, lr=lr, alpha=cfg["alpha"], seed=cfg["seed"]),
-            teacher=teacher,
-        )
+        tcfg = TrainConfig(epochs=final_epochs, lr=lr, alpha=cfg["alpha"], seed=cfg["seed"])
+        model = train_widths(bank, cg, w, train, teacher, tcfg)
         row = {"trial": t["trial"], "search_accuracy": round(t["accuracy"], 4), "ratio": round(t["ratio"], 4)}
         row["final_test"] = round(evaluate(model, test)["accuracy"], 4)
         rows.append(row)
@@ -103,15 +106,8 @@ def main() -> None:
         w = dict(zip(ids, widths, strict=True))
         for epochs in (int(e) for e in args.epochs.split(",")):
             for order in (int(b) for b in args.orders.split(",")):
-                model = bank.cut(cg.param_slices(cg.keep_mask(w, bank.scores(cg))))
-                reseed_loader(train, order)
-                recalibrate_bn(model, train, batches=10)
-                fit(
-                    model,
-                    train,
-                    TrainConfig(epochs=epochs, lr=args.lr, alpha=0.5, seed=order),
-                    teacher=teacher,
-                )
+                tcfg = TrainConfig(epochs=epochs, lr=args.lr, alpha=0.5, seed=order)
+                model = train_widths(bank, cg, w, train, teacher, tcfg)
                 v, t = evaluate(model, val), evaluate(model, test)
                 row = {"config": name, "epochs": epochs, "order": order}
                 row |= {"val": round(v["accuracy"], 4), "test": round(t["accuracy"], 4)}

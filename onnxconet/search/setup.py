@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
@@ -99,17 +100,13 @@ def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dic
         ctx.stage("placing the start by latency saliency (Taylor importance per predicted latency)")
         loader = DataLoader(
             ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
-        )  # fixed order: no shared RNG
-        scores = taylor_scores(ctx.cg, ctx.teacher, loader)
-
-        def place() -> dict[int, int]:
-            return knapsack_widths(ctx.cg, space, scores, cost.predict, budget)
+        )  # fixed order, no shared RNG
+        place = partial(
+            knapsack_widths, ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict
+        )
     else:
-
-        def place() -> dict[int, int]:
-            return cost.rescale(space.full(), budget)
-
-    widths = place()
+        place = partial(cost.rescale, space.full())
+    widths = place(budget)
     if ctx.cfg.budget_on != "latency":
         return widths
     for _ in range(tries):
@@ -118,7 +115,7 @@ def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dic
         if ratio <= budget:
             break
         log.info("the start measured %.3f over the budget %.3f; placing it again", ratio, budget)
-        widths = place()
+        widths = place(budget)
     return widths
 
 
