@@ -122,6 +122,34 @@ def test_json_round_trip_and_fingerprint_check(r20, tiny, tmp_path):
         LatencyPredictor.load(tmp_path / "missing.json")
 
 
+def test_refit_on_search_measurements_beats_one_global_factor(r20, tmp_path):
+    """The deployment's per-layer costs differ from the probes' fit (another seed's combination of features): the
+    cost model refitted on the candidates measured so far predicts new candidates better than the probes' fit
+    times the median measured/predicted factor, and the stored probes survive a save/load."""
+    from onnxconet.search.cost import CostModel
+
+    cg = r20.graph
+    f = LatencyFeatures(cg)
+    space = WidthSpace(cg)
+    probes = probe_widths(space, 8, seed=0)
+    pred = LatencyPredictor.fit(f, probes, synthetic(f, probes, seed=0), 5.0)
+    pred.save(tmp_path / "p.json")
+    pred = LatencyPredictor.load(tmp_path / "p.json", cg)
+    assert [w for w, _ in pred.data] == probes
+    rng = np.random.default_rng(3)
+    seen, new = ([space.sample(rng) for _ in range(n)] for n in (24, 30))
+    truth = lambda ws: synthetic(f, ws, seed=11)  # noqa: E731  the deployment: other per-layer costs
+    refitted = CostModel(cg, space, "latency", pred)
+    scaled = CostModel(cg, space, "latency", pred, refit=False)  # the predictor times the global correction
+    for w, r in zip(seen, truth(seen), strict=True):
+        refitted.observe(0.0, r, w)
+        scaled.observe(0.0, r, w)
+    assert refitted.fitted is not pred and len(refitted.fitted.data) == 8 + 24
+    y = truth(new)
+    err = lambda cm: np.median(np.abs([cm.predict(w) for w in new] - y) / y)  # noqa: E731
+    assert err(refitted) < 0.6 * err(scaled), (err(refitted), err(scaled))  # measured: 0.014 vs 0.028
+
+
 @pytest.mark.parametrize("which", ["mix", "r20"])
 def test_expected_latency_is_the_exact_expectation_and_differentiable(which, request):
     cg = request.getfixturevalue(which).graph

@@ -364,6 +364,8 @@ class LatencyPredictor:
                 total.Q += th * q.Q
         self._total = total
         self._torch_cache: dict = {}
+        # the measurements it was fitted on ((widths, ratio) pairs; the free full-width point excluded), for `refit`
+        self.data: list[tuple[dict[int, int], float]] = []
 
     # ---- fitting
     @classmethod
@@ -377,6 +379,7 @@ class LatencyPredictor:
         target: dict | None = None,
         ridge: float = 1e-3,
         include_full: bool = True,
+        loo: bool = True,
     ) -> LatencyPredictor:
         """Fit on measured ratios (candidate / reference latency, measured in-loop).
 
@@ -388,6 +391,7 @@ class LatencyPredictor:
             target: the measurement target as a JSON dict (stored for the record).
             ridge: small L2 penalty on the feature weights (keeps the fit stable with few measurements).
             include_full: add the full-width point (ratio exactly 1, not a measurement).
+            loo: compute (and log) the leave-one-out error; `refit` skips it.
 
         Returns:
             The predictor; `report.measurements` says how many measurements it used.
@@ -407,7 +411,7 @@ class LatencyPredictor:
         theta = _nnls_rel(X1, y, ridge)
         # leave-one-out over the measured points (the free full-width point always stays in)
         errs = []
-        if n_meas >= 3:
+        if loo and n_meas >= 3:
             for i in range(n_meas):
                 keep = np.arange(len(y)) != i
                 th = _nnls_rel(X1[keep], y[keep], ridge)
@@ -424,12 +428,30 @@ class LatencyPredictor:
             seconds=time.perf_counter() - t0,
             terms=terms,
         )
-        log.info(
-            "latency predictor: %d measurements, leave-one-out median error %.1f%%",
-            n_meas,
-            100 * report.loo_median_abs_err,
-        )
-        return cls(features, theta, reference_ms, report, target)
+        if loo:
+            log.info(
+                "latency predictor: %d measurements, leave-one-out median error %.1f%%",
+                n_meas,
+                100 * report.loo_median_abs_err,
+            )
+        pred = cls(features, theta, reference_ms, report, target)
+        pred.data = [
+            ({int(g): int(w) for g, w in ws.items()}, float(r)) for ws, r in zip(widths_list, ratios, strict=True)
+        ]
+        return pred
+
+    def refit(self, measured: Sequence[tuple[Mapping[int, int], float]]) -> LatencyPredictor:
+        """This predictor fitted again on its own measurements plus `measured` ((widths, ratio) pairs, e.g. the
+        candidates a search measured): the per-layer costs move where the new measurements disagree, instead of
+        one factor for every layer. Without stored measurements (a file from before they were kept) it is
+        returned unchanged."""
+        if not self.data or not measured:
+            return self
+        pairs = [*self.data, *measured]
+        return LatencyPredictor.fit(
+            self.features, [w for w, _ in pairs], [r for _, r in pairs], self.reference_ms, target=self.target,
+            loo=False,
+        )  # fmt: skip
 
     # ---- prediction
     def predict_ratio(self, widths: Mapping[int, int] | Sequence[Mapping[int, int]]) -> float | np.ndarray:
@@ -540,6 +562,7 @@ class LatencyPredictor:
             "reference_ms": self.reference_ms,
             "target": self.target,
             "report": {k: getattr(self.report, k) for k in self.report.__dataclass_fields__},
+            "data": [{"widths": {str(g): w for g, w in ws.items()}, "ratio": r} for ws, r in self.data],
         }
 
     @classmethod
@@ -568,7 +591,11 @@ class LatencyPredictor:
             f.build_seconds = 0.0
             theta = [d["theta"]["intercept"]] + [d["theta"].get(n, 0.0) for n in f.names]
             report = FitReport(**d["report"])
-            return cls(f, np.asarray(theta), float(d["reference_ms"]), report, d.get("target"))
+            pred = cls(f, np.asarray(theta), float(d["reference_ms"]), report, d.get("target"))
+            pred.data = [
+                ({int(g): int(w) for g, w in m["widths"].items()}, float(m["ratio"])) for m in d.get("data", [])
+            ]
+            return pred
         except LatencyError:
             raise
         except (KeyError, TypeError, ValueError, IndexError) as e:
