@@ -436,7 +436,8 @@ class LatencyPredictor:
             )
         pred = cls(features, theta, reference_ms, report, target)
         pred.data = [
-            ({int(g): int(w) for g, w in ws.items()}, float(r)) for ws, r in zip(widths_list, ratios, strict=True)
+            ({int(g): int(w) for g, w in ws.items()}, float(r))
+            for ws, r in zip(widths_list, ratios, strict=True)
         ]
         return pred
 
@@ -593,7 +594,8 @@ class LatencyPredictor:
             report = FitReport(**d["report"])
             pred = cls(f, np.asarray(theta), float(d["reference_ms"]), report, d.get("target"))
             pred.data = [
-                ({int(g): int(w) for g, w in m["widths"].items()}, float(m["ratio"])) for m in d.get("data", [])
+                ({int(g): int(w) for g, w in m["widths"].items()}, float(m["ratio"]))
+                for m in d.get("data", [])
             ]
             return pred
         except LatencyError:
