@@ -124,6 +124,14 @@ def test_start_knapsack_end_to_end(tmp_path, npz_data):
             assert flops({**first, g.id: g.clip(first[g.id] + g.step)}) > 0.6
     header = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
     assert header["config"]["start"] == "knapsack"
+    # --strategy knapsack: the same widths on every trial (the FLOPs cost is exact: nothing to refit), each cut
+    # from the original, and shipped as searched widths (not a start)
+    one = run_search(
+        search_cfg(tmp_path, npz_data, out=str(tmp_path / "k"), **(kw | {"trials": 2}), strategy="knapsack")
+    )
+    one = one.to_json()
+    assert [{int(k): v for k, v in t["widths"].items()} for t in one["trials"]] == [first, first]
+    assert one["best"]["shipped"] == "search"
     with pytest.raises(OnnxconetError, match="does not apply to l1"):
         search_cfg(tmp_path, npz_data, strategy="l1", start="knapsack").check()
 

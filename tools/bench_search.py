@@ -12,7 +12,8 @@ Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
   (--train-samples, stratified) and the same batches; the test set is the full official 10,000 images;
 - the budget is a ratio of the teacher's latency *as deployed* (each file alone in its own process, medians of
   alternated pairs) at --threads; a run whose final file re-measures over the budget counts as missed;
-- strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), dmasking, l1 (uniform widths, top-L1 channels), random (best of
+- strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), knapsack (latency-saliency
+  widths as HALP, placed on the measured cost, l1's protocol), dmasking, l1 (uniform widths, top-L1 channels), random (best of
   --trials random widths), scratch (uniform widths re-initialized), tp-magnitude / tp-groupnorm (Torch-Pruning,
   global pruning, its ratio bisected onto the budget as deployed, then fine-tuned the same epochs), and
   winner-scratch (the default strategy's shipped widths trained from re-initialized weights: Liu et al. 2019).
@@ -56,7 +57,7 @@ MODELS = {
     "digits": "models/digits_cnn.py:digits_cnn",
 }
 SEARCHES = ("anneal", "dmasking", "random")  # strategies that use the trials to search
-LIBRARY = ("anneal", "dmasking", "random", "l1", "scratch")
+LIBRARY = ("anneal", "dmasking", "random", "l1", "scratch", "knapsack")
 PEERS = ("l1", "random", "tp-magnitude", "tp-groupnorm")  # what a user would pick instead
 
 
@@ -234,7 +235,8 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--budgets", default="0.3,0.5")
     ap.add_argument(
-        "--strategies", default="anneal,l1,tp-magnitude,tp-groupnorm,random,dmasking,winner-scratch,scratch"
+        "--strategies",
+        default="anneal,knapsack,l1,tp-magnitude,tp-groupnorm,random,dmasking,winner-scratch,scratch",
     )
     ap.add_argument("--default", default="anneal", help="the strategy winner-scratch takes its widths from")
     ap.add_argument("--seeds", default="0,1,2")
@@ -245,7 +247,7 @@ def main() -> None:
         "--baseline-trials",
         type=int,
         default=3,
-        help="trials of l1/scratch (the rest of the search epochs go to their final fine-tuning)",
+        help="trials of l1/scratch/knapsack (the rest of the search epochs go to their final fine-tuning)",
     )
     ap.add_argument(
         "--align",

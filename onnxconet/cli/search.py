@@ -88,7 +88,8 @@ def search(
             "--strategy",
             help="anneal (CONetV2 metric + simulated annealing), dmasking (FBNetV2 channel-masking supernet "
             "with a latency-predictor cost), or the baselines l1 (uniform widths, top-L1 channels of the "
-            "original) | scratch (uniform widths, re-initialized; 'uniform' is its old name) | random.",
+            "original) | scratch (uniform widths, re-initialized; 'uniform' is its old name) | random | knapsack "
+            "(latency saliency as HALP, placed again on the measured cost after every trial, no moves).",
         ),
     ] = "anneal",
     start: Annotated[

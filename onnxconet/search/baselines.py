@@ -5,9 +5,13 @@
 - `scratch` (formerly `uniform`): the same uniform widths with re-initialized weights (width scaling trained from
   scratch with distillation for the same epochs: Liu et al. 2019's control).
 - `random`: random widths scaled onto the budget, each trial cut from the original (best one wins).
+- `knapsack`: latency-saliency widths (HALP, search/knapsack.py), placed again on every trial with the cost model
+  refitted on what was measured, each trial cut from the original; the same protocol as `l1`, other widths.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -57,3 +61,26 @@ class RandomStrategy(Strategy):
 
     def tell(self, trial: Trial) -> dict:
         return {"accepted": True, "objective": self.objective(trial)}
+
+
+class KnapsackStrategy(L1Strategy):
+    """The widths with the most Taylor importance per predicted latency under the budget (`knapsack_widths`),
+    solved again on every ask: after each measured trial the cost model is refitted, so the widths move onto the
+    budget as measured. `place(budget) -> widths` is that solver (search/setup.py binds it to the run)."""
+
+    name = "knapsack"
+    searches = True
+
+    def __init__(
+        self,
+        space: WidthSpace,
+        objective: Objective,
+        cost: CostModel,
+        place: Callable[[float], dict[int, int]],
+        seed: int = 0,
+    ) -> None:
+        super().__init__(space, objective, cost, seed)
+        self.place = place
+
+    def ask(self) -> dict[int, int]:
+        return self.place(self.objective.budget)

@@ -10,7 +10,7 @@ from onnxconet.search.dmasking import DMaskingConfig
 from onnxconet.search.resolution import check_resolutions
 
 # the --strategy names; "uniform" is the old name of "scratch" (uniform widths trained from re-initialized weights)
-STRATEGY_NAMES = ("anneal", "dmasking", "random", "l1", "scratch")
+STRATEGY_NAMES = ("anneal", "dmasking", "random", "l1", "scratch", "knapsack")
 ALIASES = {"uniform": "scratch"}
 DEFAULT_MODEL = "models/digits_cnn.py:digits_cnn"
 

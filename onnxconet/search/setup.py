@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from onnxconet.errors import BudgetError, OnnxconetError
 from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Strategy
-from onnxconet.search.baselines import L1Strategy, RandomStrategy, ScratchStrategy
+from onnxconet.search.baselines import KnapsackStrategy, L1Strategy, RandomStrategy, ScratchStrategy
 from onnxconet.search.calibration import PREDICTOR, calibrated_predictor
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
@@ -86,6 +86,8 @@ def make_strategy(ctx, space: WidthSpace, cost: CostModel) -> Strategy:
             space, objective, cost, DMaskingConfig.from_dict(cfg.dmasking), seed=cfg.seed, trials=cfg.trials,
             epochs_per_trial=cfg.epochs_per_trial,
         )  # fmt: skip
+    if cfg.strategy == "knapsack":
+        return KnapsackStrategy(space, objective, cost, saliency_placer(ctx, space, cost), seed=cfg.seed)
     kinds = {"random": RandomStrategy, "scratch": ScratchStrategy, "l1": L1Strategy}
     return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
 
@@ -97,13 +99,7 @@ def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dic
     and its trial was wasted."""
     budget = ctx.budget.ratio
     if ctx.cfg.start == "knapsack":
-        ctx.stage("placing the start by latency saliency (Taylor importance per predicted latency)")
-        loader = DataLoader(
-            ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
-        )  # fixed order, no shared RNG
-        place = partial(
-            knapsack_widths, ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict
-        )
+        place = saliency_placer(ctx, space, cost)
     else:
         place = partial(cost.rescale, space.full())
     widths = place(budget)
@@ -117,6 +113,16 @@ def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dic
         log.info("the start measured %.3f over the budget %.3f; placing it again", ratio, budget)
         widths = place(budget)
     return widths
+
+
+def saliency_placer(ctx, space: WidthSpace, cost: CostModel):
+    """`budget -> widths` by latency saliency: the teacher's Taylor importance (fixed batches) per latency
+    predicted by `cost` at the time of the call (so a refitted cost model places them again)."""
+    ctx.stage("scoring channels by Taylor importance for the latency-saliency widths")
+    loader = DataLoader(
+        ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
+    )  # fixed order, no shared RNG
+    return partial(knapsack_widths, ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict)
 
 
 def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
