@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,39 @@ def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
         out=str(tmp_path / "run"), min_ratio=0.25,
     )  # fmt: skip
     return SearchConfig(**(base | kw))
+
+
+def search_process(out, *extra: str, trials: int = 2, **popen):
+    """`python -m onnxconet search` of the built-in default (this checkout's code) into `out`, in its own process
+    group (a terminal's Ctrl-C reaches the whole group); small and fast: a FLOPs budget, no pretraining, 200
+    training digits, no final fine-tuning."""
+    args = [
+        sys.executable, "-m", "onnxconet", "search", "--budget-on", "flops", "--budget", "0.6",
+        "--trials", str(trials), "--pretrain-epochs", "0", "--final-epochs", "0", "--train-samples", "200",
+        "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.2", "--out", str(out), *extra,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll `condition()` every 0.1 s until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -503,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--label", default=None)
     args = p.parse_args(argv)
     if args.cmd == "serve":
+        # a Ctrl-C in the terminal reaches the whole process group: the search that owns this runner stops it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return serve()
     if args.cmd == "identity":
         print(json.dumps(identity()))
