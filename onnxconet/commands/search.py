@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from onnxconet.errors import Interrupted, OnnxconetError
+from onnxconet.files import RunLock
 from onnxconet.report import write_report
 from onnxconet.search.base import Trial, TrialState
 from onnxconet.search.config import SearchConfig, config_json
@@ -32,15 +33,18 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
     """Run a search end to end and write its directory; returns the result (`to_json()` is result.json).
 
     Raises:
+        OnnxconetError: bad input; another run holds the folder (its pid named).
         Interrupted: Ctrl-C; the message names the last finished trial (the history and checkpoints stay).
     """
     t_start = time.perf_counter()
+    cfg.check()
     try:
-        with build_context(cfg, progress) as ctx:
-            run = search(ctx)
-            result = finish(ctx, run)
-        result.seconds = round(time.perf_counter() - t_start, 1)
-        write_report(result, cfg.out)
+        with RunLock(cfg.out):  # one run writes a folder at a time
+            with build_context(cfg, progress) as ctx:
+                run = search(ctx)
+                result = finish(ctx, run)
+            result.seconds = round(time.perf_counter() - t_start, 1)
+            write_report(result, cfg.out)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(Path(cfg.out))) from None
     return result

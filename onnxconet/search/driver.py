@@ -1,6 +1,7 @@
 """The search loop: history (append-only JSONL, resumable), checkpoints, failure handling, progress.
 
 Directory layout of a run (`--out`):
+    .lock              the pid of the run writing the folder (files.RunLock); empty when none is
     history.jsonl      header line (config, fingerprint) + one line per finished trial
     teacher.pt         the pretrained original (when no --weights were given)
     bank.pt            the full-width weight bank after the last accepted trial
