@@ -3,14 +3,16 @@ run folder's lock (one run writes a folder at a time)."""
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from onnxconet.errors import OnnxconetError
+from onnxconet.errors import OnnxconetError, WriteError
 
 try:
     import fcntl
@@ -21,15 +23,92 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
+def write_error(path: str | os.PathLike, e: OSError) -> WriteError:
+    """The one-line error for a failed write of `path`: the system's reason and what to do about it."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free space"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"make {Path(path).parent} writable"
+    else:
+        fix = "check the disk"
+    return WriteError(f"cannot write {path}: {e.strerror or e}; {fix}")
+
+
+def _write(f, data: bytes) -> None:
+    """All of `data` into the open file `f`, forced to disk: where every run file reaches the disk."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Replace `path` with `data` in one step: readers see the old file or the new one, never a part."""
+    """Replace `path` with `data` in one step: readers see the old file or the new one, never a part.
+
+    Raises:
+        WriteError: the disk is full or the folder read-only (`path` is then untouched).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            _write(f, data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append `record` as one JSON line, forced to disk. A last line that a kill cut short is dealt with first: a
+    whole record missing only its newline gets it, a part of one is dropped.
+
+    Raises:
+        WriteError: the disk is full or the folder read-only; the part of the line written is taken back, so
+            the file holds the lines written before, whole.
+    """
+    path = Path(path)
+    size = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab+") as f:
+            _end_last_line(f)
+            size = f.seek(0, os.SEEK_END)
+            _write(f, (json.dumps(record) + "\n").encode("utf-8"))
+    except OSError as e:
+        if size is not None:
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass  # a resume drops the cut line (above)
+        raise write_error(path, e) from None
+
+
+def _end_last_line(f) -> None:
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    start, pos = 0, end
+    while pos > 0:  # back to the newline before the cut line
+        step = min(1 << 16, pos)
+        pos -= step
+        f.seek(pos)
+        i = f.read(step).rfind(b"\n")
+        if i >= 0:
+            start = pos + i + 1
+            break
+    f.seek(start)
+    try:
+        whole = isinstance(json.loads(f.read()), dict)
+    except ValueError:
+        whole = False
+    if whole:
+        _write(f, b"\n")
+    else:
+        f.truncate(start)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -52,8 +131,11 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if fcntl is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -71,8 +153,12 @@ class RunLock:
                 stale,
             )
         pid = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, pid, 0)
-        os.ftruncate(fd, len(pid))
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as e:
+            os.close(fd)
+            raise write_error(self.path, e) from None
         self._fd = fd
         return self
 

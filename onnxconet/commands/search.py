@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from onnxconet.errors import Interrupted, OnnxconetError
+from onnxconet.errors import Interrupted, OnnxconetError, WriteError
 from onnxconet.files import RunLock
 from onnxconet.report import write_report
 from onnxconet.search.base import Trial, TrialState
@@ -34,6 +34,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
 
     Raises:
         OnnxconetError: bad input; another run holds the folder (its pid named).
+        WriteError: a run file cannot be written (named, with what to do; --resume continues afterwards).
         Interrupted: Ctrl-C; the message names the last finished trial (the history and checkpoints stay).
     """
     t_start = time.perf_counter()
@@ -47,6 +48,8 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
             write_report(result, cfg.out)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(Path(cfg.out))) from None
+    except WriteError as e:  # disk full, read-only: the history and checkpoints written so far stay valid
+        raise WriteError(f"{e} and continue with --resume") from None
     return result
 
 

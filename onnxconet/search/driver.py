@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from onnxconet.errors import OnnxconetError
-from onnxconet.files import atomic_save
+from onnxconet.files import append_jsonl, atomic_save
 from onnxconet.search.base import Objective, Strategy, Trial, TrialState
 from onnxconet.search.evaluate import Evaluator, failed_trial
 from onnxconet.surgery.inherit import WeightBank
@@ -65,11 +64,7 @@ class History:
         return header, trials
 
     def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, record)
 
 
 @dataclass
