@@ -82,7 +82,8 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -101,7 +102,7 @@ def identity() -> dict:
         logical = os.cpu_count() or 1
     return {
         "host": socket.gethostname(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "machine": platform.machine(),
         "system": platform.system(),
         "logical_cpus": logical,
