@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +33,11 @@ def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
     return SearchConfig(**(base | kw))
 
 
-def search_process(out, *extra: str, trials: int = 2, **popen):
+@contextmanager
+def search_process(out, *extra: str, trials: int = 2):
     """`python -m onnxconet search` of the built-in default (this checkout's code) into `out`, in its own process
     group (a terminal's Ctrl-C reaches the whole group); small and fast: a FLOPs budget, no pretraining, 200
-    training digits, no final fine-tuning."""
+    training digits, no final fine-tuning. Yields the Popen; on the way out the group is killed if still running."""
     args = [
         sys.executable, "-m", "onnxconet", "search", "--budget-on", "flops", "--budget", "0.6",
         "--trials", str(trials), "--pretrain-epochs", "0", "--final-epochs", "0", "--train-samples", "200",
@@ -44,19 +47,22 @@ def search_process(out, *extra: str, trials: int = 2, **popen):
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    return subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-        **popen,
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
-    """Poll `condition()` every 0.1 s until it holds; fail the test after `timeout` seconds."""
+    """Poll `condition()` every 0.1 s until it holds; fail the test after `timeout` seconds (a hang guard: on a
+    loaded machine a niced search runs many times slower than alone)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

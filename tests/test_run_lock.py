@@ -22,21 +22,16 @@ def _one_line(r) -> str:
 
 def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
     out = tmp_path / "run"
-    holder = search_process(out, trials=50)  # runs until killed below
-    try:
-        # the history's header is written once the run has exported, loaded data and measured the baseline
-        wait_for(
-            lambda: (out / "history.jsonl").is_file() or holder.poll() is not None, 240, "the holder's run"
-        )
+    with search_process(out, trials=50) as holder:  # runs until killed below
+        # baseline.onnx is written once the run has exported the model and loaded the data
+        wait_for(lambda: (out / "baseline.onnx").is_file() or holder.poll() is not None, 900, "the holder")
         assert holder.poll() is None, holder.communicate()[1]
         for extra in ([], ["--resume"]):
             r = runner.invoke(app, ["search", "--budget-on", "flops", "--out", str(out), *extra])
             assert r.exit_code == 1
             line = _one_line(r)
             assert f"pid {holder.pid}" in line and str(out) in line, line
-    finally:
         os.killpg(holder.pid, signal.SIGKILL)  # killed: its lock file still names it
-        holder.communicate()
     # a bad --data fails right after the lock is taken: the run needs to get no further
     r = runner.invoke(
         app, ["search", "--budget-on", "flops", "--out", str(out), "--resume", "--data", "npz:nope.npz"]

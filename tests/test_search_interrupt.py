@@ -9,6 +9,8 @@ import signal
 
 from tests.conftest import search_process, wait_for
 
+HANG = 900  # seconds: a hang guard (about 90 s for both runs on an idle machine; many times that when loaded)
+
 
 def _trials(out) -> list[dict]:
     path = out / "history.jsonl"
@@ -20,14 +22,10 @@ def _trials(out) -> list[dict]:
 
 def test_ctrl_c_stops_with_one_line_and_resume_continues(tmp_path):
     out = tmp_path / "run"
-    proc = search_process(out)
-    try:
-        wait_for(lambda: _trials(out) or proc.poll() is not None, 240, "the first finished trial")
+    with search_process(out) as proc:
+        wait_for(lambda: _trials(out) or proc.poll() is not None, HANG, "the first finished trial")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=HANG)
     finished = _trials(out)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
@@ -35,8 +33,8 @@ def test_ctrl_c_stops_with_one_line_and_resume_continues(tmp_path):
     line = f"interrupted after trial {finished[-1]['trial']}; continue with --resume"
     assert lines[-1] == line and stderr.count("interrupted") == 1, stderr
 
-    proc = search_process(out, "--resume")
-    stdout, stderr = proc.communicate(timeout=240)
+    with search_process(out, "--resume") as proc:
+        _, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, stderr
     trials = _trials(out)
     assert [t["trial"] for t in trials] == [0, 1]
