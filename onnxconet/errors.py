@@ -31,3 +31,12 @@ class LatencyError(OnnxconetError):
 
 class BudgetError(OnnxconetError):
     """No allowed width configuration can meet the budget."""
+
+
+class WriteError(OnnxconetError):
+    """A file cannot be written (disk full, read-only folder); the message names it and what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where, and how to continue. The CLI prints it and exits 130.
+    A KeyboardInterrupt, so that a caller's own Ctrl-C handling still sees one."""

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import pickle
+import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,8 @@ _TV_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
 }
+# the training-only heads built away above: a state_dict saved with them loads, their keys ignored with a warning
+_TV_AUX = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
 
 
 @dataclass
@@ -97,15 +102,19 @@ def load_model(
     elif weights:
         if loaded.module is None:
             raise ModelSpecError(f"--weights applies to torch models, not to the ONNX file {spec}")
-        load_weights(loaded.module, weights)
+        load_weights(loaded.module, weights, _aux_heads(loaded.spec))
     return loaded
+
+
+def _aux_heads(spec: str) -> tuple[str, ...]:
+    return _TV_AUX.get(spec.split(":", 1)[1], ()) if spec.startswith("torchvision:") else ()
 
 
 def load_pretrained(loaded: LoadedModel) -> None:
     """The library's pretrained weights from its local cache; never downloads (one line says how to get them)."""
     spec = loaded.spec
     if spec.startswith("torchvision:"):
-        load_weights(loaded.module, str(torchvision_cached_weights(spec.split(":", 1)[1])))
+        load_weights(loaded.module, str(torchvision_cached_weights(spec.split(":", 1)[1])), _aux_heads(spec))
     elif spec.startswith("timm:"):
         _timm_pretrained(loaded)
     else:
@@ -158,29 +167,66 @@ def _timm_pretrained(loaded: LoadedModel) -> None:
     loaded.module.load_state_dict(state)
 
 
-def load_weights(module: nn.Module, path: str) -> None:
-    """Load a state_dict file with torch.load(weights_only=True): never unpickles arbitrary objects."""
+def load_weights(module: nn.Module, path: str, aux_heads: tuple[str, ...] = ()) -> None:
+    """Load a state_dict file with torch.load(weights_only=True): never unpickles arbitrary objects.
+
+    Keys of `aux_heads` (top-level module names the model was built without: training-only heads that never reach
+    the exported graph) are ignored with a one-line warning; any other key that does not fit is an error.
+    """
     p = Path(path)
     if not p.is_file():
         raise ModelSpecError(f"--weights {path}: file not found")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ModelSpecError(
-            f"--weights {path}: not a loadable state_dict ({str(e).splitlines()[0][:200]}); "
-            "save it with torch.save(model.state_dict(), path)"
-        ) from None
+    state = _safe_load(p, path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelSpecError(
             f"--weights {path}: expected a state_dict (a dict of tensors), got {type(state).__name__}"
         )
+    own = module.state_dict()
+    unused = [k for k in state if k not in own and str(k).split(".", 1)[0] in aux_heads]
+    if unused:
+        heads = sorted({k.split(".", 1)[0] for k in unused})
+        log.warning(
+            "--weights %s: ignored the %d keys of %s (training-only auxiliary heads: the model is built without "
+            "them and the exported graph does not use them)",
+            path, len(unused), ", ".join(heads),
+        )  # fmt: skip
+        state = {k: v for k, v in state.items() if k not in set(unused)}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
         raise ModelSpecError(f"--weights {path} does not fit the model: {first[0][:300]}") from None
+
+
+def _safe_load(p: Path, path: str):
+    """torch.load(weights_only=True), its refusals in our words: torch's advice on unpickling a refused file
+    (weights_only=False, allow-listing globals) is the wrong advice for a file that may be hostile, and its
+    warnings are not shown on a user error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refused by the safe unpickler, truncated, not a torch file, ...
+        raise _load_error(e, path) from None
+
+
+def _load_error(e: Exception, path: str) -> ModelSpecError:
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        held = f"it holds Python objects that could run code when unpickled ({found.group(1)})" if found else (
+            "it is not a file that loads without running code (a plain pickle?)"
+        )  # fmt: skip
+        return ModelSpecError(
+            f"--weights {path} refused: {held}; save only the state_dict: torch.save(model.state_dict(), path)"
+        )
+    said = re.split(r"(?<=\.)\s", text.splitlines()[0])[0] if text else type(e).__name__
+    return ModelSpecError(
+        f"--weights {path}: not a loadable state_dict ({said[:200]}); save it with "
+        "torch.save(model.state_dict(), path)"
+    )
 
 
 def _torchvision(spec: str) -> LoadedModel:

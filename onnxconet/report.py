@@ -21,6 +21,7 @@ the table and the axis always agree), not read from ``result["pareto"]``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -179,6 +180,12 @@ def _full_widths(result: dict) -> dict[str, int]:
 # ---------------------------------------------------------------- figures
 
 
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def _plot_pareto(path: Path, result: dict, trials: list[dict], front: list[int], on: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
@@ -258,7 +265,7 @@ def _plot_pareto(path: Path, result: dict, trials: list[dict], front: list[int],
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
-    fig.savefig(path)
+    atomic_write(path, _png(fig))
 
 
 def _expected_fractions(
@@ -332,7 +339,7 @@ def _plot_widths(path: Path, result: dict) -> bool:
             else:
                 ax.text(0.99, 0.02, f"one line per group ({len(gids)})", transform=ax.transAxes,
                         ha="right", fontsize=8, color="0.4")  # fmt: skip
-    fig.savefig(path)
+    atomic_write(path, _png(fig))
     return True
 
 
@@ -672,6 +679,6 @@ def write_report(result: SearchResult | dict, out_dir: str | Path) -> dict[str, 
     _plot_pareto(paths["pareto"], view, trials, front, on)
     if _plot_widths(out / "widths.png", view):
         paths["widths"] = out / "widths.png"
-    paths["report"].write_text(_markdown(view, trials, front, on, paths), encoding="utf-8")
+    atomic_write(paths["report"], _markdown(view, trials, front, on, paths))
     log.info("report written to %s", paths["report"])
     return paths

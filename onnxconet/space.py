@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxconet.errors import OnnxconetError, SurgeryError
+from onnxconet.files import atomic_write
 from onnxconet.graph.groups import ChannelGraph
 
 FORMAT = "onnxconet-widths/1"
@@ -108,7 +109,7 @@ def save_widths(path: str | Path, widths: Mapping[int, int], cg: ChannelGraph, m
         "fingerprint": cg.fingerprint(),
         "widths": {str(k): int(v) for k, v in sorted(widths.items())},
     }
-    p.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write(p, json.dumps(data, indent=1) + "\n")
 
 
 def load_widths(path: str | Path, cg: ChannelGraph) -> dict[int, int]:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,43 @@ def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
         out=str(tmp_path / "run"), min_ratio=0.25,
     )  # fmt: skip
     return SearchConfig(**(base | kw))
+
+
+@contextmanager
+def search_process(out, *extra: str, trials: int = 2):
+    """`python -m onnxconet search` of the built-in default (this checkout's code) into `out`, in its own process
+    group (a terminal's Ctrl-C reaches the whole group); small and fast: a FLOPs budget, no pretraining, 200
+    training digits, no final fine-tuning. Yields the Popen; on the way out the group is killed if still running."""
+    args = [
+        sys.executable, "-m", "onnxconet", "search", "--budget-on", "flops", "--budget", "0.6",
+        "--trials", str(trials), "--pretrain-epochs", "0", "--final-epochs", "0", "--train-samples", "200",
+        "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.2", "--out", str(out), *extra,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll `condition()` every 0.1 s until it holds; fail the test after `timeout` seconds (a hang guard: on a
+    loaded machine a niced search runs many times slower than alone)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

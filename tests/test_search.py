@@ -116,6 +116,17 @@ def test_search_end_to_end_and_resume_after_kill(tmp_path, npz_data, monkeypatch
     assert 0 <= best["accuracy"] <= 1 and res["baseline"]["accuracy"] > 0.35  # chance is 0.2
     assert set(res) >= {"config", "baseline", "best", "trials", "pareto"}
     assert json.loads((out / "result.json").read_text())["best"]["trial"] == best["trial"]
+    # provenance: the code that produced it, where it was measured (tests/test_provenance.py: the versions)
+    from tests.test_provenance import running_versions
+
+    prov = res["provenance"]
+    assert {k: prov[k] for k in running_versions()} == running_versions()
+    assert prov["provider"] == "CPUExecutionProvider" == best["latency"]["provider"]
+    assert prov["threads"] == 1 and prov["cpu"]
+    meta = {p.key: p.value for p in onnx.load(out / "best.onnx").metadata_props}
+    assert {k: meta[f"onnxconet.provenance.{k}"] for k in prov if prov[k] is not None} == {
+        k: str(v) for k, v in prov.items() if v is not None
+    }
 
 
 def test_search_cli_smoke_latency_budget(tmp_path, npz_data):

@@ -99,8 +99,8 @@ def _run(fn, *args, **kwargs):
             raise
         err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+    except KeyboardInterrupt as e:  # Ctrl-C: the library's Interrupted says where it stopped
+        err.print(str(e) or "interrupted", style="yellow", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as e:  # noqa: BLE001 - unexpected: still one line unless --debug
         if _state["debug"]:

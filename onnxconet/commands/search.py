@@ -12,14 +12,16 @@ The run, in the order it happens (each step is a library function taking the run
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from onnxconet.errors import OnnxconetError
+from onnxconet.errors import Interrupted, OnnxconetError, WriteError
+from onnxconet.files import RunLock
 from onnxconet.report import write_report
 from onnxconet.search.base import Trial, TrialState
 from onnxconet.search.config import SearchConfig, config_json
 from onnxconet.search.context import Progress, RunContext, build_context
 from onnxconet.search.cost import CostModel
-from onnxconet.search.driver import Loop, restore_bank
+from onnxconet.search.driver import History, Loop, restore_bank
 from onnxconet.search.finish import SearchRun, finish
 from onnxconet.search.results import SearchResult
 from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
@@ -28,13 +30,26 @@ __all__ = ["SearchConfig", "run_search"]
 
 
 def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
-    """Run a search end to end and write its directory; returns the result (`to_json()` is result.json)."""
+    """Run a search end to end and write its directory; returns the result (`to_json()` is result.json).
+
+    Raises:
+        OnnxconetError: bad input; another run holds the folder (its pid named).
+        WriteError: a run file cannot be written (named, with what to do; --resume continues afterwards).
+        Interrupted: Ctrl-C; the message names the last finished trial (the history and checkpoints stay).
+    """
     t_start = time.perf_counter()
-    with build_context(cfg, progress) as ctx:
-        run = search(ctx)
-        result = finish(ctx, run)
-    result.seconds = round(time.perf_counter() - t_start, 1)
-    write_report(result, cfg.out)
+    cfg.check()
+    try:
+        with RunLock(cfg.out):  # one run writes a folder at a time
+            with build_context(cfg, progress) as ctx:
+                run = search(ctx)
+                result = finish(ctx, run)
+            result.seconds = round(time.perf_counter() - t_start, 1)
+            write_report(result, cfg.out)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(Path(cfg.out))) from None
+    except WriteError as e:  # disk full, read-only: the history and checkpoints written so far stay valid
+        raise WriteError(f"{e} and continue with --resume") from None
     return result
 
 
@@ -61,6 +76,14 @@ def search(ctx: RunContext) -> SearchRun:
     ctx.stage(f"searching: {ctx.cfg.trials} trials of {ctx.cfg.strategy}")
     loop.run()
     return SearchRun(loop, setup)
+
+
+def _interrupted(out: Path) -> str:
+    """The line a Ctrl-C ends the run with: where it stopped (the history's last trial) and how to continue."""
+    history = History(out / "history.jsonl")
+    trials = history.read()[1] if history.exists() else []
+    where = f"after trial {trials[-1]['trial']}" if trials else "before the first trial finished"
+    return f"interrupted {where}; continue with --resume"
 
 
 def _observer(cost: CostModel):

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxconet.errors import GraphError
+from onnxconet.files import atomic_write, write_error
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +333,14 @@ def save_onnx(model: onnx.ModelProto, path: str) -> None:
     from pathlib import Path
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     size = sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
-    if size > 1_500_000_000:
+    if size <= 1_500_000_000:
+        atomic_write(p, model.SerializeToString())  # WriteError: disk full, read-only folder
+        return
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(
             model, str(p), save_as_external_data=True, all_tensors_to_one_file=True, location=p.name + ".data"
         )
-    else:
-        onnx.save(model, str(p))
+    except OSError as e:
+        raise write_error(p, e) from None

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -81,7 +82,8 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -100,7 +102,7 @@ def identity() -> dict:
         logical = os.cpu_count() or 1
     return {
         "host": socket.gethostname(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "machine": platform.machine(),
         "system": platform.system(),
         "logical_cpus": logical,
@@ -503,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--label", default=None)
     args = p.parse_args(argv)
     if args.cmd == "serve":
+        # a Ctrl-C in the terminal reaches the whole process group: the search that owns this runner stops it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return serve()
     if args.cmd == "identity":
         print(json.dumps(identity()))

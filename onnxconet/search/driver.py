@@ -1,6 +1,7 @@
 """The search loop: history (append-only JSONL, resumable), checkpoints, failure handling, progress.
 
 Directory layout of a run (`--out`):
+    .lock              the pid of the run writing the folder (files.RunLock); empty when none is
     history.jsonl      header line (config, fingerprint) + one line per finished trial
     teacher.pt         the pretrained original (when no --weights were given)
     bank.pt            the full-width weight bank after the last accepted trial
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from onnxconet.errors import OnnxconetError
-from onnxconet.files import atomic_save
+from onnxconet.files import append_jsonl, atomic_save
 from onnxconet.search.base import Objective, Strategy, Trial, TrialState
 from onnxconet.search.evaluate import Evaluator, failed_trial
 from onnxconet.surgery.inherit import WeightBank
@@ -61,11 +64,7 @@ class History:
         return header, trials
 
     def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, record)
 
 
 @dataclass
@@ -117,6 +116,27 @@ class Loop:
         if records:
             self._emit("stage", {"text": f"resumed after {len(records)} finished trials"})
 
+    def _record(self, n: int, widths, trial: Trial, model, slices, absorb: bool) -> dict:
+        """Tell the strategy a finished trial; write best_candidate.pt (a new best), its history line, bank.pt (an
+        accepted trial, absorbed into the bank)."""
+        if self.on_observe:
+            self.on_observe(trial)
+        facts = self.strategy.tell(trial)
+        is_best = self._consider_best(trial)
+        if is_best and model is not None:
+            keep = self.evaluator.cg.keep_mask(widths, self.evaluator.bank.scores(self.evaluator.cg))
+            atomic_save(
+                {"trial": n, "state": model.state_dict(), "keep": torch.from_numpy(keep)},
+                self.out / "best_candidate.pt",
+            )
+        rec = {"kind": "trial", **trial.to_json(), **facts}
+        self.history.append(rec)
+        self.records.append(rec)
+        if facts.get("accepted") and absorb and model is not None:
+            self.evaluator.bank.absorb(slices, model)
+            atomic_save(self.evaluator.bank.state_dict(), self.out / "bank.pt")
+        return rec
+
     def run(self) -> None:
         absorb = self.absorb and self.strategy.absorb
         for n in range(len(self.records), self.trials):
@@ -130,22 +150,8 @@ class Loop:
                 trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
             except Exception as e:  # noqa: BLE001 - a failing candidate must not end the search
                 trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
-            if self.on_observe:
-                self.on_observe(trial)
-            facts = self.strategy.tell(trial)
-            is_best = self._consider_best(trial)
-            if is_best and model is not None:
-                keep = self.evaluator.cg.keep_mask(widths, self.evaluator.bank.scores(self.evaluator.cg))
-                atomic_save(
-                    {"trial": n, "state": model.state_dict(), "keep": torch.from_numpy(keep)},
-                    self.out / "best_candidate.pt",
-                )
-            rec = {"kind": "trial", **trial.to_json(), **facts}
-            self.history.append(rec)
-            self.records.append(rec)
-            if facts.get("accepted") and absorb and model is not None:
-                self.evaluator.bank.absorb(slices, model)
-                atomic_save(self.evaluator.bank.state_dict(), self.out / "bank.pt")
+            with ctrl_c_after():  # Ctrl-C waits for the trial's checkpoint, history line and bank.pt
+                rec = self._record(n, widths, trial, model, slices, absorb)
             self._emit(
                 "trial_end",
                 {
@@ -154,6 +160,23 @@ class Loop:
                     "best_accuracy": self.best.accuracy if self.best else None,
                 },
             )
+
+
+@contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Ctrl-C (SIGINT) during the block takes effect when it ends: a resumed run then finds a history that
+    agrees with the checkpoints. Outside the main thread (no signal handlers there) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
 
 
 def load_checkpoint(path: Path) -> dict | None:

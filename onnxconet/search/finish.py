@@ -18,6 +18,8 @@ from onnxconet.errors import OnnxconetError, SurgeryError
 from onnxconet.files import atomic_write
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.graph.stats import count_flops, count_params
+from onnxconet.latency.runner import cpu_model
+from onnxconet.provenance import code_versions
 from onnxconet.search.base import Setup, Trial, TrialState
 from onnxconet.search.config import config_json
 from onnxconet.search.driver import Loop, keep_of, load_checkpoint
@@ -250,10 +252,19 @@ def write_best(ctx, run: SearchRun, trial: Trial, keep: np.ndarray, model: nn.Mo
         "onnxconet.latency_ms": f"{latency.by_threads[str(latency.threads)]['best_ms']:.4f}",
         "onnxconet.baseline_latency_ms": f"{latency.by_threads[str(latency.threads)]['baseline_ms']:.4f}",
         "onnxconet.latency_measured": latency.how,
+        **{
+            f"onnxconet.provenance.{name}": str(v) for name, v in provenance(latency).items() if v is not None
+        },
     }.items():
         proto.metadata_props.add(key=k, value=v)
     atomic_write(path, proto.SerializeToString())  # the same graph, now with its latency as deployed
     return _record(ctx, run, trial, keep, latency, (abs_diff, rel_diff))
+
+
+def provenance(latency: DeployedLatency) -> dict:
+    """Which code produced the result (`provenance.code_versions`) and where its latency was measured: the
+    execution provider onnxruntime really used, the intra-op threads, the CPU."""
+    return {**code_versions(), "provider": latency.provider, "threads": latency.threads, "cpu": cpu_model()}
 
 
 def _base_shape(ctx) -> tuple[int, ...]:
@@ -341,6 +352,7 @@ def _result(ctx, run: SearchRun, best: BestRecord) -> SearchResult:
         host=f"{socket.gethostname()} ({platform.processor() or platform.machine()}, "
         f"{target.resolved_threads} threads)",
         deployment=target.describe(),
+        provenance=provenance(best.latency),
         resolution=res.size if res is not None else None,
         input_shape=list(res.input_shape(_base_shape(ctx))) if res is not None else None,
         extra=run.loop.strategy.summary(),

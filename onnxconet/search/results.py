@@ -106,6 +106,8 @@ class SearchResult:
     seconds: float | None = None
     resolution: int | None = None
     input_shape: list[int] | None = None
+    # which code produced it and where it was measured (search.finish.provenance)
+    provenance: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -123,6 +125,7 @@ class SearchResult:
             "host": self.host,
             "deployment": self.deployment,
             "seconds": self.seconds,
+            "provenance": self.provenance,
         }
         if self.resolution is not None:
             d |= {"resolution": self.resolution, "input_shape": self.input_shape}
