@@ -148,6 +148,11 @@ def test_refit_on_search_measurements_beats_one_global_factor(r20, tmp_path):
     y = truth(new)
     err = lambda cm: np.median(np.abs([cm.predict(w) for w in new] - y) / y)  # noqa: E731
     assert err(refitted) < 0.6 * err(scaled), (err(refitted), err(scaled))  # measured: 0.014 vs 0.028
+    # a point measured again and again pins the prediction there, whatever the probes far away say
+    w = new[0]
+    for _ in range(3):
+        refitted.observe(0.0, 1.05 * truth([w])[0], w)
+    assert refitted.predict(w) == pytest.approx(1.05 * truth([w])[0], rel=0.01)
 
 
 @pytest.mark.parametrize("which", ["mix", "r20"])

@@ -87,7 +87,9 @@ def make_strategy(ctx, space: WidthSpace, cost: CostModel) -> Strategy:
             epochs_per_trial=cfg.epochs_per_trial,
         )  # fmt: skip
     if cfg.strategy == "knapsack":
-        return KnapsackStrategy(space, objective, cost, saliency_placer(ctx, space, cost), seed=cfg.seed)
+        place = saliency_placer(ctx, space, cost)
+        measured_placement(ctx, place, cost, tries=5)  # the first trial lands on the budget as measured
+        return KnapsackStrategy(space, objective, cost, place, seed=cfg.seed)
     kinds = {"random": RandomStrategy, "scratch": ScratchStrategy, "l1": L1Strategy}
     return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
 
@@ -97,11 +99,19 @@ def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dic
     latency budget the start is measured (in-loop) before any training and placed again with the corrected cost
     model while it measures over the budget: on Fashion-MNIST the knapsack start predicted at 0.300 measured 0.351
     and its trial was wasted."""
-    budget = ctx.budget.ratio
     if ctx.cfg.start == "knapsack":
         place = saliency_placer(ctx, space, cost)
     else:
         place = partial(cost.rescale, space.full())
+    return measured_placement(ctx, place, cost, tries)
+
+
+def measured_placement(ctx, place, cost: CostModel, tries: int) -> dict[int, int]:
+    """`place(budget)`, measured in-loop before any training and placed again on the refitted cost model while it
+    measures over the budget (at most `tries` measurements; without a latency budget, placed once). The knapsack
+    exploits the predictor's errors: on Fashion-MNIST it filled the third stage, predicted cheap, and the three
+    trials of one run measured 0.313, 0.307, 0.303 at a 0.3 budget; measurements are cheap, trials are not."""
+    budget = ctx.budget.ratio
     widths = place(budget)
     if ctx.cfg.budget_on != "latency":
         return widths
