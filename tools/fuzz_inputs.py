@@ -1120,7 +1120,7 @@ class Limits:
         t0 = time.perf_counter()
         _, cpu0 = _session_stats(sid)
         peak, used = 0, 0.0
-        while not done(0.25):
+        while not done(1.0):  # the answer ends the wait at once; /proc is read once a second (cheap)
             rss, cpu = _session_stats(sid)
             peak, used = max(peak, rss), max(used, cpu - cpu0)
             problem = None
@@ -1156,12 +1156,15 @@ class SubprocessRunner:
             status: dict = {}
 
             def done(wait: float) -> bool:
-                pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    status.update(code=os.waitstatus_to_exitcode(st), ru=ru)
-                    return True
-                time.sleep(wait)
-                return False
+                end = time.perf_counter() + wait
+                while True:
+                    pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        status.update(code=os.waitstatus_to_exitcode(st), ru=ru)
+                        return True
+                    if time.perf_counter() >= end:
+                        return False
+                    time.sleep(0.05)
 
             problems, peak, cpu = self.limits.watch(proc.pid, done)
             if not status:
