@@ -140,6 +140,7 @@ class Graph:
     outputs: list[str] = field(default_factory=list)
     _consts: dict[str, np.ndarray | None] = field(default_factory=dict)
     _inferred: bool = False
+    source: str = "<model>"  # the file or spec, for messages
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, source: str = "<model>") -> Graph:
@@ -147,7 +148,7 @@ class Graph:
         if not g.node:
             raise GraphError(f"{source}: the ONNX graph has no nodes; re-export the model")
         shapes = _collect_shapes(model)
-        view = cls(model=model, shapes=shapes)
+        view = cls(model=model, shapes=shapes, source=source)
         view.initializers = {t.name: t for t in g.initializer}
         for t in g.initializer:
             _check_tensor(t, f"{source}: initializer '{t.name}'")
@@ -375,7 +376,8 @@ def _collect_shapes(model: onnx.ModelProto) -> dict[str, Shape | None]:
             continue
         dims = []
         for d in tt.shape.dim:
-            dims.append(int(d.dim_value) if d.HasField("dim_value") else None)
+            # a negative dim_value is invalid ONNX, written by some tools for "unknown": read it as unknown
+            dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value >= 0 else None)
         out[vi.name] = tuple(dims)
     return out
 
