@@ -116,3 +116,22 @@ def test_profile_unreadable_onnx_is_one_error(tmp_path):
     path = tmp_path / "cut.onnx"
     path.write_bytes(data[: len(data) // 2])
     one_error(["profile", str(path), "--provider", "cpu", "--threads", "1", "--seconds", "0.05"], str(path))
+
+
+def test_huge_declared_channel_count_is_refused_not_allocated(tmp_path):
+    """The input declares 2**40 channels (run at --input-shape 1,3,8,8): one id per channel would fill the
+    memory; one error naming the file instead (before: internal error MemoryError, or the memory filled)."""
+    m = small_model()
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2**40
+    path = save(m, tmp_path / "channels.onnx")
+    one_error(["inspect", path, "--input-shape", "1,3,8,8"], path, "1099511627776 channels")
+
+
+@pytest.mark.parametrize("axis, value", [(2, 2**40), (0, 2**31), (3, -1)])
+def test_prune_declared_input_shape_that_cannot_run(tmp_path, axis, value):
+    """A declared input of 2**40 rows, 2**31 images or a negative width: one error asking for --input-shape
+    (before: every group frozen with a warning while allocating the input failed, then an internal error)."""
+    m = small_model()
+    m.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = value
+    path = save(m, tmp_path / "shape.onnx")
+    one_error(["prune", path, "--out", str(tmp_path / "p.onnx")], path, "declares shape", "--input-shape")
