@@ -1359,7 +1359,8 @@ def summarize(outcomes: list[Outcome], seconds: float, mode: str, seed: int, arg
         lines.append("")
         lines.append(f"failing cases ({len(failing)}):")
         for o in failing:
-            first = next((ln for ln in o.stderr.splitlines() if ln.strip()), "")
+            lines = [ln.strip() for ln in o.stderr.splitlines() if ln.strip()]
+            first = next((ln for ln in lines if not ln.startswith(PROGRESS)), lines[0] if lines else "")
             lines.append(f"  {o.id} [{o.command}] {o.variant}")
             lines.append(f"      problem: {'; '.join(o.problems)}")
             lines.append(f"      input:   {o.input}")
@@ -1451,7 +1452,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.stop()
     seconds = time.perf_counter() - t_start
     rerun = ["nice", "-n", "19", "python", "tools/fuzz_inputs.py", "--cases", str(args.cases), "--seed",
-             str(args.seed), "--out", str(args.out), "--mode", args.mode, "--timeout", str(args.timeout),
+             str(args.seed), "--out", str(args.out), "--mode", args.mode, "--timeout", str(args.timeout), "--wall-timeout", str(args.wall_timeout),
              "--rss-mb", str(args.rss_mb)]  # fmt: skip
     if args.classes:
         rerun += ["--classes", args.classes]
