@@ -84,7 +84,7 @@ def load_model(
     elif spec.startswith("timm:"):
         loaded = _timm(spec)
     elif spec.lower().endswith(".onnx"):
-        loaded = _onnx_file(spec)
+        loaded = _onnx_file(spec, input_shape)
     elif ".py" in spec:
         loaded = _python_file(spec)
     else:
@@ -304,7 +304,10 @@ def _python_file(spec: str) -> LoadedModel:
     return LoadedModel(spec, f"{path.stem}:{factory}", model.eval(), tuple(int(d) for d in shape))
 
 
-def _onnx_file(spec: str) -> LoadedModel:
+_MAX_INPUT_VALUES = 1 << 31  # a declared ONNX input larger than this (8 GiB of float32) is a damaged shape
+
+
+def _onnx_file(spec: str, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
     from onnxconet.graph.ir import load_onnx
 
     p = Path(spec)
@@ -313,4 +316,14 @@ def _onnx_file(spec: str) -> LoadedModel:
     model = load_onnx(str(p))
     inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     dims = tuple(d.dim_value or 1 for d in inp[0].type.tensor_type.shape.dim) if inp else ()
+    if input_shape is None and inp:  # prune and the checks allocate an input of this shape
+        values = 1
+        for d in dims:
+            values *= d
+        if any(d < 1 for d in dims) or values > _MAX_INPUT_VALUES:
+            raise InputShapeError(
+                f"{spec}: input '{inp[0].name}' declares shape {dims}"
+                + (f" ({values} values)" if values > _MAX_INPUT_VALUES else "")
+                + ", not an input that can be run; pass --input-shape N,C,H,W (or fix the file)"
+            )
     return LoadedModel(spec, p.stem, None, dims, onnx_path=str(p))

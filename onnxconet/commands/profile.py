@@ -35,6 +35,7 @@ class _Timed:
     input_shape: tuple[int, ...] | None
     cg: ChannelGraph | None = None
     full: bytes | None = None  # the unsliced export of a model spec (compare reuses it for the same spec)
+    note: str | None = None  # why FLOPs/params are missing: a warning, shown only when the timing works
 
 
 def _is_onnx(spec: str) -> bool:
@@ -77,15 +78,17 @@ def _load(
         if weights:
             raise ModelSpecError(f"--weights applies to torch models, not to the ONNX file {spec}")
         if widths is None:
-            flops = params = None
-            try:  # FLOPs/params need the channel graph; timing does not
-                from onnxconet.graph.ir import load_onnx
+            from onnxconet.graph.ir import load_onnx
 
-                cg = ChannelGraph(load_onnx(str(path)), spec)
+            model = load_onnx(str(path))  # a file onnx cannot read, onnxruntime cannot either: one error
+            flops = params = None
+            note = None
+            try:  # FLOPs/params need the channel graph; timing does not
+                cg = ChannelGraph(model, spec)
                 flops, params = _graph_counts(cg)
             except OnnxconetError as e:
-                log.warning("%s: FLOPs and params not counted (%s)", spec, e)
-            return _Timed(spec, str(path), flops, params, input_shape)
+                note = f"{spec}: FLOPs and params not counted ({e})"  # warned once the timing succeeded
+            return _Timed(spec, str(path), flops, params, input_shape, note=note)
         status(f"reading the channel groups of {spec}…")
         prep = prepare(spec)
     else:
@@ -179,6 +182,8 @@ def profile_model(req: ProfileRequest, status: Callable[[str], None] | None = No
     timed = _load(spec, weights=req.weights, batch=b, input_shape=shape, widths=req.widths, status=status)
     status(f"timing {spec} on onnxruntime ({req.provider})…")
     stats = measure(timed.source, tgt, max_seconds=req.max_seconds)
+    if timed.note:
+        log.warning("%s", timed.note)
     out = {
         "target": spec, "provider": stats.provider, "requested": req.provider, "fallback": stats.fallback,
         "median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms, "mean_ms": stats.mean_ms,
@@ -221,6 +226,8 @@ def _compare(req: ProfileRequest, timed: _Timed, stats, status) -> dict:
         rel = measure_isolated(timed.source, other.source, pinned, pairs=req.pairs, seconds=req.max_seconds)
     else:
         rel = measure_relative(timed.source, other.source, pinned, max_seconds=req.max_seconds)
+    if other.note:
+        log.warning("%s", other.note)
     return {
         "ratio": rel.ratio, "ratio_p10": rel.ratio_p10, "ratio_p90": rel.ratio_p90, "ratios": rel.ratios,
         "method": rel.method, "load": rel.load, "disturbed": rel.disturbed,

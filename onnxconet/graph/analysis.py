@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxconet.errors import GraphError
 from onnxconet.graph.chanmap import ChanMap, UnionFind
 from onnxconet.graph.ir import Graph, Node
 from onnxconet.graph.rules import RULES
 
 log = logging.getLogger(__name__)
 
+MAX_CHANNELS = 1 << 20  # channels of one tensor: far more than any CNN layer has
 _ALIAS_OPS = ("Identity", "Cast", "CastLike")
 _RESHAPE_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
 
@@ -68,6 +70,12 @@ class Analyzer:
         self.maps[name] = cmap
 
     def new_source(self, node: Node | None, n: int, frozen: str | None = None, name: str = "") -> np.ndarray:
+        if not 0 <= int(n) <= MAX_CHANNELS:  # every channel gets an id: a damaged dim would fill the memory
+            what = node.describe() if node else f"graph input '{name}'"
+            raise GraphError(
+                f"{self.g.source}: {what} would have {int(n)} channels by the shapes the file declares (at most "
+                f"{MAX_CHANNELS} are analysed); the file is damaged or declares a wrong shape, re-export the model"
+            )
         ids = self.uf.add(int(n))
         self.sources.append(
             Source(

@@ -59,8 +59,67 @@ def _scope(node: onnx.NodeProto) -> str:
     return ""
 
 
+_T = onnx.TensorProto
+# element types narrower than a byte, packed: their bits per element
+_PACKED = {
+    getattr(_T, n): bits
+    for n, bits in (
+        ("INT4", 4),
+        ("UINT4", 4),
+        ("FLOAT4E2M1", 4),
+        ("INT2", 2),
+        ("UINT2", 2),
+        ("FLOAT6E2M3", 6),
+        ("FLOAT6E3M2", 6),
+    )
+    if hasattr(_T, n)
+}
+_COMPLEX = {_T.COMPLEX64, _T.COMPLEX128}
+
+
+def _check_tensor(t: onnx.TensorProto, where: str) -> None:
+    """A tensor's element type is known and its data holds as many values as its dims say (external data
+    already loaded); raises GraphError naming it otherwise. Reads sizes only: nothing is allocated, so a
+    damaged header declaring 2**62 values costs nothing."""
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise GraphError(f"{where} has negative dims {dims}; the file is damaged, re-export the model")
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:  # noqa: BLE001 - KeyError for an unknown type code
+        raise GraphError(
+            f"{where} has an unknown element type (code {t.data_type}); the file is damaged, re-export the model"
+        ) from None
+    if t.data_type == _T.STRING or t.data_location == _T.EXTERNAL or t.HasField("segment"):
+        return
+    n = 1
+    for d in dims:
+        n *= d
+    typed = max(
+        len(t.float_data), len(t.double_data), len(t.int32_data), len(t.int64_data), len(t.uint64_data)
+    )
+    if t.raw_data:
+        bits = _PACKED.get(t.data_type)
+        have, want, unit = len(t.raw_data), (n * bits + 7) // 8 if bits else n * itemsize, "bytes"
+    elif t.data_type in _PACKED:
+        return  # packed differently per type in the typed fields
+    else:
+        have, want, unit = typed, 2 * n if t.data_type in _COMPLEX else n, "values"
+    if have != want:
+        raise GraphError(
+            f"{where} declares dims {dims} of {onnx.helper.tensor_dtype_to_string(t.data_type)} ({want} {unit}) "
+            f"but holds {have} {unit}; the file is damaged or truncated, re-export the model"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
+
+
 def _attr_value(a: onnx.AttributeProto):
     if a.type == onnx.AttributeProto.TENSOR:
+        _check_tensor(a.t, f"tensor attribute '{a.name}'")
         return numpy_helper.to_array(a.t)
     if a.type == onnx.AttributeProto.GRAPH or a.type == onnx.AttributeProto.GRAPHS:
         return a  # subgraphs are not analysed; ops that carry them are unknown ops
@@ -82,6 +141,7 @@ class Graph:
     outputs: list[str] = field(default_factory=list)
     _consts: dict[str, np.ndarray | None] = field(default_factory=dict)
     _inferred: bool = False
+    source: str = "<model>"  # the file or spec, for messages
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, source: str = "<model>") -> Graph:
@@ -89,17 +149,28 @@ class Graph:
         if not g.node:
             raise GraphError(f"{source}: the ONNX graph has no nodes; re-export the model")
         shapes = _collect_shapes(model)
-        view = cls(model=model, shapes=shapes)
+        view = cls(model=model, shapes=shapes, source=source)
         view.initializers = {t.name: t for t in g.initializer}
         for t in g.initializer:
+            _check_tensor(t, f"{source}: initializer '{t.name}'")
             view.shapes[t.name] = tuple(int(d) for d in t.dims)
         for node in g.node:
+            name = node.name or f"{node.op_type}_{len(view.nodes)}"
+            try:
+                attrs = {a.name: _attr_value(a) for a in node.attribute}
+            except GraphError as e:
+                raise GraphError(f"{source}: node '{name}' ({node.op_type}): {e}") from None
+            except Exception as e:  # noqa: BLE001 - onnx raises many types on a damaged attribute
+                raise GraphError(
+                    f"{source}: node '{name}' ({node.op_type}) has an unreadable attribute ({_first_line(e)}); "
+                    "the file is damaged, re-export the model"
+                ) from None
             n = Node(
-                name=node.name or f"{node.op_type}_{len(view.nodes)}",
+                name=name,
                 op=node.op_type,
                 inputs=list(node.input),
                 outputs=list(node.output),
-                attrs={a.name: _attr_value(a) for a in node.attribute},
+                attrs=attrs,
                 scope=_scope(node),
                 domain=node.domain,
             )
@@ -306,7 +377,8 @@ def _collect_shapes(model: onnx.ModelProto) -> dict[str, Shape | None]:
             continue
         dims = []
         for d in tt.shape.dim:
-            dims.append(int(d.dim_value) if d.HasField("dim_value") else None)
+            # a negative dim_value is invalid ONNX, written by some tools for "unknown": read it as unknown
+            dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value >= 0 else None)
         out[vi.name] = tuple(dims)
     return out
 

@@ -8,10 +8,12 @@ not hold through ops that normalize across channels, e.g. ConvNeXt's LayerNorm o
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import torch
 
+from onnxconet.errors import GraphError
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.prepare import Prepared
 from onnxconet.surgery.onnx import slice_onnx
@@ -48,6 +50,7 @@ def freeze_failing(prep: Prepared, widths: dict[int, int]) -> list[int]:
     cg: ChannelGraph = prep.graph
     if check_plan(prep, cg.keep_mask(widths)) is None:
         return []
+    check_runs(prep)  # a model that fails unpruned is one error, not every group frozen with a warning
     frozen = []
     with torch.no_grad():
         for gid, w in sorted(widths.items()):
@@ -61,6 +64,28 @@ def freeze_failing(prep: Prepared, widths: dict[int, int]) -> list[int]:
                 frozen.append(gid)
                 log.warning("group %d (%s) frozen: %s", gid, ", ".join(g.modules[:2]), why)
     return frozen
+
+
+def check_runs(prep: Prepared, seed: int = 0) -> None:
+    """Raise GraphError with one line when onnxruntime cannot run the model as it is on its input shape."""
+    graph, shape = prep.graph.graph, tuple(prep.loaded.input_shape)
+    if len(graph.inputs) != 1:
+        raise GraphError(
+            f"{prep.loaded.spec}: the model has {len(graph.inputs)} inputs ({', '.join(graph.inputs[:4]) or 'none'}); "
+            "pruning checks it on one image input: export it with a single input"
+        )
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    try:
+        onnx_outputs(prep.loaded.onnx_path or prep.onnx_model.SerializeToString(), x)
+    except Exception as e:  # noqa: BLE001
+        why = re.sub(
+            r"Load model from .* failed: ?", "", str(e).strip().splitlines()[0] if str(e).strip() else ""
+        )
+        raise GraphError(
+            f"{prep.loaded.spec}: onnxruntime cannot run the model itself, before any pruning, on input shape "
+            f"{shape} ({why[:300] or type(e).__name__}); fix the model or re-export it, or pass the right "
+            "--input-shape"
+        ) from None
 
 
 def _first(e: BaseException) -> str:
