@@ -160,38 +160,11 @@ class Bases:
         return export_onnx(load_model(spec).module, shape, name=spec)
 
     def _built(self):
-        """Conv-Relu-Conv-Add(residual)-GlobalAveragePool-Flatten-Gemm, opset 20, by hand."""
-        from onnx import TensorProto, helper, numpy_helper
+        """Conv-Relu-Conv-Add(residual)-GlobalAveragePool-Flatten-Gemm, opset 20, by hand (tests/onnx_builders.py)."""
+        sys.path.insert(0, str(ROOT))
+        from tests.onnx_builders import small_residual
 
-        np = self.np
-        rng = np.random.default_rng(0)
-
-        def init(name, *shape):
-            return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-
-        inits = [
-            init("conv1.weight", 8, 3, 3, 3), init("conv1.bias", 8), init("conv2.weight", 8, 8, 3, 3),
-            init("conv2.bias", 8), init("fc.weight", 4, 8), init("fc.bias", 4),
-        ]  # fmt: skip
-        nodes = [
-            helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1] * 4),
-            helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-            helper.make_node(
-                "Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", pads=[1] * 4
-            ),
-            helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
-            helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
-            helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-            helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc", transB=1),
-        ]
-        graph = helper.make_graph(
-            nodes,
-            "built",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-            inits,
-        )
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+        return small_residual()
 
     def load(self, name: str):
         return self.onnx.load(str(self.onnx_files[name]))
