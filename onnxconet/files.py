@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from onnxconet import faults
 from onnxconet.errors import OnnxconetError, WriteError
 
 try:
@@ -35,7 +36,15 @@ def write_error(path: str | os.PathLike, e: OSError) -> WriteError:
 
 
 def _write(f, data: bytes) -> None:
-    """All of `data` into the open file `f`, forced to disk: where every run file reaches the disk."""
+    """All of `data` into the open file `f`, forced to disk: where every run file reaches the disk. With faults on
+    (onnxconet/faults.py) the first half reaches the disk before the failpoint "write:<file>", the rest after."""
+    if faults.active() and len(data) > 1:
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        os.fsync(f.fileno())
+        faults.point(f"write:{Path(f.name).name.removesuffix('.tmp')}")
+        data = data[half:]
     f.write(data)
     f.flush()
     os.fsync(f.fileno())
@@ -57,6 +66,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from None
+
+
+def remove_partial_writes(folder: str | os.PathLike) -> None:
+    """Delete what `atomic_write` of a killed run left beside its files (FILE.tmp: never read, never complete)."""
+    for tmp in Path(folder).glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

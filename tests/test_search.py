@@ -235,7 +235,7 @@ def test_trials_are_paired_when_the_search_only_ranks_widths(tmp_path, npz_data,
         assert accs == [accs[0]] * 3 and metrics == [metrics[0]] * 3
         assert not (tmp_path / "run" / "bank.pt").exists()
     else:
-        bank = torch.load(tmp_path / "run" / "bank.pt", weights_only=True)
+        bank = torch.load(tmp_path / "run" / "bank.pt", weights_only=True)["bank"]
         teacher = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)
         assert any(not torch.equal(v, teacher[k]) for k, v in bank.items() if k in teacher)  # training kept
     l1 = run_search(

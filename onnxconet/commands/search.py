@@ -14,8 +14,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from onnxconet import faults
 from onnxconet.errors import Interrupted, OnnxconetError, WriteError
-from onnxconet.files import RunLock
+from onnxconet.files import RunLock, remove_partial_writes
 from onnxconet.report import write_report
 from onnxconet.search.base import Trial, TrialState
 from onnxconet.search.config import SearchConfig, config_json
@@ -41,11 +42,17 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
     cfg.check()
     try:
         with RunLock(cfg.out):  # one run writes a folder at a time
+            if cfg.resume:
+                remove_partial_writes(cfg.out)
             with build_context(cfg, progress) as ctx:
+                faults.point("context built")
                 run = search(ctx)
-                result = finish(ctx, run)
+                with faults.phase("finish"):
+                    result = finish(ctx, run)
             result.seconds = round(time.perf_counter() - t_start, 1)
-            write_report(result, cfg.out)
+            with faults.phase("report"):
+                write_report(result, cfg.out)
+                faults.point("report written")
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(Path(cfg.out))) from None
     except WriteError as e:  # disk full, read-only: the history and checkpoints written so far stay valid
@@ -71,7 +78,7 @@ def search(ctx: RunContext) -> SearchRun:
     if setup.resolution is not None:  # the rest of the run works at the searched input resolution
         evaluator.at_resolution(setup.resolution)
     loop.replay(records)
-    if records and restore_bank(evaluator.bank, ctx.out):
+    if records and restore_bank(evaluator.bank, ctx.out, records):
         ctx.stage("weight bank restored")
     ctx.stage(f"searching: {ctx.cfg.trials} trials of {ctx.cfg.strategy}")
     loop.run()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from onnxconet import faults
 from onnxconet.data import load_data, make_loaders
 from onnxconet.errors import OnnxconetError
 from onnxconet.graph.groups import ChannelGraph
@@ -111,6 +112,7 @@ def build_context(cfg: SearchConfig, progress: Progress | None = None) -> RunCon
             "not an ONNX file"
         )
     resolutions = graphs_at(prep, cfg.resolutions) if cfg.resolutions else None  # fails before any training
+    faults.point("exported")
     loaders = _loaders(cfg, prep)
     tcfg = TrainConfig(
         epochs=cfg.epochs_per_trial, lr=cfg.lr, batch_size=cfg.batch_size, alpha=cfg.alpha,
@@ -125,6 +127,7 @@ def build_context(cfg: SearchConfig, progress: Progress | None = None) -> RunCon
         onnx=str(out / "baseline.onnx"),
     )
     save_onnx(onnx_with_weights(prep.onnx_model, teacher.state_dict()), baseline.onnx)
+    faults.point("baseline.onnx written")
     target = cfg.target()
     judge = LatencyJudge(baseline.onnx, target, cfg.latency_seconds)
     try:
@@ -167,13 +170,15 @@ def _teacher(
         return teacher.eval()
     if cfg.pretrain_epochs > 0:
         stage(f"pretraining the original for {cfg.pretrain_epochs} epochs (no --weights given)")
-        fit(
-            teacher,
-            loaders.train,
-            replace(tcfg, epochs=cfg.pretrain_epochs, alpha=0.0),
-            val_loader=loaders.val,
-            device=cfg.device,
-            progress=(lambda d: progress("train", d)) if progress else None,
-        )
+        with faults.phase("pretrain"):
+            fit(
+                teacher,
+                loaders.train,
+                replace(tcfg, epochs=cfg.pretrain_epochs, alpha=0.0),
+                val_loader=loaders.val,
+                device=cfg.device,
+                progress=(lambda d: progress("train", d)) if progress else None,
+            )
         atomic_save(teacher.state_dict(), path)
+        faults.point("teacher saved")
     return teacher.eval()

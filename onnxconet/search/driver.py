@@ -4,7 +4,8 @@ Directory layout of a run (`--out`):
     .lock              the pid of the run writing the folder (files.RunLock); empty when none is
     history.jsonl      header line (config, fingerprint) + one line per finished trial
     teacher.pt         the pretrained original (when no --weights were given)
-    bank.pt            the full-width weight bank after the last accepted trial
+    bank.pt            the full-width weight bank after the last accepted trial ({"after_trial": n, "bank": ...})
+    bank.next.pt       an accepted trial's bank, written before its history line, renamed to bank.pt after it
     best_candidate.pt  the best feasible trial's fine-tuned weights and keep mask
     baseline.onnx, best.onnx, best_widths.json, result.json, report.md, pareto.png
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onnxconet import faults
 from onnxconet.errors import OnnxconetError
 from onnxconet.files import append_jsonl, atomic_save
 from onnxconet.search.base import Objective, Strategy, Trial, TrialState
@@ -33,6 +36,7 @@ from onnxconet.search.evaluate import Evaluator, failed_trial
 from onnxconet.surgery.inherit import WeightBank
 
 log = logging.getLogger(__name__)
+BANK, BANK_NEXT = "bank.pt", "bank.next.pt"
 Progress = Callable[[str, dict], None]
 
 
@@ -117,8 +121,9 @@ class Loop:
             self._emit("stage", {"text": f"resumed after {len(records)} finished trials"})
 
     def _record(self, n: int, widths, trial: Trial, model, slices, absorb: bool) -> dict:
-        """Tell the strategy a finished trial; write best_candidate.pt (a new best), its history line, bank.pt (an
-        accepted trial, absorbed into the bank)."""
+        """Tell the strategy a finished trial; write best_candidate.pt (a new best) and, for an accepted trial
+        absorbed into the bank, the bank as bank.next.pt; then its history line, which commits the trial; then
+        bank.next.pt becomes bank.pt. A kill anywhere in between leaves files that `restore_bank` sorts out."""
         if self.on_observe:
             self.on_observe(trial)
         facts = self.strategy.tell(trial)
@@ -129,12 +134,16 @@ class Loop:
                 {"trial": n, "state": model.state_dict(), "keep": torch.from_numpy(keep)},
                 self.out / "best_candidate.pt",
             )
+        banked = bool(facts.get("accepted") and absorb and model is not None)
+        if banked:
+            self.evaluator.bank.absorb(slices, model)
+            atomic_save({"after_trial": n, "bank": self.evaluator.bank.state_dict()}, self.out / BANK_NEXT)
         rec = {"kind": "trial", **trial.to_json(), **facts}
         self.history.append(rec)
+        faults.point("history written")
         self.records.append(rec)
-        if facts.get("accepted") and absorb and model is not None:
-            self.evaluator.bank.absorb(slices, model)
-            atomic_save(self.evaluator.bank.state_dict(), self.out / "bank.pt")
+        if banked:
+            os.replace(self.out / BANK_NEXT, self.out / BANK)
         return rec
 
     def run(self) -> None:
@@ -142,24 +151,29 @@ class Loop:
         for n in range(len(self.records), self.trials):
             widths = self.strategy.ask()
             self._emit("trial_start", {"trial": n, "trials": self.trials, "widths": widths})
-            try:
-                trial, model, slices = self.evaluator.run(n, widths)
-            except (KeyboardInterrupt, OnnxconetError) as e:
-                if isinstance(e, KeyboardInterrupt) or "NaN" not in str(e) and "nan" not in str(e):
-                    raise
-                trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
-            except Exception as e:  # noqa: BLE001 - a failing candidate must not end the search
-                trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
-            with ctrl_c_after():  # Ctrl-C waits for the trial's checkpoint, history line and bank.pt
-                rec = self._record(n, widths, trial, model, slices, absorb)
-            self._emit(
-                "trial_end",
-                {
-                    "record": rec,
-                    "best": self.best.number if self.best else None,
-                    "best_accuracy": self.best.accuracy if self.best else None,
-                },
-            )
+            with faults.phase(f"trial {n}"):
+                self._trial(n, widths, absorb)
+
+    def _trial(self, n: int, widths, absorb: bool) -> None:
+        """Train, record and report trial `n` (a failing candidate is recorded as failed, not raised)."""
+        try:
+            trial, model, slices = self.evaluator.run(n, widths)
+        except (KeyboardInterrupt, OnnxconetError) as e:
+            if isinstance(e, KeyboardInterrupt) or "NaN" not in str(e) and "nan" not in str(e):
+                raise
+            trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
+        except Exception as e:  # noqa: BLE001 - a failing candidate must not end the search
+            trial, model, slices = failed_trial(n, widths, e, 0.0), None, None
+        with ctrl_c_after():  # Ctrl-C waits for the trial's checkpoint, history line and bank.pt
+            rec = self._record(n, widths, trial, model, slices, absorb)
+        self._emit(
+            "trial_end",
+            {
+                "record": rec,
+                "best": self.best.number if self.best else None,
+                "best_accuracy": self.best.accuracy if self.best else None,
+            },
+        )
 
 
 @contextmanager
@@ -189,11 +203,24 @@ def load_checkpoint(path: Path) -> dict | None:
         return None
 
 
-def restore_bank(bank: WeightBank, out: Path) -> bool:
-    state = load_checkpoint(out / "bank.pt")
+def restore_bank(bank: WeightBank, out: Path, records: list[dict]) -> bool:
+    """Load the bank of the last committed trial: bank.next.pt when its trial reached the history (killed before
+    it was renamed to bank.pt), else bank.pt; a bank.next.pt of a trial the history lacks is dropped (that trial
+    is run again). Returns whether a bank was loaded."""
+    done = {r.get("trial") for r in records}
+    pending = out / BANK_NEXT
+    if pending.is_file():
+        state = load_checkpoint(pending)
+        if state is not None and state.get("after_trial") in done:
+            os.replace(pending, out / BANK)
+        else:
+            pending.unlink()
+    state = load_checkpoint(out / BANK)
     if state is None:
         return False
-    bank.load_state_dict(state)
+    bank.load_state_dict(
+        state["bank"] if "after_trial" in state else state
+    )  # files before 0.x: the bare bank
     return True
 
 

@@ -72,8 +72,9 @@ class Evaluator:
         if self.judge is not None:
             latency_ratio, latency_ms = self.judge.measure(slice_onnx(self.cg, keep))
         cfg = self.train_cfg if epochs is None else _with_epochs(self.train_cfg, epochs)
-        if self.same_batches:
-            reseed_loader(self.train_loader, cfg.seed)
+        # the same batches for every trial (a paired comparison), else each trial's own: a resumed run trains
+        # trial n on the batches an uninterrupted run would have
+        reseed_loader(self.train_loader, cfg.seed if self.same_batches else trial_seed(cfg.seed, number))
         recalibrate_bn(model, self.train_loader, batches=10, device=self.device)
         per_epoch: list[dict[int, float]] = []
         fit(
@@ -128,6 +129,11 @@ class Evaluator:
             for gid in np.unique(self.cg.group_of_bundle[self.cg.bundle_of_id[m.ids]]).tolist():
                 sums.setdefault(gid, []).append(q)
         return {g: float(np.mean(v)) for g, v in sums.items() if self.cg.groups[g].prunable}
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The shuffle seed of trial `number` of a run seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 def reseed_loader(loader, seed: int) -> None:

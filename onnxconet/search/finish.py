@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from torch import nn
 
+from onnxconet import faults
 from onnxconet.errors import OnnxconetError, SurgeryError
 from onnxconet.files import atomic_write
 from onnxconet.graph.groups import ChannelGraph
@@ -63,13 +64,16 @@ def finish(ctx, run: SearchRun) -> SearchResult:
     """Choose, fine-tune, race, export and measure the best; the result of the run (without its wall time)."""
     best, confirmed = confirm_best(ctx, run)
     best = best or _closest(ctx, run)
+    faults.point("chosen")
     keep, model = final_model(ctx, run, best)
+    faults.point("fine-tuned")
     best, keep, model, race = _race(ctx, run, (best, keep, model))
     val = run.loop.evaluator.val_loader
     val_acc = evaluate(model, val, device="cpu", max_batches=ctx.cfg.max_batches)["accuracy"]
     test = _test_loader(ctx, run)
     test_acc = evaluate(model, test, device="cpu")["accuracy"] if test is not None else None
     record = write_best(ctx, run, best, keep, model)
+    faults.point("best.onnx written")
     record.accuracy, record.test_accuracy, record.search_accuracy = val_acc, test_acc, best.accuracy
     record.confirm_ratios, record.race = confirmed or None, race
     record.shipped = shipped(run, best)
@@ -193,8 +197,9 @@ def final_model(ctx, run: SearchRun, trial: Trial) -> tuple[np.ndarray, nn.Modul
     cfg, ev, cg = ctx.cfg, run.loop.evaluator, run.cg
     train = ev.train_loader
     ctx.stage(f"fine-tuning trial {trial.number} for {cfg.final_epochs} epochs")
-    if cfg.final_from == "original":  # every strategy's widths get the same final training, batch for batch
-        reseed_loader(train, ctx.train.seed)
+    # from a seeded start: with --final-from original every strategy's widths get the same final training, batch
+    # for batch; and a resumed run fine-tunes on the batches an uninterrupted one would have
+    reseed_loader(train, ctx.train.seed)
     ckpt = load_checkpoint(ctx.out / "best_candidate.pt") if cfg.final_from == "trial" else None
     keep = keep_of(ckpt, trial)
     if keep is None:
@@ -246,6 +251,7 @@ def write_best(ctx, run: SearchRun, trial: Trial, keep: np.ndarray, model: nn.Mo
     path = ctx.out / "best.onnx"
     atomic_write(path, proto.SerializeToString())
     save_widths(ctx.out / "best_widths.json", widths, cg, ctx.prep.loaded.spec)
+    faults.point("best.onnx checked")
     latency = deployed_latency(ctx, path)
     for k, v in {
         "onnxconet.latency_ratio": f"{latency.ratio:.4f}",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from onnxconet import faults
 from onnxconet.errors import DataError, OnnxconetError
 from onnxconet.train.distill import distillation_loss, primary_logits
 
@@ -264,6 +265,8 @@ class _Run:
         self._sum, self._n, batches = 0.0, 0, 0
         pending: list[tuple[int, torch.Tensor, int]] = []  # (batch, loss * n, n) not yet read back
         for b, batch in enumerate(islice(loader, cfg.max_batches)):
+            if b == (self.steps or 2) // 2:
+                faults.point(f"epoch {epoch + 1} half")
             frac = self.step / total if total else epoch / cfg.epochs
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(cfg, frac)
@@ -394,6 +397,7 @@ def fit(
                     progress(record)
                 if epoch_callback is not None:
                     epoch_callback(epoch, model)
+                faults.point(f"epoch {epoch + 1} end")
     finally:
         if teacher is not None:
             teacher.train(teacher_was_training)
