@@ -183,6 +183,19 @@ def load_weights(module: nn.Module, path: str, aux_heads: tuple[str, ...] = ()) 
         raise ModelSpecError(
             f"--weights {path}: expected a state_dict (a dict of tensors), got {type(state).__name__}"
         )
+    odd = next(
+        (
+            k
+            for k, v in state.items()
+            if not isinstance(k, str) or not k.endswith("_extra_state") and not torch.is_tensor(v)
+        ),
+        None,
+    )
+    if odd is not None:
+        raise ModelSpecError(
+            f"--weights {path}: expected a state_dict (tensors by parameter name), found the entry {odd!r:.60} "
+            f"-> {type(state[odd]).__name__}; save it with torch.save(model.state_dict(), path)"
+        )
     own = module.state_dict()
     unused = [k for k in state if k not in own and str(k).split(".", 1)[0] in aux_heads]
     if unused:

@@ -88,3 +88,16 @@ def test_googlenet_keys_that_do_not_fit_stay_an_error(tmp_path, edit, needle):
     with pytest.raises(ModelSpecError, match="does not fit the model") as e:
         load_model("torchvision:googlenet", weights=path)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("edit", ["int_keys", "non_tensor"])
+def test_a_dict_that_is_no_state_dict_is_one_error(tmp_path, edit):
+    """tools/fuzz_inputs.py's weights-keys case: integer keys reached torch's load_state_dict (AttributeError)."""
+    from onnxconet.load import load_model as load
+
+    state = load(TINY).module.state_dict()
+    bad = dict(enumerate(state.values())) if edit == "int_keys" else {**state, "note": "trained 3 epochs"}
+    path = tmp_path / "w.pt"
+    torch.save(bad, path)
+    with pytest.raises(ModelSpecError, match=r"expected a state_dict \(tensors by parameter name\), found the "):
+        load_model(TINY, weights=str(path))
