@@ -99,5 +99,7 @@ def test_a_dict_that_is_no_state_dict_is_one_error(tmp_path, edit):
     bad = dict(enumerate(state.values())) if edit == "int_keys" else {**state, "note": "trained 3 epochs"}
     path = tmp_path / "w.pt"
     torch.save(bad, path)
-    with pytest.raises(ModelSpecError, match=r"expected a state_dict \(tensors by parameter name\), found the "):
+    with pytest.raises(
+        ModelSpecError, match=r"expected a state_dict \(tensors by parameter name\), found the "
+    ):
         load_model(TINY, weights=str(path))
