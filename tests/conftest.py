@@ -48,8 +48,9 @@ def search_process(out, *extra: str, trials: int = 2):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        preexec_fn=_sigint_default,
+    )  # fmt: skip
     try:
         yield proc
     finally:
@@ -58,6 +59,13 @@ def search_process(out, *extra: str, trials: int = 2):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _sigint_default() -> None:
+    """In the child: SIGINT back to its default, so Python installs its KeyboardInterrupt handler. A test run
+    started in the background of a non-interactive shell (`.ci/run &`) inherits SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored: the Ctrl-C test then sees a search that cannot be interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
