@@ -197,7 +197,7 @@ def load_weights(module: nn.Module, path: str, aux_heads: tuple[str, ...] = ()) 
             f"-> {type(state[odd]).__name__}; save it with torch.save(model.state_dict(), path)"
         )
     own = module.state_dict()
-    unused = [k for k in state if k not in own and str(k).split(".", 1)[0] in aux_heads]
+    unused = [k for k in state if k not in own and k.split(".", 1)[0] in aux_heads]
     if unused:
         heads = sorted({k.split(".", 1)[0] for k in unused})
         log.warning(

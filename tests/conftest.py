@@ -33,6 +33,17 @@ def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
     return SearchConfig(**(base | kw))
 
 
+def tiny_search_args(data: str, *extra: str, trials: int = 2, latency_seconds: float = 0.2) -> list[str]:
+    """`onnxconet search` arguments (without the command and --out) of a quick search of the tiny model on `data`:
+    a FLOPs budget (no timing noise), one epoch each of pretraining, trial and final fine-tuning."""
+    return [
+        TINY, "--data", data, "--trials", str(trials), "--epochs-per-trial", "1", "--final-epochs", "1",
+        "--pretrain-epochs", "1", "--batch-size", "32", "--budget", "0.6", "--budget-on", "flops",
+        "--provider", "cpu", "--threads", "1", "--latency-seconds", str(latency_seconds), "--min-ratio", "0.25",
+        *extra,
+    ]  # fmt: skip
+
+
 @contextmanager
 def search_process(out, *extra: str, trials: int = 2):
     """`python -m onnxconet search` of the built-in default (this checkout's code) into `out`, in its own process

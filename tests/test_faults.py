@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from onnxconet import faults
-from tests.conftest import TINY
+from tests.conftest import tiny_search_args
 
 _spec = importlib.util.spec_from_file_location(
     "fault_inject", Path(__file__).parents[1] / "tools" / "fault_inject.py"
@@ -118,11 +118,7 @@ def test_restore_bank_takes_the_pending_bank_only_of_a_committed_trial(tmp_path)
 def test_a_search_killed_where_history_and_bank_could_disagree_resumes_to_the_same_result(tmp_path, npz_data):
     """Killed after trial 1's history line but before its bank was renamed into place, and halfway through
     writing trial 2's history line, then resumed: the uninterrupted run's trials and best widths."""
-    search = [
-        TINY, "--data", npz_data, "--trials", "3", "--epochs-per-trial", "1", "--final-epochs", "1",
-        "--pretrain-epochs", "1", "--batch-size", "32", "--budget", "0.6", "--budget-on", "flops",
-        "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.05", "--min-ratio", "0.25",
-    ]  # fmt: skip
+    search = tiny_search_args(npz_data, trials=3, latency_seconds=0.05)
     rc, census = fault_inject._run(search, tmp_path / "reference", tmp_path / "census", None, resume=False)
     assert rc == 0, (tmp_path / "reference.err").read_text()[-2000:]
     targets = [("trial 1/history written", 1), ("trial 2/write:history.jsonl", 1)]

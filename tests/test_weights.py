@@ -93,9 +93,7 @@ def test_googlenet_keys_that_do_not_fit_stay_an_error(tmp_path, edit, needle):
 @pytest.mark.parametrize("edit", ["int_keys", "non_tensor"])
 def test_a_dict_that_is_no_state_dict_is_one_error(tmp_path, edit):
     """tools/fuzz_inputs.py's weights-keys case: integer keys reached torch's load_state_dict (AttributeError)."""
-    from onnxconet.load import load_model as load
-
-    state = load(TINY).module.state_dict()
+    state = load_model(TINY).module.state_dict()
     bad = dict(enumerate(state.values())) if edit == "int_keys" else {**state, "note": "trained 3 epochs"}
     path = tmp_path / "w.pt"
     torch.save(bad, path)

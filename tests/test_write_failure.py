@@ -14,18 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from onnxconet.cli import app
-from tests.conftest import TINY
+from tests.conftest import tiny_search_args
 
 runner = CliRunner()
 
 
 def _args(out: Path, data: str, *extra: str) -> list[str]:
-    return [
-        "search", TINY, "--data", data, "--trials", "2", "--epochs-per-trial", "1", "--final-epochs", "1",
-        "--pretrain-epochs", "1", "--batch-size", "32", "--budget", "0.6", "--budget-on", "flops",
-        "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.2", "--min-ratio", "0.25",
-        "--out", str(out), *extra,
-    ]  # fmt: skip
+    return ["search", *tiny_search_args(data, "--out", str(out), *extra)]
 
 
 def _failing_fsync(name: str, nth: int, code: int):

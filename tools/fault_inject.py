@@ -172,19 +172,15 @@ def history_lines(folder: Path) -> list[str]:
     return path.read_text().splitlines(keepends=True) if path.is_file() else []
 
 
-def _trials(lines: list[str]) -> set[int]:
-    done = set()
-    for line in lines:
-        if line.endswith("\n"):
-            rec = json.loads(line)
-            if rec.get("kind") == "trial":
-                done.add(rec["trial"])
-    return done
+def _trial_lines(lines: list[str]) -> list[dict]:
+    """The trial records among the whole lines of a history (a last line cut by a kill is not one)."""
+    records = [json.loads(line) for line in lines if line.endswith("\n")]
+    return [r for r in records if r.get("kind") == "trial"]
 
 
 def redone(before: list[str], events) -> list[str]:
     """Failpoints the resumed process reached inside trials the history held when it started."""
-    done = _trials(before)
+    done = {r["trial"] for r in _trial_lines(before)}
     again = sorted({int(n.split("/")[0].split()[1]) for n, _ in events if n.startswith("trial ")} & done)
     return [f"finished trial {t} run again" for t in again]
 
@@ -247,7 +243,7 @@ def _without_timing(obj):
 def same_result(reference: Path, folder: Path) -> list[str]:
     """Differences between the chain's finished run and the uninterrupted reference (timing aside)."""
     problems = []
-    ref, got = (_trial_records(history_lines(f)) for f in (reference, folder))
+    ref, got = ([_without_timing(r) for r in _trial_lines(history_lines(f))] for f in (reference, folder))
     if ref != got:
         diff = next(
             (i for i, (x, y) in enumerate(zip(ref, got, strict=False)) if x != y), min(len(ref), len(got))
@@ -264,11 +260,6 @@ def same_result(reference: Path, folder: Path) -> list[str]:
     except (OSError, ValueError, KeyError) as e:
         problems.append(f"result.json unreadable: {e}")
     return problems
-
-
-def _trial_records(lines: list[str]) -> list[dict]:
-    records = [json.loads(line) for line in lines if line.endswith("\n")]
-    return [_without_timing(r) for r in records if r.get("kind") == "trial"]
 
 
 def _read(path: Path) -> bytes | None:

@@ -218,9 +218,8 @@ def restore_bank(bank: WeightBank, out: Path, records: list[dict]) -> bool:
     state = load_checkpoint(out / BANK)
     if state is None:
         return False
-    bank.load_state_dict(
-        state["bank"] if "after_trial" in state else state
-    )  # files before 0.x: the bare bank
+    # a bank.pt written before bank.next.pt existed holds the bare bank
+    bank.load_state_dict(state["bank"] if "after_trial" in state else state)
     return True
 
 
