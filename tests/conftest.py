@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,27 @@ def search_process(out, *extra: str, trials: int = 2):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+AGENT_TOKEN = "test-token-0123456789abcdef"
+
+
+@contextmanager
+def running_agent(tmp_path, **kw):
+    """An `onnxconet agent` (its token AGENT_TOKEN) serving on a free loopback port from a thread of this process;
+    yields (the Agent, its port). `kw`: Agent's caps."""
+    from onnxconet.latency.agent import Agent, make_server
+
+    agent = Agent(AGENT_TOKEN, folder=str(tmp_path), **kw)
+    server = make_server(agent, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield agent, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        agent.close()
 
 
 def _sigint_default() -> None:

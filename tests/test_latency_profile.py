@@ -13,6 +13,7 @@ import pytest
 
 import onnxconet.latency.profile as prof
 from onnxconet.errors import LatencyError
+from onnxconet.latency import device as devices
 from onnxconet.latency import runner as runner_mod
 from onnxconet.latency.process import LoadWatch, RunnerProcess, disturbed, logical_cpus
 from onnxconet.latency.profile import (
@@ -139,8 +140,9 @@ def test_paired_measurer_keeps_the_reference_across_candidates():
         small = m.compare(SMALL, max_seconds=0.5)
         same = m.compare(LARGE, max_seconds=0.5)
         assert m.ref.proc.pid == ref_pid  # one reference session for every candidate
+        ref, cand = m.ref, m.cand
     assert small.ratio < 1 and 0.7 < same.ratio < 1.4
-    assert m.ref.proc.poll() is not None and m.cand.proc.poll() is not None  # closed
+    assert ref.proc.poll() is not None and cand.proc.poll() is not None  # closed
 
 
 def test_isolated_alternates_fresh_processes_and_takes_the_ratio_of_medians(monkeypatch):
@@ -170,7 +172,7 @@ def test_isolated_alternates_fresh_processes_and_takes_the_ratio_of_medians(monk
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(prof, "RunnerProcess", FakeRunner)
+    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: FakeRunner())
     monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
     rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4)
     assert order == ["cand", "ref", "ref", "cand", "cand", "ref", "ref", "cand"]
@@ -410,10 +412,10 @@ def test_isolated_adds_pairs_while_they_disagree(monkeypatch):
         return FakeRunner
 
     monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
-    monkeypatch.setattr(prof, "RunnerProcess", fake({1}))
+    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake({1})())
     rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
     assert rel.rounds == 8 and rel.ratio == pytest.approx(0.5)  # one pair of 8 at 0.25: the median is 0.5
     loads.clear()
-    monkeypatch.setattr(prof, "RunnerProcess", fake(set()))
+    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake(set())())
     rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
     assert rel.rounds == 4 and rel.ratios == [0.5] * 4

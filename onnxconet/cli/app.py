@@ -67,6 +67,30 @@ OrtConfigOpt = Annotated[
     ),
 ]
 
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        help="Measure latency on the edge device instead of this machine: ssh://user@host[:port] (over SSH with "
+        "your keys; the device needs python3, numpy and onnxruntime; ?python=PATH picks its interpreter) or "
+        "http://host:port (`onnxconet agent` running there).",
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", help="The token `onnxconet agent` printed (default: $ONNXCONET_TOKEN)."),
+]
+
+
+def connect_target(url: str | None, token: str | None) -> str:
+    """Reach --target once, before any work (one-line error when it cannot be); its URL, or "" = here."""
+    if not url:
+        return ""
+    from onnxconet.latency import device as devices
+
+    _run(devices.connect, url, token)
+    return url
+
 
 def _version(value: bool) -> None:
     if value:

@@ -15,9 +15,12 @@ from onnxconet.cli.app import (
     ModelArg,
     OrtConfigOpt,
     PretrainedOpt,
+    TargetOpt,
+    TokenOpt,
     WeightsOpt,
     _run,
     app,
+    connect_target,
     err,
     out,
     weights_arg,
@@ -65,6 +68,8 @@ def profile(
     ] = False,
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="Process pairs of an --isolated ratio.")] = 4,
     ort_config: OrtConfigOpt = None,
+    remote: TargetOpt = None,
+    token: TokenOpt = None,
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = False,
     seconds: Annotated[
@@ -88,7 +93,7 @@ def profile(
             target=target, provider=provider, strict=strict, threads=threads, batch=batch, input_shape=shape,
             widths=str(widths) if widths else None, compare=compare, isolated=isolated, pairs=pairs,
             session_config=_run(parse_session_config, ort_config), weights=weights_arg(weights, pretrained),
-            max_seconds=seconds,
+            max_seconds=seconds, device=connect_target(remote, token),
         )  # fmt: skip
         res = _run(profile_model, req, status=lambda text: spin.update(text))
     if json_out:
@@ -115,6 +120,13 @@ def profile(
     if res["fallback"]:
         out.print(f"[bold yellow]warning:[/] {res['fallback']}", highlight=False, soft_wrap=True)
     out.print(f"session: {res['session']}", highlight=False)
+    dev = res["device"]
+    out.print(
+        f"device: {dev['target']} — {dev['host']}, {dev['cpu']}, {dev['physical_cores']} physical cores, "
+        f"onnxruntime {dev['onnxruntime']} ({', '.join(dev['providers'])})",
+        highlight=False,
+        soft_wrap=True,
+    )
     if "ratio" in res:
         c = res["compare"]
         flops_ratio = f"; MACs ratio {res['flops'] / c['flops']:.3f}" if res["flops"] and c["flops"] else ""

@@ -143,6 +143,7 @@ class ProfileRequest:
         session_config: onnxruntime session config entries the deployment sets.
         weights: state_dict file for a model spec.
         max_seconds: time cap of each measurement (of each process, when isolated).
+        device: where to time: "" = this machine, ssh://user@host or http://host:port (latency/device.py).
     """
 
     target: str | None = None
@@ -158,6 +159,7 @@ class ProfileRequest:
     session_config: dict | None = None
     weights: str | None = None
     max_seconds: float = 5.0
+    device: str = ""
 
 
 def profile_model(req: ProfileRequest, status: Callable[[str], None] | None = None) -> dict:
@@ -190,6 +192,7 @@ def profile_model(req: ProfileRequest, status: Callable[[str], None] | None = No
         "std_ms": stats.std_ms, "runs": stats.runs, "threads": stats.threads, "batch": stats.batch,
         "input_shape": list(stats.input_shape), "onnxruntime": stats.onnxruntime, "flops": timed.flops,
         "params": timed.params, "widths": req.widths, "session": tgt.describe(),
+        "device": tgt.on().identity() | {"target": req.device or "local"},
     }  # fmt: skip
     if req.compare is not None:
         out |= _compare(req, timed, stats, status)
@@ -200,7 +203,7 @@ def _target(req: ProfileRequest, provider: str, batch: int, shape) -> Target:
     config = tuple((req.session_config or {}).items())
     return Target(
         provider=provider, threads=req.threads, strict=req.strict, batch=batch, input_shape=shape,
-        session_config=config,
+        session_config=config, device=req.device,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from onnxconet import faults
-from onnxconet.errors import Interrupted, OnnxconetError, WriteError
+from onnxconet.errors import Interrupted, LatencyError, OnnxconetError, WriteError
 from onnxconet.files import RunLock, remove_partial_writes
 from onnxconet.report import write_report
 from onnxconet.search.base import Trial, TrialState
@@ -37,6 +37,8 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
         OnnxconetError: bad input; another run holds the folder (its pid named).
         WriteError: a run file cannot be written (named, with what to do; --resume continues afterwards).
         Interrupted: Ctrl-C; the message names the last finished trial (the history and checkpoints stay).
+        LatencyError: the latency target cannot measure (a --target device gone: the message says where the
+            run stopped; --resume continues).
     """
     t_start = time.perf_counter()
     cfg.check()
@@ -57,6 +59,13 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
         raise Interrupted(_interrupted(Path(cfg.out))) from None
     except WriteError as e:  # disk full, read-only: the history and checkpoints written so far stay valid
         raise WriteError(f"{e} and continue with --resume") from None
+    except LatencyError as e:
+        if not cfg.latency_target:
+            raise
+        # the device went away (or refused): what finished stays, as after a Ctrl-C
+        raise LatencyError(
+            f"{e}; the run stopped {_where(Path(cfg.out))}: continue with --resume once the device answers"
+        ) from None
     return result
 
 
@@ -85,12 +94,16 @@ def search(ctx: RunContext) -> SearchRun:
     return SearchRun(loop, setup)
 
 
-def _interrupted(out: Path) -> str:
-    """The line a Ctrl-C ends the run with: where it stopped (the history's last trial) and how to continue."""
+def _where(out: Path) -> str:
+    """Where a run stopped: after the history's last trial."""
     history = History(out / "history.jsonl")
     trials = history.read()[1] if history.exists() else []
-    where = f"after trial {trials[-1]['trial']}" if trials else "before the first trial finished"
-    return f"interrupted {where}; continue with --resume"
+    return f"after trial {trials[-1]['trial']}" if trials else "before the first trial finished"
+
+
+def _interrupted(out: Path) -> str:
+    """The line a Ctrl-C ends the run with: where it stopped (the history's last trial) and how to continue."""
+    return f"interrupted {_where(out)}; continue with --resume"
 
 
 def _observer(cost: CostModel):

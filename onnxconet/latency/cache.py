@@ -12,15 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 
 from onnxconet.errors import LatencyError
 from onnxconet.latency.profile import ISOLATED, LatencyStats, ModelLike, Target, measure
@@ -111,10 +108,6 @@ def graph_hash(model: ModelLike) -> str:
     return h.hexdigest()
 
 
-def _host() -> str:
-    return f"{socket.gethostname()}/{platform.processor() or platform.machine()}"
-
-
 def _canonical(key: dict) -> str:
     return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
@@ -153,8 +146,7 @@ class LatencyCache:
             "threads": target.resolved_threads,
             "batch": target.batch,
             "input_shape": shape,
-            "onnxruntime": ort.__version__,
-            "host": _host(),
+            **target.on().cache_fields(),  # host and onnxruntime of the device (and its URL when remote)
             "method": method,
         }
         if target.session_config:

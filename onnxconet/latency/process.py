@@ -45,21 +45,38 @@ class RunnerProcess:
     its last answer.
     """
 
-    def __init__(self, python: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        python: str | None = None,
+        timeout: float = 600.0,
+        *,
+        argv: list[str] | None = None,
+        explain=None,
+        new_session: bool = False,
+        name: str = "",
+    ) -> None:
+        """`argv` starts the runner another way (e.g. `ssh host python3 runner.py serve`, `device.py`);
+        `explain(stderr_tail)` turns the runner's last stderr line into the message a failure raises;
+        `new_session` keeps a terminal's Ctrl-C from the child (an ssh client would drop the connection: the
+        search that owns it stops it); `name` (a device's URL) starts every error message."""
         self.timeout = timeout
+        self._prefix = f"{name}: " if name else ""
+        self._explain = explain
         self._stderr = tempfile.TemporaryFile()
+        argv = argv or [python or sys.executable, "-m", "onnxconet.latency.runner", "serve"]
         try:
             self.proc = subprocess.Popen(
-                [python or sys.executable, "-m", "onnxconet.latency.runner", "serve"],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
                 env=_env(),
                 text=True,
                 bufsize=1,
+                start_new_session=new_session,
             )
         except OSError as e:
-            raise LatencyError(f"cannot start the latency runner ({python or sys.executable}): {e}") from e
+            raise LatencyError(f"cannot start the latency runner ({argv[0]}): {e}") from e
         self.cpu_s = 0.0
         self.started = time.perf_counter()
 
@@ -81,7 +98,7 @@ class RunnerProcess:
             raise LatencyError(f"the latency runner answered {line[:120]!r} to {op}") from None
         self.cpu_s = float(answer.get("cpu_s", self.cpu_s))
         if not answer.get("ok"):
-            raise LatencyError(answer.get("error") or f"the latency runner refused {op}")
+            raise LatencyError(self._prefix + (answer.get("error") or f"the latency runner refused {op}"))
         return answer
 
     def _readline(self, timeout: float, op: str) -> str:
@@ -95,7 +112,10 @@ class RunnerProcess:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait(timeout=5)
-            raise LatencyError(f"the latency runner died during {op} (exit code {code}){self._stderr_tail()}")
+            oom = " (killed: out of memory?)" if code in (-9, 137) else ""
+            raise LatencyError(
+                f"{self._prefix}the latency runner died during {op} (exit code {code}){oom}{self._stderr_tail()}"
+            )
         return line
 
     def _stderr_tail(self) -> str:
@@ -104,7 +124,10 @@ class RunnerProcess:
             text = self._stderr.read().decode(errors="replace").strip()
         except (OSError, ValueError):
             return ""
-        return f": {text.splitlines()[-1][:300]}" if text else ""
+        last = text.splitlines()[-1][:300] if text else ""
+        if self._explain is not None:
+            return self._explain(last)
+        return f": {last}" if last else ""
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -201,7 +224,9 @@ class LoadWatch:
     `add_runner(before, after)` books a runner's CPU seconds; a fresh runner books from 0.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = True) -> None:
+        """`active` False: the runners are on another machine, whose load this one cannot see."""
+        self.active = active
         self.t0 = time.perf_counter()
         self.busy0 = _busy_cpu_seconds()
         self.own0 = _own_cpu_seconds()
@@ -213,7 +238,7 @@ class LoadWatch:
     def load(self) -> float | None:
         busy = _busy_cpu_seconds()
         wall = time.perf_counter() - self.t0
-        if busy is None or self.busy0 is None or wall <= 0:
+        if not self.active or busy is None or self.busy0 is None or wall <= 0:
             return None
         ours = (_own_cpu_seconds() - self.own0) + self.runners
         return max(0.0, (busy - self.busy0 - ours) / wall)

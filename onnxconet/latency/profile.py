@@ -38,7 +38,8 @@ import numpy as np
 import onnx
 
 from onnxconet.errors import LatencyError
-from onnxconet.latency.process import LoadWatch, RunnerProcess, disturbed, label_of, model_file
+from onnxconet.latency import device as devices
+from onnxconet.latency.process import LoadWatch, disturbed, label_of, model_file
 from onnxconet.latency.runner import (  # noqa: F401  (re-exported: the runner is standalone)
     ASKED,
     CPU,
@@ -73,6 +74,8 @@ class Target:
         trt_cache_dir: TensorRT engine cache folder (default: ~/.cache/onnxconet/trt).
         session_config: onnxruntime session config entries the deployment sets, as (key, value) pairs (e.g.
             (("session.intra_op.allow_spinning", "0"),)); empty = onnxruntime's defaults.
+        device: where the model runs: "" = this machine, "ssh://user@host[:port]" or "http://host:port" (an
+            `onnxconet agent`); see `device.py`.
     """
 
     provider: str = "auto"
@@ -82,8 +85,10 @@ class Target:
     strict: bool = False
     trt_cache_dir: str | None = None
     session_config: tuple[tuple[str, str], ...] = ()
+    device: str = devices.LOCAL
 
     def __post_init__(self) -> None:
+        devices.check_url(self.device)
         if self.provider not in ("auto", *ASKED):
             raise LatencyError(f"unknown provider {self.provider!r}; use auto, cpu, cuda or tensorrt")
         if self.threads < 0 or self.batch < 1:
@@ -97,8 +102,14 @@ class Target:
 
     @property
     def resolved_threads(self) -> int:
-        """Intra-op thread count really used (`threads`, or the physical core count when 0)."""
-        return self.threads or physical_cores()
+        """Intra-op thread count really used (`threads`, or the device's physical core count when 0)."""
+        if self.threads:
+            return self.threads
+        return physical_cores() if self.device == devices.LOCAL else devices.get(self.device).physical_cores()
+
+    def on(self) -> devices.Device:
+        """The device this target runs on (connected once per process)."""
+        return devices.get(self.device)
 
     def load_request(self, path: str, label: str) -> dict:
         """The runner's `load` request for the model at `path`."""
@@ -118,8 +129,11 @@ class Target:
         """How this target runs a model, in words (for reports)."""
         threads = f"{self.threads} intra-op threads" if self.threads else "onnxruntime's default threads"
         extra = ", ".join(f"{k}={v}" for k, v in self.session_config)
-        return f"{self.provider} provider, {threads}, batch {self.batch}" + (
-            f", session config {extra}" if extra else ", default session options"
+        where = "" if self.device == devices.LOCAL else f" on {self.on().describe()}"
+        return (
+            f"{self.provider} provider, {threads}, batch {self.batch}"
+            + (f", session config {extra}" if extra else ", default session options")
+            + where
         )
 
 
@@ -232,7 +246,8 @@ def measure(
     Returns:
         Statistics over the timed runs.
     """
-    with model_file(model) as path, RunnerProcess() as runner:
+    dev = target.on()
+    with dev.job(), dev.model_path(model) as path, dev.runner() as runner:
         loaded = runner.request("load", **target.load_request(path, label_of(model)))
         _warn_fallback(loaded)
         timed = runner.request(
@@ -310,15 +325,35 @@ class PairedMeasurer:
     def __init__(self, reference: ModelLike, target: Target, *, burst_seconds: float = 0.1) -> None:
         self.target = target
         self.burst_seconds = burst_seconds
-        self._ref_file = model_file(reference)
-        ref_path = self._ref_file.__enter__()
-        self.cand, self.ref = RunnerProcess(), RunnerProcess()
+        self.device = target.on()
+        self.cand = self.ref = None
+        self._ref_label = label_of(reference)
+        self._ref_file = self.device.model_path(reference)
         try:
-            self.loaded_ref = self.ref.request("load", **target.load_request(ref_path, label_of(reference)))
+            self._ref_path = self._ref_file.__enter__()
+            with self.device.job():  # the reference must load: fail here, not at the first candidate
+                self._start()
+                if not self.device.keeps_runners:
+                    self._stop()
         except BaseException:
             self.close()
             raise
         _warn_fallback(self.loaded_ref)
+
+    def _start(self) -> None:
+        """Both runners, the reference loaded (they live across candidates where the device keeps runners; an
+        agent's end with each job, so another client can have the device between candidates)."""
+        if self.cand is None:
+            self.cand, self.ref = self.device.runner(), self.device.runner()
+            self.loaded_ref = self.ref.request(
+                "load", **self.target.load_request(self._ref_path, self._ref_label)
+            )
+
+    def _stop(self) -> None:
+        for runner in (self.cand, self.ref):
+            if runner is not None:
+                runner.close()
+        self.cand = self.ref = None
 
     def compare(
         self,
@@ -337,46 +372,52 @@ class PairedMeasurer:
         Raises:
             LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
         """
-        with model_file(candidate) as path:
-            before = self.cand.cpu_s
-            loaded = self.cand.request("load", **self.target.load_request(path, label_of(candidate)))
-            watch = LoadWatch()
-            watch.add_runner(before, self.cand.cpu_s)
-            ref_cpu = self.ref.cpu_s
-            if loaded["provider"] != self.loaded_ref["provider"]:
-                raise LatencyError(
-                    f"candidate runs on {loaded['provider']} but reference on {self.loaded_ref['provider']};"
-                    " cannot compare"
-                )
-            cand_cpu = self.cand.cpu_s
-            cand_ms: list[float] = []
-            ref_ms: list[float] = []
-            ratios: list[float] = []
-            t0 = time.perf_counter()
-            while len(ratios) < max_rounds:
-                order = (self.cand, self.ref) if len(ratios) % 2 == 0 else (self.ref, self.cand)
-                got = {}
-                for runner in order:
-                    got[id(runner)] = runner.request("time", seconds=self.burst_seconds)["times_ms"]
-                c, r = got[id(self.cand)], got[id(self.ref)]
-                cand_ms += c
-                ref_ms += r
-                ratios.append(float(np.median(c) / max(np.median(r), 1e-12)))
-                if len(ratios) >= min_rounds and (
-                    stable(ratios, rel_ci) or time.perf_counter() - t0 >= max_seconds
-                ):
-                    break
-            watch.add_runner(cand_cpu, self.cand.cpu_s)
-            watch.add_runner(ref_cpu, self.ref.cpu_s)
-            rel = _relative(ratios, (cand_ms, loaded), (ref_ms, self.loaded_ref), self.target, PAIRED, watch)
-            self.cand.request("unload")
+        with self.device.job(), self.device.model_path(candidate) as path:
+            self._start()
+            try:
+                return self._compare(path, label_of(candidate), min_rounds, max_rounds, max_seconds, rel_ci)
+            finally:
+                if not self.device.keeps_runners:
+                    self._stop()
+
+    def _compare(self, path: str, label: str, min_rounds, max_rounds, max_seconds, rel_ci) -> RelativeStats:
+        before = self.cand.cpu_s
+        loaded = self.cand.request("load", **self.target.load_request(path, label))
+        watch = LoadWatch(active=self.device.local)
+        watch.add_runner(before, self.cand.cpu_s)
+        ref_cpu = self.ref.cpu_s
+        if loaded["provider"] != self.loaded_ref["provider"]:
+            raise LatencyError(
+                f"candidate runs on {loaded['provider']} but reference on {self.loaded_ref['provider']};"
+                " cannot compare"
+            )
+        cand_cpu = self.cand.cpu_s
+        cand_ms: list[float] = []
+        ref_ms: list[float] = []
+        ratios: list[float] = []
+        t0 = time.perf_counter()
+        while len(ratios) < max_rounds:
+            order = (self.cand, self.ref) if len(ratios) % 2 == 0 else (self.ref, self.cand)
+            got = {}
+            for runner in order:
+                got[id(runner)] = runner.request("time", seconds=self.burst_seconds)["times_ms"]
+            c, r = got[id(self.cand)], got[id(self.ref)]
+            cand_ms += c
+            ref_ms += r
+            ratios.append(float(np.median(c) / max(np.median(r), 1e-12)))
+            if len(ratios) >= min_rounds and (
+                stable(ratios, rel_ci) or time.perf_counter() - t0 >= max_seconds
+            ):
+                break
+        watch.add_runner(cand_cpu, self.cand.cpu_s)
+        watch.add_runner(ref_cpu, self.ref.cpu_s)
+        rel = _relative(ratios, (cand_ms, loaded), (ref_ms, self.loaded_ref), self.target, PAIRED, watch)
+        self.cand.request("unload")
         _warn_fallback(loaded)
         return rel
 
     def close(self) -> None:
-        for runner in (getattr(self, "cand", None), getattr(self, "ref", None)):
-            if runner is not None:
-                runner.close()
+        self._stop()
         if self._ref_file is not None:
             self._ref_file.__exit__(None, None, None)
             self._ref_file = None
@@ -436,15 +477,16 @@ def measure_isolated(
     if pairs < 1:
         raise LatencyError(f"pairs must be >= 1, got {pairs}")
     max_pairs = max(pairs, max_pairs or pairs)
-    watch = LoadWatch()
+    dev = target.on()
+    watch = LoadWatch(active=dev.local)
     runs: dict[str, list[list[float]]] = {"c": [], "r": []}
     loaded: dict[str, dict] = {}
-    with model_file(candidate) as cand_path, model_file(reference) as ref_path:
+    with dev.job(), dev.model_path(candidate) as cand_path, dev.model_path(reference) as ref_path:
         files = {"c": (cand_path, label_of(candidate)), "r": (ref_path, label_of(reference))}
         p = 0
         while p < pairs or (p < max_pairs and _spread(runs) > spread):
             for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
-                with RunnerProcess() as runner:
+                with dev.runner() as runner:
                     loaded[which] = runner.request("load", **target.load_request(*files[which]))
                     times = runner.request(
                         "time", seconds=seconds, warmup_seconds=warmup_seconds, min_runs=5

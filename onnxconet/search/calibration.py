@@ -26,8 +26,18 @@ def calibrated_predictor(
         ctx: the run's `RunContext` (judge, seed, timing, resume, progress).
     """
     if path.is_file() and ctx.cfg.resume:
+        device = ctx.judge.target.device or "local"
         try:
-            return LatencyPredictor.load(path, cg)
+            pred = LatencyPredictor.load(path, cg)
+            made_on = (pred.target or {}).get("device", "local")
+            if made_on == device:
+                return pred
+            log.warning(
+                "%s was calibrated on %s, this run measures on %s; calibrating a new one",
+                path,
+                made_on,
+                device,
+            )
         except OnnxconetError as e:
             log.warning("%s: %s; calibrating a new one", path, e)
     ctx.stage(f"calibrating the latency predictor on {n} measured candidates")

@@ -55,7 +55,9 @@ class SearchConfig:
     out: str = "runs/search"
     resume: bool = False
     seed: int = 0
-    device: str | None = None
+    device: str | None = None  # torch device of the training
+    # where latency is measured: "" = this machine, ssh://user@host or http://host:port (latency/device.py)
+    latency_target: str = ""
     ort_config: dict = field(default_factory=dict)  # onnxruntime session config entries the deployment sets
     dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking/config.py)
     resolutions: list[int] | None = None  # square input sizes searched by dmasking (search/resolution.py)
@@ -90,8 +92,9 @@ class SearchConfig:
     def target(self) -> Target:
         """The deployment the budget is measured on: provider, threads, session options."""
         return Target(
-            provider=self.provider, threads=self.threads, session_config=tuple(self.ort_config.items())
-        )
+            provider=self.provider, threads=self.threads, session_config=tuple(self.ort_config.items()),
+            device=self.latency_target,
+        )  # fmt: skip
 
 
 def parse_budget(text: str, on: str, baseline_ms: float | None) -> tuple[float, float | None]:

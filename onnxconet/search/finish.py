@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import socket
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnxruntime as ort
 from torch import nn
 
 from onnxconet import faults
@@ -19,7 +16,6 @@ from onnxconet.errors import OnnxconetError, SurgeryError
 from onnxconet.files import atomic_write
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.graph.stats import count_flops, count_params
-from onnxconet.latency.runner import cpu_model
 from onnxconet.provenance import code_versions
 from onnxconet.search.base import Setup, Trial, TrialState
 from onnxconet.search.config import config_json
@@ -259,7 +255,9 @@ def write_best(ctx, run: SearchRun, trial: Trial, keep: np.ndarray, model: nn.Mo
         "onnxconet.baseline_latency_ms": f"{latency.by_threads[str(latency.threads)]['baseline_ms']:.4f}",
         "onnxconet.latency_measured": latency.how,
         **{
-            f"onnxconet.provenance.{name}": str(v) for name, v in provenance(latency).items() if v is not None
+            f"onnxconet.provenance.{name}": str(v)
+            for name, v in provenance(latency, ctx.judge.target).items()
+            if v is not None
         },
     }.items():
         proto.metadata_props.add(key=k, value=v)
@@ -267,10 +265,14 @@ def write_best(ctx, run: SearchRun, trial: Trial, keep: np.ndarray, model: nn.Mo
     return _record(ctx, run, trial, keep, latency, (abs_diff, rel_diff))
 
 
-def provenance(latency: DeployedLatency) -> dict:
+def provenance(latency: DeployedLatency, target) -> dict:
     """Which code produced the result (`provenance.code_versions`) and where its latency was measured: the
-    execution provider onnxruntime really used, the intra-op threads, the CPU."""
-    return {**code_versions(), "provider": latency.provider, "threads": latency.threads, "cpu": cpu_model()}
+    execution provider onnxruntime really used, the intra-op threads, the device and its CPU."""
+    ident = target.on().identity()
+    return {
+        **code_versions(), "provider": latency.provider, "threads": latency.threads, "cpu": ident["cpu"],
+        "device": target.device or "local", "device_host": ident["host"],
+    }  # fmt: skip
 
 
 def _base_shape(ctx) -> tuple[int, ...]:
@@ -345,6 +347,7 @@ def _result(ctx, run: SearchRun, best: BestRecord) -> SearchResult:
     records = [dict(r) for r in run.loop.records]
     key = {"latency": "latency_ratio", "flops": "flops_ratio", "params": "params_ratio"}[on]
     target = ctx.judge.target
+    ident = target.on().identity()  # the device the latency was measured on (this machine or --target's)
     return SearchResult(
         config={**config_json(ctx.cfg), "strategy": ctx.cfg.strategy},
         baseline=baseline,
@@ -354,11 +357,10 @@ def _result(ctx, run: SearchRun, best: BestRecord) -> SearchResult:
         pareto=[records[i]["trial"] for i in pareto_front(records, x=key)],
         groups=[{"id": g.id, "channels": g.channels, "modules": g.modules} for g in cg.prunable],
         provider=best.latency.provider,
-        onnxruntime=ort.__version__,
-        host=f"{socket.gethostname()} ({platform.processor() or platform.machine()}, "
-        f"{target.resolved_threads} threads)",
+        onnxruntime=ident["onnxruntime"],
+        host=f"{ident['host']} ({ident['cpu']}, {target.resolved_threads} threads)",
         deployment=target.describe(),
-        provenance=provenance(best.latency),
+        provenance=provenance(best.latency, target),
         resolution=res.size if res is not None else None,
         input_shape=list(res.input_shape(_base_shape(ctx))) if res is not None else None,
         extra=run.loop.strategy.summary(),

@@ -1,0 +1,91 @@
+"""A search whose latency is measured on a device through its agent: it meets the budget the agent re-measures,
+and a device that disappears mid-run stops the run cleanly; --resume continues it once the device is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from onnxconet.commands.search import run_search
+from onnxconet.latency import device as devices
+from onnxconet.latency.profile import Target, measure_isolated
+from tests.conftest import (
+    AGENT_TOKEN,
+    ROOT,
+    _sigint_default,
+    running_agent,
+    search_cfg,
+    search_process,
+    wait_for,
+)
+
+
+def test_search_on_the_agent_meets_the_budget_the_agent_measures(tmp_path, npz_data):
+    (tmp_path / "agent").mkdir()
+    with running_agent(tmp_path / "agent") as (agent, port):
+        url = f"http://127.0.0.1:{port}"
+        devices.connect(url, AGENT_TOKEN)
+        cfg = search_cfg(tmp_path, npz_data, budget_on="latency", budget="0.8", latency_target=url, trials=2)
+        result = run_search(cfg).to_json()
+        best = result["best"]
+        assert result["provenance"]["device"] == url and result["config"]["latency_target"] == url
+        assert best["budget_met"] and best["latency_ratio"] <= 0.8
+        again = measure_isolated(
+            best["onnx"], result["baseline"]["onnx"], Target("cpu", 1, device=url), pairs=4
+        )
+        assert again.ratio <= 0.8 * 1.1, (
+            again.ratios
+        )  # re-measured by the agent (10 %: two measurements' spread)
+        assert any(f.endswith(".onnx") for f in os.listdir(agent.folder))  # the files went to the device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent(port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnxconet", "agent", "--port", str(port), "--token", AGENT_TOKEN],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, preexec_fn=_sigint_default,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith("onnxconet agent on http://127.0.0.1:")
+    return proc
+
+
+def test_a_target_that_disappears_stops_the_search_and_resume_continues(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    history = out / "history.jsonl"
+    remote = ("--target", url, "--token", AGENT_TOKEN)
+    agent = _agent(port)
+    try:
+        with search_process(out, *remote, trials=3) as proc:
+            wait_for(lambda: history.is_file() and '"trial": 0' in history.read_text(), 600, "trial 0")
+            agent.terminate()
+            agent.wait(30)
+            proc.wait(300)
+            err = proc.stderr.read()
+            assert proc.returncode == 1, err
+            assert url in err and "cannot reach the agent" in err and "--resume" in err, err
+        lines = [json.loads(line) for line in history.read_text().splitlines()]
+        first = [r for r in lines if r.get("kind") != "header" and "widths" in r]
+        assert first and first[0]["trial"] == 0
+        agent = _agent(port)
+        with search_process(out, *remote, "--resume", trials=3) as proc:
+            proc.wait(600)
+            assert proc.returncode == 0, proc.stderr.read()
+    finally:
+        agent.terminate()
+        agent.wait(30)
+    result = json.loads((out / "result.json").read_text())
+    assert [t["trial"] for t in result["trials"]] == [0, 1, 2]
+    assert result["trials"][0]["widths"] == first[0]["widths"]  # the finished trial was kept, not redone
+    assert result["trials"][0]["seconds"] == first[0]["seconds"]
+    assert result["provenance"]["device"] == url
