@@ -28,7 +28,15 @@ def test_search_on_the_agent_meets_the_budget_the_agent_measures(tmp_path, npz_d
     with running_agent(tmp_path / "agent") as (agent, port):
         url = f"http://127.0.0.1:{port}"
         devices.connect(url, AGENT_TOKEN)
-        cfg = search_cfg(tmp_path, npz_data, budget_on="latency", budget="0.8", latency_target=url, trials=2)
+        cfg = search_cfg(
+            tmp_path,
+            npz_data,
+            budget_on="latency",
+            budget="0.8",
+            latency_target=url,
+            trials=1,
+            pretrain_epochs=1,
+        )
         result = run_search(cfg).to_json()
         best = result["best"]
         assert result["provenance"]["device"] == url and result["config"]["latency_target"] == url
