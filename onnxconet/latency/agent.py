@@ -44,7 +44,7 @@ import onnx
 
 from onnxconet.errors import LatencyError
 from onnxconet.latency import runner as runner_module
-from onnxconet.latency.process import RunnerProcess
+from onnxconet.latency.process import RunnerProcess, onnx_tensors
 
 log = logging.getLogger("onnxconet.agent")
 
@@ -77,19 +77,7 @@ def check_onnx(data: bytes) -> None:
     if not model.graph.node or model.ir_version <= 0:
         raise Refused(400, "not an ONNX model (no graph)")
 
-    def tensors(graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    yield a.t
-                yield from a.tensors
-                if a.HasField("g"):
-                    yield from tensors(a.g)
-                for g in a.graphs:
-                    yield from tensors(g)
-
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(model.graph)):
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx_tensors(model.graph)):
         raise Refused(400, "the model references external data files; send one self-contained .onnx file")
 
 

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from onnxconet.errors import LatencyError
+from onnxconet.latency.process import onnx_tensors
 from onnxconet.latency.profile import ISOLATED, LatencyStats, ModelLike, Target, measure
 
 log = logging.getLogger(__name__)
@@ -38,23 +38,6 @@ def _hash_file(h: Any, path: str) -> bool:
     return found
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of a graph that may hold external data: initializers, attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for g in attr.graphs:
-                yield from _tensors(g)
-
-
 def _external_files(path: str) -> list[str]:
     """Sorted external data files referenced by the model at `path` (weights are not loaded)."""
     try:
@@ -63,7 +46,7 @@ def _external_files(path: str) -> list[str]:
         raise LatencyError(f"cannot read ONNX file {path}: {e}; re-export it") from e
     base = os.path.dirname(path)
     files = set()
-    for t in _tensors(model.graph):
+    for t in onnx_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in t.external_data if e.key == "location"), None)
             if loc:

@@ -42,7 +42,7 @@ import onnxruntime as ort
 
 from onnxconet.errors import LatencyError
 from onnxconet.latency import runner as runner_module
-from onnxconet.latency.process import RunnerProcess, model_file
+from onnxconet.latency.process import RunnerProcess, model_file, onnx_tensors
 
 LOCAL = ""  # Target.device of this machine
 TOKEN_ENV = "ONNXCONET_TOKEN"
@@ -67,7 +67,7 @@ def model_bytes(model) -> bytes:
     """The bytes of `model` (a path, bytes or ModelProto) to send to a device; external data cannot travel."""
     with model_file(model) as path:
         m = onnx.load(path, load_external_data=False)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx_tensors(m.graph)):
             raise LatencyError(
                 f"{path} keeps its weights in external data files; a device takes one self-contained .onnx "
                 "(save it without external data, < 2 GB)"

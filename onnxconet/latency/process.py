@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -196,6 +197,23 @@ def model_file(model, folder: str | None = None):
             os.unlink(path)
         except OSError:
             pass
+
+
+def onnx_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph that may hold external data: initializers, attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from onnx_tensors(attr.g)
+            for g in attr.graphs:
+                yield from onnx_tensors(g)
 
 
 # ------------------------------------------------------------------------------------------------ load watch
