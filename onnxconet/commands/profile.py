@@ -192,7 +192,7 @@ def profile_model(req: ProfileRequest, status: Callable[[str], None] | None = No
         "std_ms": stats.std_ms, "runs": stats.runs, "threads": stats.threads, "batch": stats.batch,
         "input_shape": list(stats.input_shape), "onnxruntime": stats.onnxruntime, "flops": timed.flops,
         "params": timed.params, "widths": req.widths, "session": tgt.describe(),
-        "device": tgt.on().identity() | {"target": req.device or "local"},
+        "device": tgt.on().identity() | {"target": tgt.device_name},
     }  # fmt: skip
     if req.compare is not None:
         out |= _compare(req, timed, stats, status)

@@ -82,9 +82,8 @@ def check_onnx(data: bytes) -> None:
 
 
 class Job:
-    def __init__(self, client: str, deadline: float) -> None:
+    def __init__(self, deadline: float) -> None:
         self.id = secrets.token_hex(8)
-        self.client = client
         self.deadline = deadline
         self.last = time.monotonic()
         self.runners: dict[str, RunnerProcess] = {}
@@ -147,7 +146,7 @@ class Agent:
     def open_job(self, client: str) -> dict:
         if not self.device.acquire(timeout=self.queue_seconds):
             raise Refused(503, f"the device stayed busy for {self.queue_seconds:.0f} s; try again later")
-        job = Job(client, time.monotonic() + self.job_seconds)
+        job = Job(time.monotonic() + self.job_seconds)
         with self.lock:
             self.jobs[job.id] = job
         log.info("job %s opened for %s", job.id, client)

@@ -45,6 +45,7 @@ from onnxconet.latency import runner as runner_module
 from onnxconet.latency.process import RunnerProcess, model_file, onnx_tensors
 
 LOCAL = ""  # Target.device of this machine
+LOCAL_NAME = "local"  # how results name it (Target.device_name)
 TOKEN_ENV = "ONNXCONET_TOKEN"
 SSH_ARGS_ENV = "ONNXCONET_SSH_ARGS"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -157,24 +158,25 @@ class _Remote(Device):
 
 
 # ------------------------------------------------------------------------------------------------------ SSH
-def _ssh_reason(url: str, last: str) -> str:
-    """A one-line message for an ssh failure whose stderr ended with `last`."""
+def _ssh_reason(last: str) -> str:
+    """Why an ssh command failed whose stderr ended with `last`, and what to do (one line; the caller names the
+    device)."""
     low = last.lower()
     if "permission denied" in low or "authentication" in low:
         return (
-            f"{url}: the device refused the SSH login ({last}); check that `ssh` to it works without a "
+            f"the device refused the SSH login ({last}); check that `ssh` to it works without a "
             "password prompt (a key in ssh-agent or ~/.ssh/config)"
         )
     if "no module named" in low:
         return (
-            f"{url}: the device's Python cannot time ONNX ({last}); install there `pip install onnxruntime "
+            f"the device's Python cannot time ONNX ({last}); install there `pip install onnxruntime "
             "numpy`, or name another interpreter with ?python=PATH"
         )
     if any(
         w in low for w in ("could not resolve", "connection refused", "timed out", "no route", "closed by")
     ):
-        return f"{url}: cannot reach the device ({last}); check the host, port and network"
-    return f"{url}: {last or 'ssh failed without a message'}"
+        return f"cannot reach the device ({last}); check the host, port and network"
+    return last or "ssh failed without a message"
 
 
 class SshDevice(_Remote):
@@ -207,7 +209,7 @@ class SshDevice(_Remote):
             raise LatencyError(f"cannot run ssh for {self.url}: {e}; install the OpenSSH client") from e
         if done.returncode != 0:
             lines = done.stderr.decode(errors="replace").strip().splitlines()
-            raise LatencyError(_ssh_reason(self.url, lines[-1][:300] if lines else ""))
+            raise LatencyError(f"{self.url}: {_ssh_reason(lines[-1][:300] if lines else '')}")
         return done.stdout.decode(errors="replace")
 
     def _folder(self) -> str:
@@ -240,7 +242,7 @@ class SshDevice(_Remote):
         command = f"{shlex.quote(self.python)} {shlex.quote(self._folder() + '/runner.py')} serve"
         return RunnerProcess(
             timeout=timeout, argv=[*self._base, command], new_session=True, name=self.url,
-            explain=lambda last: ": " + _ssh_reason(self.url, last).removeprefix(self.url + ": "),
+            explain=lambda last: ": " + _ssh_reason(last),
         )  # fmt: skip
 
     def _upload(self, sha: str, data: bytes) -> None:

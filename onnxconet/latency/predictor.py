@@ -709,7 +709,7 @@ def _fit_remeasuring(cg, how: tuple, probes, results):
     ref_ms = float(np.median([r["reference_ms"] for r in results]))
     tgt = {k: results[0][k] for k in ("provider", "threads", "batch", "onnxruntime") if k in results[0]}
     tgt["method"] = PAIRED
-    tgt["device"] = target.device or "local"  # a predictor of one device never serves another
+    tgt["device"] = target.device_name  # a predictor of one device never serves another
     ratios = [r["ratio"] for r in results]
     pred = LatencyPredictor.fit(features, probes, ratios, ref_ms, target=tgt)
     suspects = outliers(np.asarray(pred.predict_ratio(probes)), np.asarray(ratios))

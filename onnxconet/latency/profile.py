@@ -103,13 +103,16 @@ class Target:
     @property
     def resolved_threads(self) -> int:
         """Intra-op thread count really used (`threads`, or the device's physical core count when 0)."""
-        if self.threads:
-            return self.threads
-        return physical_cores() if self.device == devices.LOCAL else devices.get(self.device).physical_cores()
+        return self.threads or self.on().physical_cores()
 
     def on(self) -> devices.Device:
         """The device this target runs on (connected once per process)."""
         return devices.get(self.device)
+
+    @property
+    def device_name(self) -> str:
+        """How results and predictors name the device: its URL, or "local" for this machine."""
+        return self.device or devices.LOCAL_NAME
 
     def load_request(self, path: str, label: str) -> dict:
         """The runner's `load` request for the model at `path`."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from onnxconet.errors import OnnxconetError
 from onnxconet.graph.groups import ChannelGraph
+from onnxconet.latency.device import LOCAL_NAME
 from onnxconet.latency.predictor import LatencyPredictor, calibrate, probe_widths
 from onnxconet.space import WidthSpace
 
@@ -26,10 +27,10 @@ def calibrated_predictor(
         ctx: the run's `RunContext` (judge, seed, timing, resume, progress).
     """
     if path.is_file() and ctx.cfg.resume:
-        device = ctx.judge.target.device or "local"
+        device = ctx.judge.target.device_name
         try:
             pred = LatencyPredictor.load(path, cg)
-            made_on = (pred.target or {}).get("device", "local")
+            made_on = (pred.target or {}).get("device", LOCAL_NAME)  # older files: this machine
             if made_on == device:
                 return pred
             log.warning(

@@ -271,7 +271,7 @@ def provenance(latency: DeployedLatency, target) -> dict:
     ident = target.on().identity()
     return {
         **code_versions(), "provider": latency.provider, "threads": latency.threads, "cpu": ident["cpu"],
-        "device": target.device or "local", "device_host": ident["host"],
+        "device": target.device_name, "device_host": ident["host"],
     }  # fmt: skip
 
 
