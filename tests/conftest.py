@@ -28,7 +28,7 @@ def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
     overrides any field."""
     base = dict(
         model=TINY, data=data, trials=3, epochs_per_trial=1, final_epochs=1, pretrain_epochs=2, batch_size=32,
-        budget="0.6", budget_on="flops", provider="cpu", threads=1, latency_seconds=0.2,
+        budget="0.6", budget_on="flops", provider="cpu", threads=1, latency_seconds=0.2, deployed_pairs=2,
         out=str(tmp_path / "run"), min_ratio=0.25,
     )  # fmt: skip
     return SearchConfig(**(base | kw))
@@ -41,6 +41,7 @@ def tiny_search_args(data: str, *extra: str, trials: int = 2, latency_seconds: f
         TINY, "--data", data, "--trials", str(trials), "--epochs-per-trial", "1", "--final-epochs", "1",
         "--pretrain-epochs", "1", "--batch-size", "32", "--budget", "0.6", "--budget-on", "flops",
         "--provider", "cpu", "--threads", "1", "--latency-seconds", str(latency_seconds), "--min-ratio", "0.25",
+        "--deployed-pairs", "2",
         *extra,
     ]  # fmt: skip
 

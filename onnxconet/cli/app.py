@@ -82,6 +82,38 @@ TokenOpt = Annotated[
 ]
 
 
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        envvar="ONNXCONET_STORAGE",
+        help="The shared trial store (an Optuna storage): sqlite:///FILE, postgresql://USER:PASS@HOST/DB, "
+        "mysql+pymysql://… or journal:FILE (a shared file system). Default with --workers: OUT/study.db. "
+        "Also read from $ONNXCONET_STORAGE (keeps a password out of the process list).",
+    ),
+]
+StudyOpt = Annotated[
+    str | None,
+    typer.Option("--study", help="The study's name in --storage (default: the --out folder's name)."),
+]
+HeartbeatOpt = Annotated[
+    float,
+    typer.Option(
+        "--heartbeat",
+        help="Seconds between a running trial's heartbeats; a worker silent for three is taken as dead and "
+        "its trial is run again.",
+    ),
+]
+TorchThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--torch-threads",
+        min=0,
+        help="Training threads per worker (0: the machine's cores shared among the workers).",
+    ),
+]
+
+
 def connect_target(url: str | None, token: str | None) -> str:
     """Reach --target once, before any work (one-line error when it cannot be); its URL, or "" = here."""
     if not url:

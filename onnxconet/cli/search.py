@@ -11,13 +11,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnxconet.cli.app import (
+    HeartbeatOpt,
     InputShapeOpt,
     JsonOpt,
     ModelArg,
     OrtConfigOpt,
     PretrainedOpt,
+    StorageOpt,
+    StudyOpt,
     TargetOpt,
     TokenOpt,
+    TorchThreadsOpt,
     WeightsOpt,
     _run,
     app,
@@ -147,6 +151,15 @@ def search(
             "confirmation, final check) runs each process a quarter of it (at least 0.25 s).",
         ),
     ] = 2.0,
+    deployed_pairs: Annotated[
+        int,
+        typer.Option(
+            "--deployed-pairs",
+            min=1,
+            help="Process pairs of a measurement as deployed (reachability, choosing the trial to finish, the "
+            "final check); up to twice as many are taken while they disagree by more than 10 %.",
+        ),
+    ] = 4,
     trials: Annotated[int, typer.Option("--trials", help="Candidates to train and measure.")] = 12,
     epochs_per_trial: Annotated[
         int, typer.Option("--epochs-per-trial", help="Fine-tuning epochs per candidate.")
@@ -197,6 +210,20 @@ def search(
         bool, typer.Option("--resume", help="Continue the run in --out without redoing finished trials.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Worker processes on this machine training trials in parallel, on a shared study (--storage); "
+            "more join from other machines with `onnxconet worker`. Latency is measured by one worker at a "
+            "time, the others paused.",
+        ),
+    ] = 1,
+    storage: StorageOpt = None,
+    study: StudyOpt = None,
+    heartbeat: HeartbeatOpt = 10.0,
+    torch_threads: TorchThreadsOpt = 0,
     device: Annotated[
         str | None, typer.Option("--device", help="Training device: auto | cpu | cuda.")
     ] = None,
@@ -225,6 +252,7 @@ def search(
         ort_config=_run(parse_session_config, ort_config),
         latency_target=connect_target(remote, token),
         latency_seconds=latency_seconds,
+        deployed_pairs=deployed_pairs,
         trials=trials,
         epochs_per_trial=epochs_per_trial,
         final_epochs=final_epochs,
@@ -239,6 +267,11 @@ def search(
         seed=seed,
         device=device,
         resolutions=_run(parse_resolutions, resolutions),
+        workers=workers,
+        storage=storage,
+        study=study,
+        heartbeat=heartbeat,
+        torch_threads=torch_threads,
     )
     with Progress(
         TextColumn("{task.description}"),

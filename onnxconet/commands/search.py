@@ -18,12 +18,11 @@ from onnxconet import faults
 from onnxconet.errors import Interrupted, LatencyError, OnnxconetError, WriteError
 from onnxconet.files import RunLock, remove_partial_writes
 from onnxconet.report import write_report
-from onnxconet.search.base import Trial, TrialState
 from onnxconet.search.config import SearchConfig, config_json
 from onnxconet.search.context import Progress, RunContext, build_context
-from onnxconet.search.cost import CostModel
 from onnxconet.search.driver import History, Loop, restore_bank
 from onnxconet.search.finish import SearchRun, finish
+from onnxconet.search.parallel import search_on_study
 from onnxconet.search.results import SearchResult
 from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
 
@@ -70,14 +69,17 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
 
 
 def search(ctx: RunContext) -> SearchRun:
-    """Set up the strategy and run (or resume) its trials."""
+    """Set up the strategy and run (or resume) its trials: in this process, or with --workers/--storage on a
+    shared study (search/parallel.py)."""
+    if ctx.cfg.on_study:
+        return search_on_study(ctx)
     space = width_space(ctx)
     cost = cost_model(ctx, space)
     check_reachable(ctx, space, cost)
     strategy = make_strategy(ctx, space, cost)
     evaluator = make_evaluator(ctx, strategy)
     loop = Loop(
-        strategy, evaluator, strategy.objective, ctx.out, ctx.cfg.trials, _observer(cost), ctx.progress,
+        strategy, evaluator, strategy.objective, ctx.out, ctx.cfg.trials, cost.observe_trial, ctx.progress,
         absorb=ctx.cfg.final_from == "trial",
     )  # fmt: skip
     records = _history(ctx, loop)
@@ -104,14 +106,6 @@ def _where(out: Path) -> str:
 def _interrupted(out: Path) -> str:
     """The line a Ctrl-C ends the run with: where it stopped (the history's last trial) and how to continue."""
     return f"interrupted {_where(out)}; continue with --resume"
-
-
-def _observer(cost: CostModel):
-    def observe(trial: Trial) -> None:
-        if trial.state is TrialState.COMPLETE and trial.latency_ratio is not None:
-            cost.observe(trial.flops_ratio, trial.latency_ratio, trial.widths)
-
-    return observe
 
 
 def _history(ctx: RunContext, loop: Loop) -> list[dict]:

@@ -74,7 +74,7 @@ class AnnealStrategy(Strategy):
         return dict(self.init)
 
     def ask(self) -> dict[int, int]:
-        if self.told == 0:
+        if self.told == 0 and not self.running:  # (another worker already trains the start: move from it)
             return dict(self.init)
         base = self.current.widths if self.current is not None else self.init
         mean = float(np.mean(list(self.delta.values()))) if self.delta else 0.0

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from onnxconet.space import WidthSpace
 
 
@@ -120,11 +122,20 @@ class Strategy:
     reinit: bool = False
     absorb: bool = True
     searches: bool = True
+    # the widths of trials that other workers are running now (search/workers.py); empty on one worker
+    running: list[dict[int, int]] = []
 
     def __init__(self, space: WidthSpace, objective: Objective, seed: int = 0) -> None:
         self.space = space
         self.objective = objective
         self.seed = seed
+
+    def reseed(self, *key: int) -> None:
+        """Key the strategy's RNG (if it has one) by `key` (a trial's number and phase): on a shared study the
+        proposal and the acceptance of a trial do not depend on which worker made them or on what it did before
+        (search/workers.py)."""
+        if hasattr(self, "rng"):
+            self.rng = np.random.default_rng([self.seed, *key])
 
     def prepare(self, ctx: Any, records: list[dict]) -> Setup:
         """Before the first ask. `ctx` is the run's `search.context.RunContext`; `records` the history's

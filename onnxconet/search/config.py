@@ -8,6 +8,7 @@ from onnxconet.errors import OnnxconetError
 from onnxconet.latency.profile import Target
 from onnxconet.search.dmasking import DMaskingConfig
 from onnxconet.search.resolution import check_resolutions
+from onnxconet.search.study import redact
 
 # the --strategy names; "uniform" is the old name of "scratch" (uniform widths trained from re-initialized weights)
 STRATEGY_NAMES = ("anneal", "dmasking", "random", "l1", "scratch", "knapsack")
@@ -50,6 +51,9 @@ class SearchConfig:
     align: int = 8
     penalty: float = 1.0
     latency_seconds: float = 2.0
+    # process pairs of a measurement as deployed (reachability, the choice of the trial to finish, the final
+    # check); pairs are added up to twice this while they disagree
+    deployed_pairs: int = 4
     probes: int = 12
     max_batches: int | None = None
     out: str = "runs/search"
@@ -61,6 +65,18 @@ class SearchConfig:
     ort_config: dict = field(default_factory=dict)  # onnxruntime session config entries the deployment sets
     dmasking: dict = field(default_factory=dict)  # DMaskingConfig overrides (search/dmasking/config.py)
     resolutions: list[int] | None = None  # square input sizes searched by dmasking (search/resolution.py)
+    # many workers on a shared Optuna study (search/parallel.py): its storage URL (default: OUT/study.db when
+    # workers > 1), its name (default: OUT's name), local worker processes, seconds between heartbeats, and
+    # training threads per worker (0: the cores shared among the workers)
+    storage: str | None = None
+    study: str | None = None
+    workers: int = 1
+    heartbeat: float = 10.0
+    torch_threads: int = 0
+
+    @property
+    def on_study(self) -> bool:
+        return self.workers > 1 or self.storage is not None
 
     def check(self) -> None:
         self.strategy = ALIASES.get(self.strategy, self.strategy)
@@ -87,6 +103,17 @@ class SearchConfig:
                     "add --strategy dmasking or drop --resolutions"
                 )
             self.resolutions = check_resolutions(self.resolutions)
+        if self.deployed_pairs < 1:
+            raise OnnxconetError(f"--deployed-pairs must be >= 1, got {self.deployed_pairs}")
+        if self.workers < 1:
+            raise OnnxconetError(f"--workers must be >= 1, got {self.workers}")
+        if self.heartbeat <= 0:
+            raise OnnxconetError(f"--heartbeat must be > 0 seconds, got {self.heartbeat}")
+        if self.on_study and self.strategy == "dmasking":
+            raise OnnxconetError(
+                "--strategy dmasking runs on one worker (its supernet is trained once, before its few trials); "
+                "drop --workers/--storage"
+            )
         self.target()  # validates the provider and threads
 
     def target(self) -> Target:
@@ -119,7 +146,12 @@ def config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or DEFAULT_MODEL
-    for key, default in (("resolutions", None), ("train_samples", None), ("start", "uniform")):
+    defaults = (("resolutions", None), ("train_samples", None), ("start", "uniform"), ("storage", None),
+                ("study", None), ("workers", 1), ("heartbeat", 10.0), ("torch_threads", 0),
+                ("deployed_pairs", 4))  # fmt: skip
+    if d.get("storage"):
+        d["storage"] = redact(d["storage"])
+    for key, default in defaults:
         if d.get(key) == default:
             d.pop(key, None)  # runs without it keep their config as before
     return d

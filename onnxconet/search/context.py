@@ -93,8 +93,12 @@ def _emitter(progress: Progress | None) -> Callable[[str], None]:
     return lambda text: progress("stage", {"text": text}) if progress else None
 
 
-def build_context(cfg: SearchConfig, progress: Progress | None = None) -> RunContext:
-    """Prepare a run (module docstring). Raises OnnxconetError with one line on bad input."""
+def build_context(
+    cfg: SearchConfig, progress: Progress | None = None, baseline_ms: float | None = None
+) -> RunContext:
+    """Prepare a run (module docstring). Raises OnnxconetError with one line on bad input. `baseline_ms`: the
+    baseline's latency measured by the run's first process (a worker joining a study does not measure it
+    again while the others train)."""
     cfg.check()
     stage = _emitter(progress)
     out = Path(cfg.out)
@@ -129,10 +133,12 @@ def build_context(cfg: SearchConfig, progress: Progress | None = None) -> RunCon
     save_onnx(onnx_with_weights(prep.onnx_model, teacher.state_dict()), baseline.onnx)
     faults.point("baseline.onnx written")
     target = cfg.target()
-    judge = LatencyJudge(baseline.onnx, target, cfg.latency_seconds)
+    judge = LatencyJudge(baseline.onnx, target, cfg.latency_seconds, pairs=cfg.deployed_pairs)
     try:
-        stage(f"measuring the baseline's latency as deployed ({target.describe()})")
-        base_ms = measure(baseline.onnx, target, max_seconds=2 * cfg.latency_seconds).median_ms
+        if baseline_ms is None:
+            stage(f"measuring the baseline's latency as deployed ({target.describe()})")
+            baseline_ms = measure(baseline.onnx, target, max_seconds=2 * cfg.latency_seconds).median_ms
+        base_ms = baseline_ms
         ratio, ms = parse_budget(cfg.budget, cfg.budget_on, base_ms)
     except BaseException:
         judge.close()

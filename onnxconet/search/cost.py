@@ -83,6 +83,11 @@ class CostModel:
         keep = self.cg.keep_mask(widths, self._zero)
         return count_flops(self.cg, keep) / self.base_flops, count_params(self.cg, keep) / self.base_params
 
+    def observe_trial(self, trial) -> None:
+        """Refit on a finished trial's measured latency (a `search.base.Trial`; others are ignored)."""
+        if trial.state.value == "complete" and trial.latency_ratio is not None:
+            self.observe(trial.flops_ratio, trial.latency_ratio, trial.widths)
+
     def observe(self, flops_ratio: float, latency_ratio: float, widths: dict[int, int] | None = None) -> None:
         if self.predictor is not None and widths is not None:
             self.correction.add(latency_ratio, self.predictor.predict_ratio(widths))

@@ -120,6 +120,18 @@ class Loop:
         if records:
             self._emit("stage", {"text": f"resumed after {len(records)} finished trials"})
 
+    def load(self, records: list[dict]) -> None:
+        """Take the finished trials of a shared study, in the order they finished, without asking for them (each
+        worker proposed its own, search/workers.py): the strategy is told them as the workers told it."""
+        for rec in records:
+            trial = Trial.from_json(rec)
+            if self.on_observe:
+                self.on_observe(trial)
+            self.strategy.reseed(trial.number, 1)
+            self.strategy.tell(trial)
+            self._consider_best(trial)
+            self.records.append(rec)
+
     def _record(self, n: int, widths, trial: Trial, model, slices, absorb: bool) -> dict:
         """Tell the strategy a finished trial; write best_candidate.pt (a new best) and, for an accepted trial
         absorbed into the bank, the bank as bank.next.pt; then its history line, which commits the trial; then

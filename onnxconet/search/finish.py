@@ -47,6 +47,7 @@ class SearchRun:
 
     loop: Loop
     setup: Setup
+    study: dict | None = None  # a shared study's accounting of its trials (search/study.py)
 
     @property
     def cg(self) -> ChannelGraph:
@@ -363,5 +364,5 @@ def _result(ctx, run: SearchRun, best: BestRecord) -> SearchResult:
         provenance=provenance(best.latency, target),
         resolution=res.size if res is not None else None,
         input_shape=list(res.input_shape(_base_shape(ctx))) if res is not None else None,
-        extra=run.loop.strategy.summary(),
+        extra={**run.loop.strategy.summary(), **({"study": run.study} if run.study else {})},
     )

@@ -4,6 +4,7 @@ every decision (see `onnxconet.latency.profile` for the two ways of measuring)."
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 
 import onnx
@@ -27,6 +28,11 @@ class LatencyJudge:
         self.reference, self.target, self.max_seconds, self.pairs = reference, target, max_seconds, pairs
         self._measurer: PairedMeasurer | None = None
         self.reference_ms: list[float] = []
+        # with several workers on this machine: measure alone, the others' training paused (latency/gate.py)
+        self.gate = None
+
+    def _alone(self):
+        return self.gate.exclusive() if self.gate is not None else nullcontext()
 
     @property
     def measurer(self) -> PairedMeasurer:
@@ -37,7 +43,8 @@ class LatencyJudge:
     def measure(self, candidate: onnx.ModelProto | bytes) -> tuple[float, float]:
         """(ratio to the baseline, candidate median ms), the in-loop way."""
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
-        rel = _undisturbed(lambda: self.measurer.compare(src, max_seconds=self.max_seconds))
+        with self._alone():
+            rel = _undisturbed(lambda: self.measurer.compare(src, max_seconds=self.max_seconds))
         self.reference_ms.append(rel.reference.median_ms)
         return rel.ratio, rel.candidate.median_ms
 
@@ -57,7 +64,8 @@ class LatencyJudge:
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
         seconds = max(0.25, self.max_seconds / 4)  # per process: 0.5 s at the default 2 s
         kw = dict(pairs=self.pairs, max_pairs=2 * self.pairs, seconds=seconds)
-        return _undisturbed(lambda: measure_isolated(src, self.reference, target, **kw))
+        with self._alone():
+            return _undisturbed(lambda: measure_isolated(src, self.reference, target, **kw))
 
     def close(self) -> None:
         if self._measurer is not None:

@@ -1,0 +1,50 @@
+"""`onnxconet worker`: join a search's shared study from this machine (or another process on this one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from onnxconet.cli.app import HeartbeatOpt, StorageOpt, StudyOpt, TorchThreadsOpt, _run, app, err, out
+
+
+@app.command()
+def worker(
+    storage: StorageOpt = None,
+    study: StudyOpt = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where this machine sees the run folder (teacher.pt, baseline.onnx, the latency predictor); "
+            "default: the path the study recorded.",
+        ),
+    ] = None,
+    heartbeat: HeartbeatOpt = 10.0,
+    torch_threads: TorchThreadsOpt = 0,
+) -> None:
+    """Run trials of a search started with `onnxconet search … --storage URL --study NAME` until the study holds
+    its trials. The run folder must be reachable here (a shared file system, or --out). Kill it at any time:
+    its trial is failed by the heartbeat and run again by another worker."""
+    from onnxconet.search.parallel import join
+
+    if not storage or not study:
+        err.print("[red]error:[/] worker needs --storage URL (or $ONNXCONET_STORAGE) and --study NAME")
+        raise typer.Exit(2)
+
+    def on_event(event: str, data: dict) -> None:
+        if event == "stage":
+            err.print(f"• {data['text']}", markup=False, highlight=False)
+        elif event == "trial_end":
+            r = data["record"]
+            acc = (
+                f"acc {100 * r['accuracy']:.1f}%"
+                if r.get("accuracy") is not None
+                else f"failed: {r.get('error')}"
+            )
+            err.print(f"  trial {r['trial']}: {acc}", markup=False, highlight=False)
+
+    ran = _run(join, storage, study, str(out_dir) if out_dir else None, torch_threads, heartbeat, on_event)
+    out.print(f"worker done: ran {len(ran)} trial(s) {ran}", highlight=False)

@@ -1,0 +1,238 @@
+"""A search on a shared study: `search --workers N` / `--storage URL` (the run's first process) and
+`onnxconet worker` (a process that joins it, here or on another machine).
+
+The first process prepares the run once (export, teacher, baseline.onnx, the baseline's latency, the latency
+predictor, anneal's start) in the run folder and writes what the others need into the study (`StudyMeta`);
+it starts N-1 worker processes and works as the N-th. A joining worker rebuilds the same context from the
+folder (the teacher from teacher.pt, the predictor from its file, nothing measured again) and runs trials
+(search/workers.py). When the study holds its trials, the first process exports history.jsonl from it and
+finishes as a one-process run does (confirm, fine-tune, race, best.onnx, report). `--resume` re-attaches to
+the study: finished trials stay, the rest are run.
+
+Timing stays honest: on one machine the workers share a `MeasureGate` (latency/gate.py): a worker measures
+alone, the others' training paused; with `--target` the device times one job at a time itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from onnxconet.errors import OnnxconetError
+from onnxconet.files import atomic_write
+from onnxconet.latency.gate import GatedLoader, MeasureGate
+from onnxconet.search.base import Setup
+from onnxconet.search.config import SearchConfig, config_json
+from onnxconet.search.context import RunContext, build_context
+from onnxconet.search.driver import Loop
+from onnxconet.search.finish import SearchRun
+from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
+from onnxconet.search.study import (
+    StudyMeta,
+    accounting,
+    create_study,
+    default_storage,
+    finished,
+    load_study,
+    open_storage,
+    records,
+    redact,
+)
+from onnxconet.search.workers import StudyWorker, best_candidate
+
+log = logging.getLogger(__name__)
+
+
+def storage_of(cfg: SearchConfig) -> str:
+    return cfg.storage or default_storage(cfg.out)
+
+
+def study_name(cfg: SearchConfig) -> str:
+    return cfg.study or Path(cfg.out).resolve().name
+
+
+def search_on_study(ctx: RunContext) -> SearchRun:
+    """The first process's part (module docstring): prepare, start the workers, work, collect."""
+    cfg = ctx.cfg
+    space = width_space(ctx)
+    cost = cost_model(ctx, space)
+    check_reachable(ctx, space, cost)
+    url, name = storage_of(cfg), study_name(cfg)
+    storage = open_storage(url, cfg.heartbeat)
+    meta = StudyMeta(
+        config=config_json(replace(cfg, resume=False)), out=str(Path(cfg.out).resolve()), budget=ctx.budget.ratio,
+        baseline_ms=_baseline_ms(ctx), fingerprint=ctx.cg.fingerprint(), trials=cfg.trials, start=None,
+    )  # fmt: skip
+    study = create_study(storage, name, meta, cfg.resume)
+    strategy = make_strategy(ctx, space, cost, start=StudyMeta.from_json(study.user_attrs["onnxconet"]).start)
+    if cfg.strategy == "anneal" and meta.start is None:
+        meta.start = strategy.anchor()
+        study.set_user_attr("onnxconet", meta.to_json())
+    before = len(finished(study.get_trials(deepcopy=False)))
+    if before:
+        ctx.stage(f"re-attached to study {name!r}: {before} of {cfg.trials} trials finished")
+    ctx.stage(
+        f"searching: {cfg.trials} trials of {cfg.strategy} on {cfg.workers} worker(s), study {name!r} in "
+        f"{redact(url)}"
+    )
+    procs = [spawn_worker(url, name, cfg, i) for i in range(1, cfg.workers)]
+    try:
+        evaluator = work(ctx, study, strategy, cfg.trials)
+    finally:
+        for p in procs:
+            _wait(p)
+    all_trials = study.get_trials(deepcopy=False)
+    counts = accounting(all_trials)
+    if counts["lost"]:
+        ctx.stage(f"{counts['lost']} trial(s) lost with their worker were run again")
+    recs = records(all_trials)[: cfg.trials]
+    export_history(ctx, recs)
+    loop = Loop(
+        strategy, evaluator, strategy.objective, ctx.out, cfg.trials, cost.observe_trial, absorb=False
+    )
+    loop.load(recs)
+    best_candidate(ctx.out, loop.best)
+    return SearchRun(loop, Setup(), study=counts)
+
+
+def work(ctx: RunContext, study, strategy, trials: int):
+    """Run trials in this process (one of the workers) until the study holds `trials`; returns the evaluator."""
+    cfg = ctx.cfg
+    evaluator = make_evaluator(ctx, strategy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(cfg))
+    try:
+        with measuring_alone(ctx, evaluator):
+            StudyWorker(study, strategy, evaluator, trials, ctx.out, cfg.heartbeat, ctx.progress).run()
+    finally:
+        torch.set_num_threads(threads)
+    return evaluator
+
+
+@contextmanager
+def measuring_alone(ctx: RunContext, evaluator) -> Iterator[None]:
+    """While the block runs, this process trains and evaluates through the machine's `MeasureGate` and measures
+    latency alone (nothing to do when a --target device measures)."""
+    if not ctx.judge.target.on().local:
+        yield
+        return
+    gate = MeasureGate(ctx.out)
+    train, val = evaluator.train_loader, evaluator.val_loader
+    evaluator.train_loader, evaluator.val_loader = GatedLoader(train, gate), GatedLoader(val, gate)
+    ctx.judge.gate = gate
+    try:
+        yield
+    finally:
+        evaluator.train_loader, evaluator.val_loader, ctx.judge.gate = train, val, None
+        gate.close()
+
+
+def worker_threads(cfg: SearchConfig) -> int:
+    """Training threads per worker: --torch-threads, else this machine's cores shared among the workers."""
+    return cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(cfg.workers, 1))
+
+
+def spawn_worker(url: str, name: str, cfg: SearchConfig, index: int) -> subprocess.Popen:
+    """`onnxconet worker` for this study, as a child process (its log in the run folder)."""
+    log_path = Path(cfg.out) / f"worker-{index}.log"
+    env = dict(os.environ, ONNXCONET_STORAGE=url)  # a password in the URL stays out of `ps`
+    cmd = [sys.executable, "-m", "onnxconet", "worker", "--study", name,
+           "--torch-threads", str(worker_threads(cfg)), "--heartbeat", str(cfg.heartbeat)]  # fmt: skip
+    with open(log_path, "ab") as logf:
+        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait(p: subprocess.Popen, grace: float = 30.0) -> None:
+    """Wait for a worker that has no trial left; interrupt it if this process is leaving early."""
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _baseline_ms(ctx: RunContext) -> float | None:
+    return ctx.budget.ms / ctx.budget.ratio if ctx.budget.ms else None
+
+
+def export_history(ctx: RunContext, recs: list[dict]) -> None:
+    """history.jsonl from the study: the header, then the finished trials in the order they finished."""
+    import json
+
+    header = {"kind": "header", "config": config_json(ctx.cfg), "fingerprint": ctx.cg.fingerprint(),
+              "budget": ctx.budget.ratio}  # fmt: skip
+    lines = [json.dumps(header)] + [json.dumps(r) for r in recs]
+    atomic_write(ctx.out / "history.jsonl", "\n".join(lines) + "\n")
+
+
+def join(url: str, name: str, out: str | None = None, torch_threads: int = 0, heartbeat: float | None = None,
+         progress=None) -> list[int]:  # fmt: skip
+    """`onnxconet worker`: rebuild the run of study `name` from its folder and run trials until the study is
+    complete. Returns the numbers of the trials this worker ran. `torch_threads`: training threads (0: torch's
+    default)."""
+    storage = open_storage(url, heartbeat or 10.0)
+    study, meta = load_study(storage, name)
+    cfg = SearchConfig(**_config_args(meta.config))
+    cfg.out, cfg.resume = out or meta.out, True
+    if heartbeat:
+        cfg.heartbeat = heartbeat
+    teacher = Path(cfg.out) / "teacher.pt"
+    if not cfg.weights and cfg.pretrain_epochs > 0 and not teacher.is_file():
+        raise OnnxconetError(
+            f"{teacher} is missing: a worker reads the run folder of its study ({cfg.out}); mount it here or "
+            "pass --out to where it is"
+        )
+    if len(finished(study.get_trials(deepcopy=False))) >= meta.trials:
+        return []
+    cfg.torch_threads = torch_threads or torch.get_num_threads()
+    with preparing(cfg):
+        ctx = build_context(cfg, progress, baseline_ms=meta.baseline_ms)
+    with ctx:
+        if ctx.cg.fingerprint() != meta.fingerprint:
+            raise OnnxconetError(
+                f"study {name!r}: this machine exports another model (fingerprint); same code?"
+            )
+        with preparing(cfg):
+            space = width_space(ctx)
+            strategy = make_strategy(ctx, space, cost_model(ctx, space), start=meta.start, joining=True)
+            evaluator = make_evaluator(ctx, strategy)
+        torch.set_num_threads(cfg.torch_threads)
+        with measuring_alone(ctx, evaluator):
+            return StudyWorker(
+                study, strategy, evaluator, meta.trials, ctx.out, cfg.heartbeat, progress
+            ).run()
+
+
+@contextmanager
+def preparing(cfg: SearchConfig) -> Iterator[None]:
+    """A joining worker's preparation (export, data, teacher's accuracy) holds this machine's `MeasureGate`
+    shared: a measurement by another worker waits for it instead of timing it."""
+    if cfg.latency_target:
+        yield
+        return
+    gate = MeasureGate(cfg.out)
+    try:
+        with gate.shared():
+            yield
+    finally:
+        gate.close()
+
+
+def _config_args(config: dict) -> dict:
+    d = {k: v for k, v in config.items() if k in SearchConfig.__dataclass_fields__}
+    if d.get("input_shape"):
+        d["input_shape"] = tuple(d["input_shape"])
+    return d
