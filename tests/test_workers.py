@@ -58,9 +58,8 @@ class Quick:
 
 
 def meta(trials: int) -> StudyMeta:
-    return StudyMeta(
-        config={}, out="", budget=0.5, baseline_ms=None, fingerprint="f", trials=trials, start=None
-    )
+    base = {"ms": 1.0, "accuracy": 0.9, "test_accuracy": None}
+    return StudyMeta(config={}, out="", budget=0.5, baseline=base, fingerprint="f", trials=trials, start=None)
 
 
 def test_workers_racing_finish_exactly_n_trials_each_once(tmp_path):

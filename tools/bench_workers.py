@@ -1,10 +1,13 @@
 """Throughput of a search on a shared study: completed trials per hour with 1 and with 2 local workers.
 
-    python tools/bench_workers.py [--workers 1,2] [--trials 12] [--storage sqlite|postgresql] [--json OUT]
+    python tools/bench_workers.py [--workers 1,2] [--trials 16] [--latency-seconds 0] [--storage sqlite|postgresql]
+                                  [--json OUT]
+    python tools/bench_workers.py --overhead      # the store's cost per trial, SQLite and PostgreSQL
 
 Runs `onnxconet search --workers N` of ResNet-20 on Fashion-MNIST (the cached teacher of docs/cells/fashion,
 a 2,000-image training subset, one epoch per trial) with `--budget-on flops` (no latency measurement decides
-anything; the in-loop measurement is kept short) and one training thread per worker (`--torch-threads 1`).
+anything: by default trials are not timed, `--latency-seconds 0`; with a value > 0 each trial is timed by one
+worker at a time while the other pauses) and one training thread per worker (`--torch-threads 1`).
 Throughput = finished trials / (last trial's end - first trial's start), read from the study's own timestamps:
 the preparation and the final fine-tune are left out, a worker's start-up is not. Prints per N: the window, the
 trials per hour, the mean seconds of one trial (from the records), the speed-up over the first N, and which
@@ -39,7 +42,7 @@ def run(n: int, args, url: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "onnxconet", "search", "models/fashion_mnist.py:resnet20", "--data", args.data,
            "--weights", str(TEACHER), "--train-samples", str(args.train_samples), "--budget-on", "flops",
            "--budget", "0.5", "--trials", str(args.trials), "--epochs-per-trial", "1", "--final-epochs", "0",
-           "--latency-seconds", "0.1", "--threads", "1", "--provider", "cpu", "--workers", str(n),
+           "--latency-seconds", str(args.latency_seconds), "--threads", "1", "--provider", "cpu", "--workers", str(n),
            "--torch-threads", "1", "--storage", url, "--study", f"bench-{n}-{time.time_ns()}",
            "--out", str(out), "--json"]  # fmt: skip
     t0 = time.perf_counter()
@@ -61,6 +64,10 @@ def run(n: int, args, url: str, out: Path) -> dict:
         "window_s": round(seconds, 1),
         "trials_per_hour": round(3600 * len(finished) / seconds, 1),
         "trial_mean_s": round(sum(r["seconds"] for r in result["trials"]) / len(result["trials"]), 2),
+        "phase_mean_s": {
+            k: round(sum(r["extra"]["phase_seconds"][k] for r in result["trials"]) / len(result["trials"]), 2)
+            for k in result["trials"][0]["extra"]["phase_seconds"]
+        },
         "by_worker": dict(Counter(r["worker"] for r in result["trials"])),
         "wall_s": round(wall, 1),
         "lost": result["study"]["lost"],
@@ -92,11 +99,16 @@ def overhead(url: str, sizes=(10, 100, 500)) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--train-samples", type=int, default=2000)
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--latency-seconds", type=float, default=0.0,
+        help="in-loop timing of every trial (0: untimed, as the FLOPs budget allows; >0: measured by one worker "
+        "at a time, the other paused)",
+    )  # fmt: skip
     ap.add_argument("--overhead", action="store_true", help="only the store's cost per trial (no training)")
     args = ap.parse_args()
     if args.overhead:
@@ -127,7 +139,7 @@ def main() -> None:
             r = rows[-1]
             print(
                 f"workers {n}: {r['trials']} trials in {r['window_s']} s = {r['trials_per_hour']} trials/h "
-                f"(one trial {r['trial_mean_s']} s; {r['by_worker']}; wall {r['wall_s']} s)",
+                f"(one trial {r['trial_mean_s']} s: {r['phase_mean_s']}; {r['by_worker']}; wall {r['wall_s']} s)",
                 flush=True,
             )
     base = rows[0]["trials_per_hour"]

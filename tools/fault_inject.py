@@ -36,7 +36,15 @@ SEARCH = [
     "--budget-on", "flops", "--trials", "4", "--pretrain-epochs", "2", "--final-epochs", "1",
     "--latency-seconds", "0.05",
 ]  # fmt: skip
-TIMING = {"seconds", "latency_ms", "latency_ratio", "latency", "confirm_ratios", "provenance"}
+TIMING = {
+    "seconds",
+    "latency_ms",
+    "latency_ratio",
+    "latency",
+    "confirm_ratios",
+    "provenance",
+    "phase_seconds",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

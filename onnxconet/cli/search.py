@@ -146,9 +146,10 @@ def search(
         float,
         typer.Option(
             "--latency-seconds",
-            min=0.05,
+            min=0.0,
             help="Timing cap of one in-loop latency measurement; a measurement as deployed (reachability, "
-            "confirmation, final check) runs each process a quarter of it (at least 0.25 s).",
+            "confirmation, final check) runs each process a quarter of it (at least 0.25 s). 0 (a flops or "
+            "params budget only): trials are not timed; best.onnx still is, as deployed.",
         ),
     ] = 2.0,
     deployed_pairs: Annotated[

@@ -103,6 +103,11 @@ class SearchConfig:
                     "add --strategy dmasking or drop --resolutions"
                 )
             self.resolutions = check_resolutions(self.resolutions)
+        if self.latency_seconds < 0 or (self.latency_seconds == 0 and self.budget_on == "latency"):
+            raise OnnxconetError(
+                f"--latency-seconds {self.latency_seconds:g}: a latency budget needs every trial timed (> 0); "
+                "0 leaves trials untimed under a flops or params budget"
+            )
         if self.deployed_pairs < 1:
             raise OnnxconetError(f"--deployed-pairs must be >= 1, got {self.deployed_pairs}")
         if self.workers < 1:

@@ -93,12 +93,20 @@ def _emitter(progress: Progress | None) -> Callable[[str], None]:
     return lambda text: progress("stage", {"text": text}) if progress else None
 
 
+@dataclass(frozen=True)
+class KnownBaseline:
+    """What the run's first process measured of the original (latency as deployed, accuracies): a worker joining
+    a study (search/parallel.py) takes it instead of measuring again while the others train."""
+
+    ms: float
+    accuracy: float
+    test_accuracy: float | None
+
+
 def build_context(
-    cfg: SearchConfig, progress: Progress | None = None, baseline_ms: float | None = None
+    cfg: SearchConfig, progress: Progress | None = None, known: KnownBaseline | None = None
 ) -> RunContext:
-    """Prepare a run (module docstring). Raises OnnxconetError with one line on bad input. `baseline_ms`: the
-    baseline's latency measured by the run's first process (a worker joining a study does not measure it
-    again while the others train)."""
+    """Prepare a run (module docstring). Raises OnnxconetError with one line on bad input."""
     cfg.check()
     stage = _emitter(progress)
     out = Path(cfg.out)
@@ -123,22 +131,29 @@ def build_context(
         temperature=cfg.temperature, max_batches=cfg.max_batches, seed=cfg.seed,
     )  # fmt: skip
     teacher = _teacher(cfg, prep.loaded.module, loaders, tcfg, progress)
-    baseline = Baseline(
-        accuracy=evaluate(teacher, loaders.val, device=cfg.device, max_batches=cfg.max_batches)["accuracy"],
-        test_accuracy=evaluate(teacher, loaders.test, device=cfg.device)["accuracy"]
-        if loaders.test
-        else None,
-        onnx=str(out / "baseline.onnx"),
-    )
+    if known is not None:
+        baseline = Baseline(known.accuracy, known.test_accuracy, onnx=str(out / "baseline.onnx"))
+    else:
+        baseline = Baseline(
+            accuracy=evaluate(teacher, loaders.val, device=cfg.device, max_batches=cfg.max_batches)[
+                "accuracy"
+            ],
+            test_accuracy=evaluate(teacher, loaders.test, device=cfg.device)["accuracy"]
+            if loaders.test
+            else None,
+            onnx=str(out / "baseline.onnx"),
+        )
     save_onnx(onnx_with_weights(prep.onnx_model, teacher.state_dict()), baseline.onnx)
     faults.point("baseline.onnx written")
     target = cfg.target()
     judge = LatencyJudge(baseline.onnx, target, cfg.latency_seconds, pairs=cfg.deployed_pairs)
     try:
-        if baseline_ms is None:
+        if known is None:
             stage(f"measuring the baseline's latency as deployed ({target.describe()})")
-            baseline_ms = measure(baseline.onnx, target, max_seconds=2 * cfg.latency_seconds).median_ms
-        base_ms = baseline_ms
+            seconds = max(2 * cfg.latency_seconds, 0.5)  # (0: trials untimed; the baseline still is)
+            base_ms = measure(baseline.onnx, target, max_seconds=seconds).median_ms
+        else:
+            base_ms = known.ms
         ratio, ms = parse_budget(cfg.budget, cfg.budget_on, base_ms)
     except BaseException:
         judge.close()

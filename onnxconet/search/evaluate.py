@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -42,6 +43,9 @@ class Evaluator:
     metric: str = "qc"
     progress: Callable[[dict], None] | None = None
     same_batches: bool = False  # every trial trains on the same batches in the same order (paired comparison)
+    # held around the compute between batches (the layer metric): with several workers on one machine, the
+    # gate that keeps another worker's latency measurement alone (latency/gate.py)
+    busy: Callable[[], AbstractContextManager] = nullcontext
     base_flops: int = field(init=False)
     base_params: int = field(init=False)
 
@@ -66,11 +70,14 @@ class Evaluator:
     ) -> tuple[Trial, nn.Module, dict]:
         """Train and measure one candidate; returns (trial, fine-tuned module, slices)."""
         t0 = time.perf_counter()
+        clock = _Phases()
         keep, slices, model = self.cut(widths)
         flops, params = count_flops(self.cg, keep), count_params(self.cg, keep)
         latency_ratio = latency_ms = None
+        clock.lap("cut")
         if self.judge is not None:
             latency_ratio, latency_ms = self.judge.measure(slice_onnx(self.cg, keep))
+        clock.lap("measure")
         cfg = self.train_cfg if epochs is None else _with_epochs(self.train_cfg, epochs)
         # the same batches for every trial (a paired comparison), else each trial's own: a resumed run trains
         # trial n on the batches an uninterrupted run would have
@@ -84,11 +91,13 @@ class Evaluator:
             teacher=self.teacher,
             device=self.device,
             progress=self.progress,
-            epoch_callback=(lambda _e, m: per_epoch.append(self.group_metrics(m)))
+            epoch_callback=(lambda _e, m: per_epoch.append(self._busy_metrics(m)))
             if self.metric == "qc"
             else None,
         )
+        clock.lap("train")
         acc = evaluate(model, self.val_loader, device=self.device)["accuracy"]
+        clock.lap("evaluate")
         metrics = {g: max(e.get(g, 0.0) for e in per_epoch) for g in per_epoch[0]} if per_epoch else {}
         ratio = {
             "latency": latency_ratio,
@@ -109,8 +118,13 @@ class Evaluator:
             params_ratio=params / self.base_params,
             seconds=time.perf_counter() - t0,
             metrics=metrics,
+            extra={"phase_seconds": clock.laps},
         )
         return trial, model, slices
+
+    def _busy_metrics(self, model: nn.Module) -> dict[int, float]:
+        with self.busy():
+            return self.group_metrics(model)
 
     def group_metrics(self, model: nn.Module) -> dict[int, float]:
         """CONetV2 per group: mean of its producers' output-unfolding QC and consumers' input-unfolding QC."""
@@ -129,6 +143,19 @@ class Evaluator:
             for gid in np.unique(self.cg.group_of_bundle[self.cg.bundle_of_id[m.ids]]).tolist():
                 sums.setdefault(gid, []).append(q)
         return {g: float(np.mean(v)) for g, v in sums.items() if self.cg.groups[g].prunable}
+
+
+class _Phases:
+    """Wall seconds of a trial's phases (cut, measure, train with the metric, evaluate): where the time goes."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from onnxconet.files import atomic_write
 from onnxconet.latency.gate import GatedLoader, MeasureGate
 from onnxconet.search.base import Setup
 from onnxconet.search.config import SearchConfig, config_json
-from onnxconet.search.context import RunContext, build_context
+from onnxconet.search.context import KnownBaseline, RunContext, build_context
 from onnxconet.search.driver import Loop
 from onnxconet.search.finish import SearchRun
 from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
@@ -70,7 +70,9 @@ def search_on_study(ctx: RunContext) -> SearchRun:
     storage = open_storage(url, cfg.heartbeat)
     meta = StudyMeta(
         config=config_json(replace(cfg, resume=False)), out=str(Path(cfg.out).resolve()), budget=ctx.budget.ratio,
-        baseline_ms=_baseline_ms(ctx), fingerprint=ctx.cg.fingerprint(), trials=cfg.trials, start=None,
+        baseline={"ms": ctx.budget.ms / ctx.budget.ratio, "accuracy": ctx.baseline.accuracy,
+                  "test_accuracy": ctx.baseline.test_accuracy},
+        fingerprint=ctx.cg.fingerprint(), trials=cfg.trials, start=None,
     )  # fmt: skip
     study = create_study(storage, name, meta, cfg.resume)
     strategy = make_strategy(ctx, space, cost, start=StudyMeta.from_json(study.user_attrs["onnxconet"]).start)
@@ -128,11 +130,12 @@ def measuring_alone(ctx: RunContext, evaluator) -> Iterator[None]:
     gate = MeasureGate(ctx.out)
     train, val = evaluator.train_loader, evaluator.val_loader
     evaluator.train_loader, evaluator.val_loader = GatedLoader(train, gate), GatedLoader(val, gate)
-    ctx.judge.gate = gate
+    ctx.judge.gate, evaluator.busy = gate, gate.shared
     try:
         yield
     finally:
         evaluator.train_loader, evaluator.val_loader, ctx.judge.gate = train, val, None
+        evaluator.busy = nullcontext
         gate.close()
 
 
@@ -162,10 +165,6 @@ def _wait(p: subprocess.Popen, grace: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def _baseline_ms(ctx: RunContext) -> float | None:
-    return ctx.budget.ms / ctx.budget.ratio if ctx.budget.ms else None
 
 
 def export_history(ctx: RunContext, recs: list[dict]) -> None:
@@ -199,7 +198,7 @@ def join(url: str, name: str, out: str | None = None, torch_threads: int = 0, he
         return []
     cfg.torch_threads = torch_threads or torch.get_num_threads()
     with preparing(cfg):
-        ctx = build_context(cfg, progress, baseline_ms=meta.baseline_ms)
+        ctx = build_context(cfg, progress, known=KnownBaseline(**meta.baseline))
     with ctx:
         if ctx.cg.fingerprint() != meta.fingerprint:
             raise OnnxconetError(

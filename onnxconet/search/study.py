@@ -9,8 +9,8 @@ journal storage has no heartbeat: there each worker writes a "beat" time into it
 the same rule (three missed beats) is applied by the workers (search/workers.py; it trusts the machines' clocks).
 
 What onnxconet stores (all JSON):
-- the study's user attribute "onnxconet": the run's config, its folder, the budget, the baseline's latency,
-  the fingerprint of the model's channel graph, the number of trials and the strategy's start widths;
+- the study's user attribute "onnxconet": the run's config, its folder, the budget, the baseline's latency
+  and accuracies, the fingerprint of the model's channel graph, the number of trials and the strategy's start widths;
 - per Optuna trial: "widths" when it is claimed, "record" (the history line: `Trial.to_json()` + the
   strategy's facts) when it ends; its value is the objective (-inf for a failed candidate). A candidate that
   failed (NaN, an exception) is a finished trial (COMPLETE with -inf), as in history.jsonl; FAIL is a worker
@@ -93,7 +93,7 @@ class StudyMeta:
     config: dict
     out: str
     budget: float
-    baseline_ms: float | None
+    baseline: dict  # the original as the first process measured it: ms, accuracy, test_accuracy
     fingerprint: str
     trials: int
     start: dict[int, int] | None
