@@ -99,6 +99,7 @@ def test_knapsack_prefers_the_more_important_group_at_equal_cost(tiny_graph):
     assert w[b] == gb.hi and w[a] == ga.lo
 
 
+@pytest.mark.slow  # three searches (73 s on 2 cores); the placement itself is tested above without training
 def test_start_knapsack_end_to_end(tmp_path, npz_data):
     """anneal's first trial under --start knapsack: other widths than the uniform start, within the FLOPs budget
     (exact: no timing), and maximal there: no group could take one more step."""

@@ -216,6 +216,7 @@ def test_measure_candidate_and_its_cache(tiny, tmp_path):
         measure_candidate(cg, {1: 10_000}, tiny.onnx_model, CPU1)
 
 
+@pytest.mark.slow  # real timings on shared cores: a disturbed minute fails it (CI, 2026-12-03: median error 0.28)
 def test_calibrated_predictor_is_close_to_measured(r20):
     """Real measurements on a small CIFAR ResNet (1.3 ms at 1 thread): a loose bound, the machine is shared."""
     cg = r20.graph

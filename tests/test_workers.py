@@ -20,7 +20,7 @@ import pytest
 
 from onnxconet.search.anneal import AnnealStrategy
 from onnxconet.search.base import Objective, Strategy, Trial, TrialState
-from onnxconet.search.study import StudyMeta, accounting, create_study, open_storage, redact
+from onnxconet.search.study import StudyMeta, accounting, create_study, existing, open_storage, redact
 from onnxconet.search.workers import StudyWorker, fail_stale
 from tests.conftest import ROOT, tiny_search_args
 from tests.pg_server import loopback_postgres, pg_bin
@@ -66,7 +66,7 @@ def test_workers_racing_finish_exactly_n_trials_each_once(tmp_path):
     """Four workers (threads, each with its own connection) on one SQLite study of 9 trials: 9 finish, each run
     by one worker, their history records complete; claims beyond 9 are failed as surplus, never run."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    create_study(open_storage(url), "race", meta(9), resume=False)
+    create_study(open_storage(url), "race", meta(9))
     workers = []
 
     def work() -> None:
@@ -96,10 +96,64 @@ def test_workers_racing_finish_exactly_n_trials_each_once(tmp_path):
     assert all("record" not in t.user_attrs for t in trials if t.user_attrs.get("surplus"))
 
 
+def test_a_claim_beyond_the_last_trial_is_surplus_and_never_run(tmp_path):
+    """Two workers decide on the same view of a 1-trial study (both see it empty): the second claim is failed at
+    once as surplus; exactly one trial runs."""
+    study = create_study(open_storage(f"sqlite:///{tmp_path / 'study.db'}"), "last", meta(1))
+    a, b = (StudyWorker(study, Pick(), Quick(0.0), 1, tmp_path, heartbeat=5) for _ in range(2))
+    view = study.get_trials()  # empty, for both
+    first = a.claim(view, 0)
+    assert first is not None and b.claim(view, 0) is None
+    a.run_trial(*first)
+    trials = study.get_trials()
+    assert accounting(trials) == {"finished": 1, "running": 0, "waiting": 0, "lost": 0, "surplus": 1}
+    assert b.ran == [] and "record" not in trials[1].user_attrs
+
+
+def test_the_gate_lets_one_measurer_in_while_trainers_pause(tmp_path):
+    """MeasureGate between processes: a measurement waits for the batch in flight and holds off new batches."""
+    import multiprocessing as mp
+
+    from onnxconet.latency.gate import MeasureGate
+
+    ctx = mp.get_context("spawn")
+    started, events = ctx.Event(), ctx.Queue()
+    trainer = ctx.Process(target=_train_batches, args=(str(tmp_path), started, events))
+    trainer.start()
+    started.wait(30)
+    gate = MeasureGate(tmp_path)
+    with gate.exclusive():
+        t_in = time.monotonic()
+        time.sleep(0.6)
+        t_out = time.monotonic()
+    trainer.join(30)
+    batches = []
+    while not events.empty():
+        batches.append(events.get())
+    assert trainer.exitcode == 0 and len(batches) >= 3
+    for b0, b1 in batches:  # no batch overlapped the measurement
+        assert b1 <= t_in or b0 >= t_out, (b0, b1, t_in, t_out)
+    assert any(b0 >= t_out for b0, _ in batches)  # the trainer went on afterwards
+    gate.close()
+
+
+def _train_batches(folder, started, events):
+    from onnxconet.latency.gate import MeasureGate
+
+    gate = MeasureGate(folder)
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:
+        with gate.shared():
+            started.set()
+            b0 = time.monotonic()
+            time.sleep(0.1)  # a batch
+            events.put((b0, time.monotonic()))
+
+
 def test_a_proposal_sees_the_finished_trials_in_the_order_they_finished(tmp_path):
     """A worker rebuilds its strategy from the study: told every finished trial (in order), none twice."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = create_study(open_storage(url), "order", meta(4), resume=False)
+    study = create_study(open_storage(url), "order", meta(4))
     w = StudyWorker(study, Pick(), Quick(0.0), 4, tmp_path, heartbeat=5)
     w.run()
     records = [t.user_attrs["record"] for t in sorted(study.get_trials(), key=lambda t: t.datetime_complete)]
@@ -113,15 +167,18 @@ def test_a_silent_worker_trial_is_failed_and_run_again_on_the_journal(tmp_path):
     """The journal storage has no engine heartbeat: the workers' own beat rule fails a trial silent for three
     beats and enqueues its copy, which the next worker runs before any new trial."""
     url = f"journal:{tmp_path / 'study.log'}"
-    study = create_study(open_storage(url), "journal", meta(2), resume=False)
+    study = create_study(open_storage(url), "journal", meta(2))
     dead = study.ask()
     dead.set_user_attr("widths", {"0": 123})
-    study._storage.set_trial_system_attr(dead._trial_id, "beat", time.time() - 10)
-    fail_stale(study, interval=1.0)
+    study._storage.set_trial_system_attr(dead._trial_id, "beat", time.time())
+    fail_stale(study, interval=0.2)
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]  # beating
+    time.sleep(0.8)  # silent for more than three beats
+    fail_stale(study, interval=0.2)
     trials = study.get_trials()
     assert trials[0].state.name == "FAIL" and trials[1].state.name == "WAITING"
     assert trials[1].user_attrs["widths"] == {"0": 123}
-    fail_stale(study, interval=1.0)  # a second look changes nothing
+    fail_stale(study, interval=0.2)  # a second look changes nothing (only running trials are judged)
     assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
     ev = Quick(0.0)
     StudyWorker(study, Pick(), ev, 2, tmp_path, heartbeat=1).run()
@@ -130,9 +187,27 @@ def test_a_silent_worker_trial_is_failed_and_run_again_on_the_journal(tmp_path):
     assert counts == {"finished": 2, "running": 0, "waiting": 0, "lost": 1, "surplus": 0}
 
 
+def test_a_trial_claimed_by_a_worker_that_dies_at_once_is_retried(tmp_path):
+    """SQLite with the engine's heartbeat (1 s): a claim beats at once, so a worker that dies before its first
+    training step is seen (Optuna never fails a trial that never beat) and its widths run again."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = create_study(open_storage(url, heartbeat=1), "early", meta(1))
+    dead = StudyWorker(study, Pick(), Quick(0.0), 1, tmp_path, heartbeat=1)
+    ot, widths = dead.claim(study.get_trials(), 0)  # ... and nothing more from it
+    fail_stale(study, 1)
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]  # not yet stale
+    time.sleep(4.5)  # the grace period (three beats), and SQLite keeps whole seconds
+    fail_stale(study, 1)
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
+    ev = Quick(0.0)
+    StudyWorker(study, Pick(), ev, 1, tmp_path, heartbeat=1).run()
+    assert ev.ran == [(1, widths)]
+    assert accounting(study.get_trials())["lost"] == 1
+
+
 def test_a_beating_trial_is_not_failed(tmp_path):
     url = f"journal:{tmp_path / 'study.log'}"
-    study = create_study(open_storage(url), "alive", meta(1), resume=False)
+    study = create_study(open_storage(url), "alive", meta(1))
     alive = study.ask()
     study._storage.set_trial_system_attr(alive._trial_id, "beat", time.time())
     fail_stale(study, interval=1.0)
@@ -148,6 +223,20 @@ def test_anneal_moves_off_the_start_that_another_worker_trains(grouped_space):
     assert s.ask() != init  # the start is trained elsewhere: a move from it
 
 
+def test_a_recorded_decision_is_replayed_not_decided_again(grouped_space):
+    """anneal told a recorded trial follows its recorded acceptance (another worker decided it against the state
+    of its time); a new trial is decided by Metropolis."""
+    space, cost = grouped_space
+    init = cost.rescale(space.full(), 0.5)
+    s = AnnealStrategy(space, Objective(0.5), cost, init, seed=0)
+    good = Trial(0, init, TrialState.COMPLETE, accuracy=0.9, ratio=0.4)
+    assert s.tell(good)["accepted"]
+    better = Trial(1, init, TrialState.COMPLETE, accuracy=0.95, ratio=0.4)
+    assert not s.tell(Trial.from_json({**better.to_json(), "accepted": False}))["accepted"]
+    assert s.current is good  # the recorded rejection stands although the objective is higher
+    assert s.tell(Trial(2, init, TrialState.COMPLETE, accuracy=0.97, ratio=0.4))["accepted"]
+
+
 def test_storage_errors_are_one_line_and_passwords_stay_out(tmp_path):
     from onnxconet.errors import OnnxconetError
 
@@ -157,9 +246,16 @@ def test_storage_errors_are_one_line_and_passwords_stay_out(tmp_path):
     with pytest.raises(OnnxconetError) as e:
         open_storage("postgresql+psycopg2://me:s3cret@127.0.0.1:1/x")  # nothing listens on port 1
     assert "s3cret" not in str(e.value) and "cannot open" in str(e.value) and "\n" not in str(e.value)
-    create_study(open_storage(f"sqlite:///{tmp_path / 's.db'}"), "x", meta(1), resume=False)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    assert existing(storage, "x", resume=False) is None  # new
+    create_study(storage, "x", meta(1))
     with pytest.raises(OnnxconetError, match="already exists.*--resume"):
-        create_study(open_storage(f"sqlite:///{tmp_path / 's.db'}"), "x", meta(1), resume=False)
+        existing(storage, "x", resume=False)
+    assert existing(storage, "x", resume=True, fingerprint="f").trials == 1
+    with pytest.raises(OnnxconetError, match="another model"):
+        existing(storage, "x", resume=True, fingerprint="g")
+    # passwords SQLAlchemy would read, however written
+    assert "ab/cd" not in redact("postgresql://me:ab/cd@db/x") and "pw" not in redact("postgresql://:pw@db/x")
 
 
 @pytest.fixture(scope="module")

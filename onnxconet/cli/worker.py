@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from onnxconet.cli.app import HeartbeatOpt, StorageOpt, StudyOpt, TorchThreadsOpt, _run, app, err, out
+from onnxconet.cli.app import StorageOpt, StudyOpt, _run, app, err, out
 
 
 @app.command()
@@ -22,12 +22,24 @@ def worker(
             "default: the path the study recorded.",
         ),
     ] = None,
-    heartbeat: HeartbeatOpt = 10.0,
-    torch_threads: TorchThreadsOpt = 0,
+    torch_threads: Annotated[
+        int,
+        typer.Option("--torch-threads", min=0, help="Training threads of this worker (0: torch's default)."),
+    ] = 0,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            min=0,
+            help="Seconds to wait for the study to appear (the search's first process publishes it once it has "
+            "prepared the run: exported, trained the teacher, measured the baseline).",
+        ),
+    ] = 3600.0,
 ) -> None:
     """Run trials of a search started with `onnxconet search … --storage URL --study NAME` until the study holds
     its trials. The run folder must be reachable here (a shared file system, or --out). Kill it at any time:
-    its trial is failed by the heartbeat and run again by another worker."""
+    its trial is failed by the heartbeat and run again by another worker. The heartbeat is the study's
+    (`search --heartbeat`)."""
     from onnxconet.search.parallel import join
 
     if not storage or not study:
@@ -46,5 +58,5 @@ def worker(
             )
             err.print(f"  trial {r['trial']}: {acc}", markup=False, highlight=False)
 
-    ran = _run(join, storage, study, str(out_dir) if out_dir else None, torch_threads, heartbeat, on_event)
+    ran = _run(join, storage, study, str(out_dir) if out_dir else None, torch_threads, wait, on_event)
     out.print(f"worker done: ran {len(ran)} trial(s) {ran}", highlight=False)

@@ -22,7 +22,7 @@ from onnxconet.search.config import SearchConfig, config_json
 from onnxconet.search.context import Progress, RunContext, build_context
 from onnxconet.search.driver import History, Loop, restore_bank
 from onnxconet.search.finish import SearchRun, finish
-from onnxconet.search.parallel import search_on_study
+from onnxconet.search.parallel import check_study, search_on_study
 from onnxconet.search.results import SearchResult
 from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
 
@@ -41,6 +41,8 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
     """
     t_start = time.perf_counter()
     cfg.check()
+    if cfg.on_study:
+        check_study(cfg)  # the storage opens and --resume agrees with the study, before any training
     try:
         with RunLock(cfg.out):  # one run writes a folder at a time
             if cfg.resume:

@@ -408,6 +408,12 @@ def connect(url: str, token: str | None = None) -> Device:
     return dev
 
 
+def token_of(url: str) -> str | None:
+    """The token this process holds for the agent at `url` (None: not an agent, or none given)."""
+    dev = _DEVICES.get(url)
+    return dev.token if isinstance(dev, AgentDevice) else None
+
+
 def get(url: str) -> Device:
     """`connect` without a token argument (the agent's from ONNXCONET_TOKEN, or the one given earlier)."""
     return _DEVICES.get(url) or connect(url)

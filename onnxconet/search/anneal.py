@@ -112,6 +112,11 @@ class AnnealStrategy(Strategy):
             accept = True
         else:
             accept = bool(self.rng.random() < math.exp((j_new - j_cur) / max(self.temperature, 1e-9)))
+        recorded = trial.extra.get("accepted")
+        if recorded is not None:  # replaying a recorded trial: its decision stands (on a shared study another
+            accept = bool(
+                recorded
+            )  # worker may have decided it against a state this replay orders differently)
         temperature = self.temperature
         if accept:
             self.current = trial

@@ -143,8 +143,9 @@ def build_context(
             else None,
             onnx=str(out / "baseline.onnx"),
         )
-    save_onnx(onnx_with_weights(prep.onnx_model, teacher.state_dict()), baseline.onnx)
-    faults.point("baseline.onnx written")
+    if known is None:  # (a joining worker reads the first process's file: the reference of every measurement)
+        save_onnx(onnx_with_weights(prep.onnx_model, teacher.state_dict()), baseline.onnx)
+        faults.point("baseline.onnx written")
     target = cfg.target()
     judge = LatencyJudge(baseline.onnx, target, cfg.latency_seconds, pairs=cfg.deployed_pairs)
     try:

@@ -77,6 +77,9 @@ class CostModel:
         self.fitted = predictor  # the predictor refitted on what was measured
         self.refit = refit
         self.residual = Correction()
+        self.observed: list[
+            dict
+        ] = []  # every observation, in order (a joining worker replays the first ones)
 
     def exact(self, widths: dict[int, int]) -> tuple[float, float]:
         """(FLOPs ratio, params ratio) of a configuration."""
@@ -89,6 +92,10 @@ class CostModel:
             self.observe(trial.flops_ratio, trial.latency_ratio, trial.widths)
 
     def observe(self, flops_ratio: float, latency_ratio: float, widths: dict[int, int] | None = None) -> None:
+        self.observed.append(
+            {"flops_ratio": float(flops_ratio), "latency_ratio": float(latency_ratio),
+             "widths": {str(k): int(v) for k, v in widths.items()} if widths is not None else None}
+        )  # fmt: skip
         if self.predictor is not None and widths is not None:
             self.correction.add(latency_ratio, self.predictor.predict_ratio(widths))
             if self.refit and getattr(self.predictor, "data", None):
@@ -105,6 +112,12 @@ class CostModel:
         if len(self.points) >= 3 and np.ptp(x) > 1e-6:
             b, a = np.polyfit(x, y, 1)
             self.a, self.b = float(a), float(max(b, 1e-3))
+
+    def replay(self, observed: list[dict]) -> None:
+        """Observe again what another process observed (`observed`, in order): the same corrections."""
+        for o in observed:
+            widths = {int(k): int(v) for k, v in o["widths"].items()} if o.get("widths") is not None else None
+            self.observe(o["flops_ratio"], o["latency_ratio"], widths)
 
     def predict(self, widths: dict[int, int]) -> float:
         f, p = self.exact(widths)

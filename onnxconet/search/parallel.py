@@ -41,6 +41,7 @@ from onnxconet.search.study import (
     accounting,
     create_study,
     default_storage,
+    existing,
     finished,
     load_study,
     open_storage,
@@ -60,25 +61,30 @@ def study_name(cfg: SearchConfig) -> str:
     return cfg.study or Path(cfg.out).resolve().name
 
 
+def check_study(cfg: SearchConfig) -> None:
+    """Before any training: the storage opens, and the study is new or --resume continues it."""
+    existing(open_storage(storage_of(cfg), cfg.heartbeat), study_name(cfg), cfg.resume)
+
+
 def search_on_study(ctx: RunContext) -> SearchRun:
-    """The first process's part (module docstring): prepare, start the workers, work, collect."""
+    """The first process's part (module docstring): prepare, publish the study, start the workers, work,
+    collect."""
     cfg = ctx.cfg
+    url, name = storage_of(cfg), study_name(cfg)
+    storage = open_storage(url, cfg.heartbeat)
+    old = existing(storage, name, cfg.resume, ctx.cg.fingerprint())
     space = width_space(ctx)
     cost = cost_model(ctx, space)
     check_reachable(ctx, space, cost)
-    url, name = storage_of(cfg), study_name(cfg)
-    storage = open_storage(url, cfg.heartbeat)
+    strategy = make_strategy(ctx, space, cost, start=old.start if old else None)
     meta = StudyMeta(
         config=config_json(replace(cfg, resume=False)), out=str(Path(cfg.out).resolve()), budget=ctx.budget.ratio,
         baseline={"ms": ctx.budget.ms / ctx.budget.ratio, "accuracy": ctx.baseline.accuracy,
                   "test_accuracy": ctx.baseline.test_accuracy},
-        fingerprint=ctx.cg.fingerprint(), trials=cfg.trials, start=None,
+        fingerprint=ctx.cg.fingerprint(), trials=cfg.trials, start=strategy.anchor(), heartbeat=cfg.heartbeat,
+        observed=list(cost.observed),
     )  # fmt: skip
-    study = create_study(storage, name, meta, cfg.resume)
-    strategy = make_strategy(ctx, space, cost, start=StudyMeta.from_json(study.user_attrs["onnxconet"]).start)
-    if cfg.strategy == "anneal" and meta.start is None:
-        meta.start = strategy.anchor()
-        study.set_user_attr("onnxconet", meta.to_json())
+    study = create_study(storage, name, meta)
     before = len(finished(study.get_trials(deepcopy=False)))
     if before:
         ctx.stage(f"re-attached to study {name!r}: {before} of {cfg.trials} trials finished")
@@ -90,8 +96,9 @@ def search_on_study(ctx: RunContext) -> SearchRun:
     try:
         evaluator = work(ctx, study, strategy, cfg.trials)
     finally:
-        for p in procs:
-            _wait(p)
+        for i, p in enumerate(procs, 1):
+            if _wait(p):
+                log.warning("worker %d ended with exit code %s: see %s", i, p.returncode, worker_log(cfg, i))
     all_trials = study.get_trials(deepcopy=False)
     counts = accounting(all_trials)
     if counts["lost"]:
@@ -144,18 +151,29 @@ def worker_threads(cfg: SearchConfig) -> int:
     return cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(cfg.workers, 1))
 
 
+def worker_log(cfg: SearchConfig, index: int) -> Path:
+    return Path(cfg.out) / f"worker-{index}.log"
+
+
 def spawn_worker(url: str, name: str, cfg: SearchConfig, index: int) -> subprocess.Popen:
     """`onnxconet worker` for this study, as a child process (its log in the run folder)."""
-    log_path = Path(cfg.out) / f"worker-{index}.log"
-    env = dict(os.environ, ONNXCONET_STORAGE=url)  # a password in the URL stays out of `ps`
-    cmd = [sys.executable, "-m", "onnxconet", "worker", "--study", name,
-           "--torch-threads", str(worker_threads(cfg)), "--heartbeat", str(cfg.heartbeat)]  # fmt: skip
-    with open(log_path, "ab") as logf:
+    from onnxconet.latency.device import TOKEN_ENV, token_of
+
+    # secrets through the environment, not the command line (`ps` shows it): the storage's password, and the
+    # --target agent's token
+    env = dict(os.environ, ONNXCONET_STORAGE=url)
+    token = token_of(cfg.latency_target) if cfg.latency_target else None
+    if token:
+        env[TOKEN_ENV] = token
+    cmd = [sys.executable, "-m", "onnxconet", "worker", "--study", name, "--out", str(Path(cfg.out).resolve()),
+           "--torch-threads", str(worker_threads(cfg))]  # fmt: skip
+    with open(worker_log(cfg, index), "ab") as logf:
         return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait(p: subprocess.Popen, grace: float = 30.0) -> None:
-    """Wait for a worker that has no trial left; interrupt it if this process is leaving early."""
+def _wait(p: subprocess.Popen, grace: float = 30.0) -> int:
+    """Wait for a worker that has no trial left (interrupt it if this process is leaving early); its exit code
+    (a killed worker's is negative)."""
     try:
         p.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -165,6 +183,7 @@ def _wait(p: subprocess.Popen, grace: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    return p.returncode
 
 
 def export_history(ctx: RunContext, recs: list[dict]) -> None:
@@ -177,23 +196,22 @@ def export_history(ctx: RunContext, recs: list[dict]) -> None:
     atomic_write(ctx.out / "history.jsonl", "\n".join(lines) + "\n")
 
 
-def join(url: str, name: str, out: str | None = None, torch_threads: int = 0, heartbeat: float | None = None,
+def join(url: str, name: str, out: str | None = None, torch_threads: int = 0, wait: float = 0.0,
          progress=None) -> list[int]:  # fmt: skip
     """`onnxconet worker`: rebuild the run of study `name` from its folder and run trials until the study is
     complete. Returns the numbers of the trials this worker ran. `torch_threads`: training threads (0: torch's
-    default)."""
-    storage = open_storage(url, heartbeat or 10.0)
-    study, meta = load_study(storage, name)
+    default); `wait`: seconds to wait for the run's first process to publish the study."""
+    on_wait = (lambda text: progress("stage", {"text": text})) if progress else None
+    _, meta = load_study(open_storage(url), name, wait, on_wait)
+    study, meta = load_study(open_storage(url, meta.heartbeat), name)  # beats at the study's rhythm
     cfg = SearchConfig(**_config_args(meta.config))
-    cfg.out, cfg.resume = out or meta.out, True
-    if heartbeat:
-        cfg.heartbeat = heartbeat
-    teacher = Path(cfg.out) / "teacher.pt"
-    if not cfg.weights and cfg.pretrain_epochs > 0 and not teacher.is_file():
-        raise OnnxconetError(
-            f"{teacher} is missing: a worker reads the run folder of its study ({cfg.out}); mount it here or "
-            "pass --out to where it is"
-        )
+    cfg.out, cfg.resume, cfg.heartbeat = out or meta.out, True, meta.heartbeat
+    for needed in ("baseline.onnx",) + (() if cfg.weights or cfg.pretrain_epochs <= 0 else ("teacher.pt",)):
+        if not (Path(cfg.out) / needed).is_file():
+            raise OnnxconetError(
+                f"{Path(cfg.out) / needed} is missing: a worker reads the run folder of its study ({meta.out}); "
+                "mount it here or pass --out to where it is"
+            )
     if len(finished(study.get_trials(deepcopy=False))) >= meta.trials:
         return []
     cfg.torch_threads = torch_threads or torch.get_num_threads()
@@ -206,7 +224,9 @@ def join(url: str, name: str, out: str | None = None, torch_threads: int = 0, he
             )
         with preparing(cfg):
             space = width_space(ctx)
-            strategy = make_strategy(ctx, space, cost_model(ctx, space), start=meta.start, joining=True)
+            cost = cost_model(ctx, space)
+            cost.replay(meta.observed or [])  # the first process's corrections: the same proposals
+            strategy = make_strategy(ctx, space, cost, start=meta.start, joining=True)
             evaluator = make_evaluator(ctx, strategy)
         torch.set_num_threads(cfg.torch_threads)
         with measuring_alone(ctx, evaluator):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,15 @@ def open_storage(url: str, heartbeat: float = 10.0):
 
 
 def redact(url: str) -> str:
-    """`url` without its password (for messages and result.json)."""
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+    """`url` without its password (for messages and result.json), as SQLAlchemy parses it."""
+    if url.startswith("journal:"):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: hide everything between :// and @
+        return re.sub(r"://[^@]*@", "://***@", url)
 
 
 @dataclass
@@ -96,10 +104,13 @@ class StudyMeta:
     baseline: dict  # the original as the first process measured it: ms, accuracy, test_accuracy
     fingerprint: str
     trials: int
-    start: dict[int, int] | None
+    start: dict[int, int] | None  # anneal's first widths
+    heartbeat: float = 10.0  # seconds between beats: every worker uses the study's
+    observed: list = None  # the cost model's corrections before the first trial (`CostModel.observed`)
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
+        d["observed"] = d["observed"] or []
         d["start"] = {str(k): v for k, v in self.start.items()} if self.start else None
         return d
 
@@ -107,44 +118,59 @@ class StudyMeta:
     def from_json(cls, d: dict) -> StudyMeta:
         d = dict(d)
         d["start"] = {int(k): int(v) for k, v in d["start"].items()} if d.get("start") else None
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def create_study(storage, name: str, meta: StudyMeta, resume: bool):
-    """A new study `name` holding `meta`, or (resume) the existing one after checking it is this run's."""
+def existing(storage, name: str, resume: bool, fingerprint: str | None = None) -> StudyMeta | None:
+    """The meta of study `name` when it exists (then `resume` must be asked for, and the model must be the same),
+    else None. Called before any training: a wrong --study or a missing --resume fails at once."""
     optuna = _optuna()
-    exists = name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if exists and not resume:
+    if name not in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}:
+        return None
+    if not resume:
         raise OnnxconetError(
             f"study {name!r} already exists in the storage: pass --resume to continue it, or choose another "
             "--study"
         )
+    attrs = optuna.load_study(storage=storage, study_name=name).user_attrs
+    if META not in attrs:
+        return None  # created, but its first process died before it was prepared: prepare it again
+    old = StudyMeta.from_json(attrs[META])
+    if fingerprint is not None and old.fingerprint != fingerprint:
+        raise OnnxconetError(f"study {name!r} belongs to another model (fingerprint); choose another --study")
+    return old
+
+
+def create_study(storage, name: str, meta: StudyMeta):
+    """Study `name` (new, or the existing one of a resumed run) holding `meta`: written once the run is prepared,
+    so a worker that joins finds everything it needs."""
+    optuna = _optuna()
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
-    if exists:
-        old = StudyMeta.from_json(study.user_attrs.get(META) or _missing(name))
-        if old.fingerprint != meta.fingerprint:
-            raise OnnxconetError(
-                f"study {name!r} belongs to another model (fingerprint); choose another --study"
-            )
-        meta.start = old.start  # the workers of the first attempt started from these widths
     study.set_user_attr(META, meta.to_json())
     return study
 
 
-def load_study(storage, name: str):
-    """(study, meta) of an existing onnxconet study, or one line saying how to make it."""
+def load_study(storage, name: str, wait: float = 0.0, on_wait=None):
+    """(study, meta) of an onnxconet study; waits up to `wait` seconds for the run's first process to prepare it
+    (`on_wait(text)` once), else one line saying how to make it."""
     optuna = _optuna()
-    try:
-        study = optuna.load_study(storage=storage, study_name=name)
-    except KeyError:
-        raise OnnxconetError(
-            f"no study {name!r} in the storage: start it with `onnxconet search … --storage URL --study {name}`"
-        ) from None
-    return study, StudyMeta.from_json(study.user_attrs.get(META) or _missing(name))
-
-
-def _missing(name: str):
-    raise OnnxconetError(f"study {name!r} was not made by onnxconet search (no {META!r} attribute)")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            study = optuna.load_study(storage=storage, study_name=name)
+            if META in study.user_attrs:
+                return study, StudyMeta.from_json(study.user_attrs[META])
+        except KeyError:
+            pass
+        if time.monotonic() >= deadline:
+            raise OnnxconetError(
+                f"no study {name!r} in the storage (waited {wait:g} s): start it with `onnxconet search … "
+                f"--storage URL --study {name}`, or give it longer with --wait"
+            )
+        if on_wait is not None:
+            on_wait(f"waiting for study {name!r}: the run's first process is preparing it")
+            on_wait = None
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
 
 def finished(trials) -> list:

@@ -104,6 +104,7 @@ class StudyWorker:
         if done + len(live) >= self.trials and not waiting:
             return None
         ot = self.study.ask()  # a waiting retry first (Optuna pops it atomically), else a new trial
+        beat_now(self.study, ot)  # from now on a death is seen (a trial never beaten is never failed)
         now = self.study.get_trials(deepcopy=False)
         active = sorted(
             t.number
@@ -129,8 +130,6 @@ class StudyWorker:
             widths = strategy.ask()
             ot.set_user_attr("widths", {str(k): int(v) for k, v in widths.items()})
         ot.set_user_attr("worker", self.name)
-        if not _engine_heartbeat(self.study):  # a retry carries its dead worker's last beat: beat now
-            self.study._storage.set_trial_system_attr(ot._trial_id, "beat", time.time())
         return ot, widths
 
     def run_trial(self, ot, widths: dict[int, int]) -> None:
@@ -148,8 +147,13 @@ class StudyWorker:
                     {"trial": n, "state": model.state_dict(), "keep": torch.from_numpy(keep)},
                     self.out / CANDIDATES / f"trial-{n}.pt",
                 )
-            ot.set_user_attr("record", rec)
-        self.study.tell(ot, objective_value(self.objective(trial)))
+            try:
+                ot.set_user_attr("record", rec)
+                self.study.tell(ot, objective_value(self.objective(trial)))
+            except (RuntimeError, ValueError) as e:  # UpdateFinishedTrialError is a RuntimeError
+                # failed meanwhile by another worker (beats lost): its copy is run again; this result is dropped
+                log.warning("trial %d was failed meanwhile (%s); its retry counts instead", n, str(e)[:120])
+                return
         self.ran.append(n)
         self._emit("trial_end", {"record": rec, "best": None, "best_accuracy": None})
 
@@ -189,27 +193,28 @@ def _optuna_state(name: str):
     return getattr(optuna.trial.TrialState, name)
 
 
+def beat_now(study, ot) -> None:
+    """One heartbeat of `ot` now (the engine's, or the journal's `beat` attribute: a retry carries its dead
+    worker's last beat, which must not fail it again at once)."""
+    if _engine_heartbeat(study):
+        study._storage.record_heartbeat(ot._trial_id)
+    else:
+        study._storage.set_trial_system_attr(ot._trial_id, "beat", time.time())
+
+
 @contextmanager
 def beating(study, ot, interval: float) -> Iterator[None]:
-    """Keep `ot` alive while the block runs: the engine's heartbeat (SQL storages), else a "beat" time in the
-    trial's system attributes every `interval` seconds (the journal storage, which has no heartbeat)."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    storage = study._storage
-    if _engine_heartbeat(study):
-        with get_heartbeat_thread(ot._trial_id, storage):
-            yield
-        return
+    """Keep `ot` alive while the block runs: a beat every `interval` seconds from a thread (`beat_now`). A beat
+    that fails (the database restarting, a dropped connection) is tried again at the next one; Optuna's own
+    heartbeat thread stops at the first error, and its trial is then failed under a living worker."""
     stop = threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             try:
-                storage.set_trial_system_attr(ot._trial_id, "beat", time.time())
-            except Exception:  # noqa: BLE001 - the trial ended meanwhile
-                return
-            if stop.wait(interval):
-                return
+                beat_now(study, ot)
+            except Exception as e:  # noqa: BLE001 - transient: the next beat tries again
+                log.warning("trial %d: a heartbeat failed (%s); trying again", ot.number, str(e)[:120])
 
     thread = threading.Thread(target=beat, daemon=True, name="onnxconet-beat")
     thread.start()
@@ -222,16 +227,23 @@ def beating(study, ot, interval: float) -> Iterator[None]:
 
 def fail_stale(study, interval: float) -> None:
     """Fail the running trials whose worker stopped beating (three missed beats) and enqueue a copy of each:
-    Optuna's `fail_stale_trials` on SQL storages, the same rule on the "beat" attribute elsewhere."""
+    Optuna's `fail_stale_trials` on SQL storages, the same rule on the "beat" attribute elsewhere. A claim that
+    never beat (its worker died between asking and its first beat) is failed by the same rule on its start."""
     import optuna
 
     storage = study._storage
-    if _engine_heartbeat(study):
+    engine = _engine_heartbeat(study)
+    if engine:
         optuna.storages.fail_stale_trials(study)
-        return
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        last = t.system_attrs.get("beat") or (t.datetime_start.timestamp() if t.datetime_start else now)
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        if engine:
+            if "worker" in t.user_attrs:  # claimed and beating: the engine's rule above
+                continue
+            last = started
+        else:
+            last = max(t.system_attrs.get("beat") or started, started)
         if now - last <= 3 * interval:
             continue
         try:
