@@ -75,6 +75,7 @@ def test_costs_per_resolution(tiny):
         assert s.dm_cost.predict_raw(w, r) == pytest.approx(r.scale * r.effective.ratio(w))
 
 
+@pytest.mark.slow  # 18 s of real latency calibration per resolution
 def test_latency_costs_per_resolution(tiny, tmp_path, monkeypatch):
     """Budget on latency: each resolution gets a predictor calibrated on its graph and the measured ratio of its
     full-width model to the baseline; both are saved, and a resumed run loads them without measuring."""
@@ -225,6 +226,7 @@ def test_resized_loader():
     assert shapes == [(4, 3, 12, 12), (4, 3, 12, 12), (2, 3, 12, 12)] and len(rl) == 3 and rl.batch_size == 4
 
 
+@pytest.mark.slow  # 31 s; dmasking's resume is in the default run (test_dmasking.py), this adds the resolution
 def test_dmasking_resolution_resume(tmp_path, npz_data, monkeypatch):  # noqa: F811
     """Killed during the derived trials: the resumed run trains no supernet step, rebinds the same resolution
     and redoes no finished trial."""

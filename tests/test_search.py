@@ -213,7 +213,8 @@ def test_final_from_original_cuts_the_best_widths_from_the_original(tmp_path, np
         run_search(cfg(tmp_path, npz_data, final_from="later"))
 
 
-@pytest.mark.parametrize("final_from", ["original", "trial"])
+# ("trial": the bank accumulates; -m slow, to keep the default run under 15 minutes on 2 cores)
+@pytest.mark.parametrize("final_from", ["original", pytest.param("trial", marks=pytest.mark.slow)])
 def test_trials_are_paired_when_the_search_only_ranks_widths(tmp_path, npz_data, monkeypatch, final_from):
     """--final-from original: every trial is cut from the original and trains on the same batches, so the same
     widths score the same whenever they are tried (differences between trials come from the widths). With

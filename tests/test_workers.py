@@ -274,13 +274,13 @@ def storage_url(request, tmp_path):
 
 
 def test_a_worker_killed_mid_trial_costs_nothing(tmp_path, npz_data, storage_url):
-    """`search --workers 2` of 8 trials; the second worker is SIGKILLed while it trains: the study still finishes
-    8 trials, the killed one is failed by the heartbeat and its widths run again under another number, and
+    """`search --workers 2` of 6 trials; the second worker is SIGKILLed while it trains: the study still finishes
+    6 trials, the killed one is failed by the heartbeat and its widths run again under another number, and
     history.jsonl / result.json account for it."""
     study_name = f"kill-{tmp_path.name}"[-60:]
     out = tmp_path / "run"
     args = [sys.executable, "-m", "onnxconet", "search",
-            *tiny_search_args(npz_data, trials=8), "--epochs-per-trial", "12", "--workers", "2",
+            *tiny_search_args(npz_data, trials=6), "--epochs-per-trial", "12", "--workers", "2",
             "--storage", storage_url, "--study", study_name, "--heartbeat", "1", "--torch-threads", "1",
             "--out", str(out), "--json"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -302,8 +302,8 @@ def test_a_worker_killed_mid_trial_costs_nothing(tmp_path, npz_data, storage_url
     assert retry[0].user_attrs["widths"] == by_number[killed].user_attrs["widths"]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()[1:]]
     numbers = [r["trial"] for r in history]
-    assert len(numbers) == 8 == len(set(numbers)) and killed not in numbers and retry[0].number in numbers
-    assert result["study"]["finished"] == 8 and result["study"]["lost"] == 1
+    assert len(numbers) == 6 == len(set(numbers)) and killed not in numbers and retry[0].number in numbers
+    assert result["study"]["finished"] == 6 and result["study"]["lost"] == 1
     assert (out / "best.onnx").is_file() and result["best"]["budget_met"]
 
 
