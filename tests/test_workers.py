@@ -338,3 +338,21 @@ def grouped_space():
     cg = prepare(MIX, None, None).graph
     space = WidthSpace(cg, min_ratio=0.25)
     return space, CostModel(cg, space, "flops")
+
+
+def test_worker_cli_says_what_is_missing_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from onnxconet.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["worker", "--study", "s"], env={"ONNXCONET_STORAGE": ""})
+    assert r.exit_code == 2 and "--storage" in r.output
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    r = runner.invoke(app, ["worker", "--storage", url, "--study", "nope", "--wait", "0"])
+    assert r.exit_code == 1 and "no study 'nope'" in r.output and "--wait" in r.output
+    meta_ = meta(1)
+    meta_.out = str(tmp_path / "gone")  # a run folder this machine does not see
+    create_study(open_storage(url), "far", meta_)
+    r = runner.invoke(app, ["worker", "--storage", url, "--study", "far", "--wait", "0"])
+    assert r.exit_code == 1 and "baseline.onnx is missing" in r.output and "--out" in r.output
