@@ -18,8 +18,8 @@ from onnxconet import faults
 from onnxconet.errors import Interrupted, LatencyError, OnnxconetError, WriteError
 from onnxconet.files import RunLock, remove_partial_writes
 from onnxconet.report import write_report
-from onnxconet.search.config import SearchConfig, config_json
-from onnxconet.search.context import Progress, RunContext, build_context
+from onnxconet.search.config import SearchConfig
+from onnxconet.search.context import Progress, RunContext, build_context, history_header
 from onnxconet.search.driver import History, Loop, restore_bank
 from onnxconet.search.finish import SearchRun, finish
 from onnxconet.search.parallel import check_study, search_on_study
@@ -115,10 +115,7 @@ def _history(ctx: RunContext, loop: Loop) -> list[dict]:
     the header of a new one."""
     header, records = loop.history.read() if loop.history.exists() else (None, [])
     if header is None:
-        loop.history.append(
-            {"kind": "header", "config": config_json(ctx.cfg), "fingerprint": ctx.cg.fingerprint(),
-             "budget": ctx.budget.ratio}
-        )  # fmt: skip
+        loop.history.append(history_header(ctx))
     elif header.get("fingerprint") != ctx.cg.fingerprint():
         raise OnnxconetError(f"{loop.history.path} belongs to another model (fingerprint); use another --out")
     return records

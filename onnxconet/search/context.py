@@ -26,7 +26,7 @@ from onnxconet.graph.groups import ChannelGraph
 from onnxconet.graph.ir import save_onnx
 from onnxconet.latency.profile import measure
 from onnxconet.prepare import Prepared, prepare
-from onnxconet.search.config import Budget, SearchConfig, parse_budget
+from onnxconet.search.config import Budget, SearchConfig, config_json, parse_budget
 from onnxconet.search.driver import atomic_save, load_checkpoint
 from onnxconet.search.judge import LatencyJudge
 from onnxconet.search.resolution import Resolution, graphs_at
@@ -87,6 +87,12 @@ class RunContext:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def history_header(ctx: RunContext) -> dict:
+    """history.jsonl's first line for the run: its config, the model's fingerprint, the budget."""
+    return {"kind": "header", "config": config_json(ctx.cfg), "fingerprint": ctx.cg.fingerprint(),
+            "budget": ctx.budget.ratio}  # fmt: skip
 
 
 def _emitter(progress: Progress | None) -> Callable[[str], None]:

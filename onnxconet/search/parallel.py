@@ -32,7 +32,7 @@ from onnxconet.files import atomic_write
 from onnxconet.latency.gate import GatedLoader, MeasureGate
 from onnxconet.search.base import Setup
 from onnxconet.search.config import SearchConfig, config_json
-from onnxconet.search.context import KnownBaseline, RunContext, build_context
+from onnxconet.search.context import KnownBaseline, RunContext, build_context, history_header
 from onnxconet.search.driver import Loop
 from onnxconet.search.finish import SearchRun
 from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
@@ -94,7 +94,7 @@ def search_on_study(ctx: RunContext) -> SearchRun:
     )
     procs = [spawn_worker(url, name, cfg, i) for i in range(1, cfg.workers)]
     try:
-        evaluator = work(ctx, study, strategy, cfg.trials)
+        evaluator, _ran = work(ctx, study, strategy, cfg.trials)
     finally:
         for i, p in enumerate(procs, 1):
             if _wait(p):
@@ -113,28 +113,34 @@ def search_on_study(ctx: RunContext) -> SearchRun:
     return SearchRun(loop, Setup(), study=counts)
 
 
-def work(ctx: RunContext, study, strategy, trials: int):
-    """Run trials in this process (one of the workers) until the study holds `trials`; returns the evaluator."""
+def work(ctx: RunContext, study, strategy, trials: int, evaluator=None):
+    """Run trials in this process (one of the workers) until the study holds `trials`, with `evaluator` (default:
+    the run's); returns (the evaluator, the numbers of the trials this process ran)."""
     cfg = ctx.cfg
-    evaluator = make_evaluator(ctx, strategy)
+    evaluator = evaluator or make_evaluator(ctx, strategy)
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg))
     try:
         with measuring_alone(ctx, evaluator):
-            StudyWorker(study, strategy, evaluator, trials, ctx.out, cfg.heartbeat, ctx.progress).run()
+            ran = StudyWorker(study, strategy, evaluator, trials, ctx.out, cfg.heartbeat, ctx.progress).run()
     finally:
         torch.set_num_threads(threads)
-    return evaluator
+    return evaluator, ran
+
+
+def _gate(cfg: SearchConfig) -> MeasureGate | None:
+    """This machine's gate between its workers, or None when a --target device measures (it serializes)."""
+    return None if cfg.latency_target else MeasureGate(cfg.out)
 
 
 @contextmanager
 def measuring_alone(ctx: RunContext, evaluator) -> Iterator[None]:
     """While the block runs, this process trains and evaluates through the machine's `MeasureGate` and measures
     latency alone (nothing to do when a --target device measures)."""
-    if not ctx.judge.target.on().local:
+    gate = _gate(ctx.cfg)
+    if gate is None:
         yield
         return
-    gate = MeasureGate(ctx.out)
     train, val = evaluator.train_loader, evaluator.val_loader
     evaluator.train_loader, evaluator.val_loader = GatedLoader(train, gate), GatedLoader(val, gate)
     ctx.judge.gate, evaluator.busy = gate, gate.shared
@@ -190,9 +196,7 @@ def export_history(ctx: RunContext, recs: list[dict]) -> None:
     """history.jsonl from the study: the header, then the finished trials in the order they finished."""
     import json
 
-    header = {"kind": "header", "config": config_json(ctx.cfg), "fingerprint": ctx.cg.fingerprint(),
-              "budget": ctx.budget.ratio}  # fmt: skip
-    lines = [json.dumps(header)] + [json.dumps(r) for r in recs]
+    lines = [json.dumps(history_header(ctx))] + [json.dumps(r) for r in recs]
     atomic_write(ctx.out / "history.jsonl", "\n".join(lines) + "\n")
 
 
@@ -228,21 +232,17 @@ def join(url: str, name: str, out: str | None = None, torch_threads: int = 0, wa
             cost.replay(meta.observed or [])  # the first process's corrections: the same proposals
             strategy = make_strategy(ctx, space, cost, start=meta.start, joining=True)
             evaluator = make_evaluator(ctx, strategy)
-        torch.set_num_threads(cfg.torch_threads)
-        with measuring_alone(ctx, evaluator):
-            return StudyWorker(
-                study, strategy, evaluator, meta.trials, ctx.out, cfg.heartbeat, progress
-            ).run()
+        return work(ctx, study, strategy, meta.trials, evaluator)[1]
 
 
 @contextmanager
 def preparing(cfg: SearchConfig) -> Iterator[None]:
-    """A joining worker's preparation (export, data, teacher's accuracy) holds this machine's `MeasureGate`
-    shared: a measurement by another worker waits for it instead of timing it."""
-    if cfg.latency_target:
+    """A joining worker's preparation (export, data, strategy) holds this machine's `MeasureGate` shared: a
+    measurement by another worker waits for it instead of timing it."""
+    gate = _gate(cfg)
+    if gate is None:
         yield
         return
-    gate = MeasureGate(cfg.out)
     try:
         with gate.shared():
             yield
