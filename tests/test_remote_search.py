@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
+
 from onnxconet.commands.search import run_search
 from onnxconet.latency import device as devices
 from onnxconet.latency.profile import Target, measure_isolated
@@ -23,31 +25,47 @@ from tests.conftest import (
 )
 
 
+def _upscaled(npz_data: str, tmp_path, factor: int = 4) -> str:
+    """The tiny problem at `factor` times the resolution: at 16x16 the tiny model runs in ~30 us, where process-to-
+    process spread decides a deployed ratio (0.45-1.69 over 4 pairs of one file, seen here); at 64x64 its
+    convolutions do."""
+    data = np.load(npz_data.split(":", 1)[1])
+    x = data["x"].repeat(factor, axis=2).repeat(factor, axis=3)
+    path = tmp_path / "tiny64.npz"
+    np.savez(path, x=x, y=data["y"])
+    return f"npz:{path}"
+
+
 def test_search_on_the_agent_meets_the_budget_the_agent_measures(tmp_path, npz_data):
     (tmp_path / "agent").mkdir()
+    data = _upscaled(npz_data, tmp_path)
     with running_agent(tmp_path / "agent") as (agent, port):
         url = f"http://127.0.0.1:{port}"
         devices.connect(url, AGENT_TOKEN)
         cfg = search_cfg(
             tmp_path,
-            npz_data,
+            data,
+            input_shape=(1, 3, 64, 64),
             budget_on="latency",
             budget="0.8",
             latency_target=url,
             trials=2,  # the second is placed on the cost refitted on the first's measurement
             pretrain_epochs=1,
-            deployed_pairs=4,  # the budget is judged as deployed: 2 pairs of a 16x16 toy missed 0.8 once in CI
+            deployed_pairs=4,
         )
         result = run_search(cfg).to_json()
         best = result["best"]
         assert result["provenance"]["device"] == url and result["config"]["latency_target"] == url
-        assert best["budget_met"] and best["latency_ratio"] <= 0.8
+        why = {k: best.get(k) for k in ("trial", "latency_ratio", "confirm_ratios")} | {
+            "trials": [(t["trial"], t.get("latency_ratio")) for t in result["trials"]],
+            "deployed": best["latency"].get("ratios"),
+        }
+        assert best["budget_met"] and best["latency_ratio"] <= 0.8, why
         again = measure_isolated(
             best["onnx"], result["baseline"]["onnx"], Target("cpu", 1, device=url), pairs=4
         )
-        assert again.ratio <= 0.8 * 1.1, (
-            again.ratios
-        )  # re-measured by the agent (10 %: two measurements' spread)
+        # re-measured by the agent (10 %: two measurements' spread)
+        assert again.ratio <= 0.8 * 1.1, (again.ratios, why)
         assert any(f.endswith(".onnx") for f in os.listdir(agent.folder))  # the files went to the device
 
 
