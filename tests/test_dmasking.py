@@ -248,7 +248,7 @@ def run_context(prep, out, on="flops", resume=False, resolutions=None):
     y = torch.from_numpy(rng.integers(0, 5, 96))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
     return SimpleNamespace(
-        cfg=SimpleNamespace(resume=resume, seed=0, device="cpu", probes=4, latency_seconds=0.2),
+        cfg=SimpleNamespace(resume=resume, seed=0, device="cpu", probes=4, latency_seconds=0.2, nproc_per_trial=1),
         out=Path(out), cg=prep.graph, loaders=SimpleNamespace(train=loader), train=TrainConfig(batch_size=32),
         teacher=prep.loaded.module.eval(), judge=None, budget=SimpleNamespace(on=on), resolutions=resolutions,
         stage=lambda text: None,

@@ -225,6 +225,16 @@ def search(
     study: StudyOpt = None,
     heartbeat: HeartbeatOpt = 10.0,
     torch_threads: TorchThreadsOpt = 0,
+    nproc_per_trial: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-trial",
+            min=1,
+            help="Data-parallel processes per training (each trial's fine-tune, dmasking's supernet): "
+            "torch.distributed on this machine, gloo on CPU, NCCL on CUDA (one GPU each). --batch-size is the "
+            "global batch; the result is the one process's up to float rounding.",
+        ),
+    ] = 1,
     device: Annotated[
         str | None, typer.Option("--device", help="Training device: auto | cpu | cuda.")
     ] = None,
@@ -273,6 +283,7 @@ def search(
         study=study,
         heartbeat=heartbeat,
         torch_threads=torch_threads,
+        nproc_per_trial=nproc_per_trial,
     )
     with Progress(
         TextColumn("{task.description}"),

@@ -73,6 +73,8 @@ class SearchConfig:
     workers: int = 1
     heartbeat: float = 10.0
     torch_threads: int = 0
+    # data-parallel processes per training (a trial's fine-tune, dmasking's supernet): train/ddp.py
+    nproc_per_trial: int = 1
 
     @property
     def on_study(self) -> bool:
@@ -112,6 +114,18 @@ class SearchConfig:
             raise OnnxconetError(f"--deployed-pairs must be >= 1, got {self.deployed_pairs}")
         if self.workers < 1:
             raise OnnxconetError(f"--workers must be >= 1, got {self.workers}")
+        if self.nproc_per_trial < 1:
+            raise OnnxconetError(f"--nproc-per-trial must be >= 1, got {self.nproc_per_trial}")
+        if self.batch_size % self.nproc_per_trial:
+            raise OnnxconetError(
+                f"--batch-size {self.batch_size} is the global batch of --nproc-per-trial "
+                f"{self.nproc_per_trial} processes: make it divisible by {self.nproc_per_trial}"
+            )
+        if self.nproc_per_trial > 1 and self.resolutions is not None:
+            raise OnnxconetError(
+                "--nproc-per-trial shards the training batches; with --resolutions they are resized on the fly "
+                "(not sharded yet): drop one of the two"
+            )
         if self.heartbeat <= 0:
             raise OnnxconetError(f"--heartbeat must be > 0 seconds, got {self.heartbeat}")
         if self.on_study and self.strategy == "dmasking":
@@ -153,7 +167,7 @@ def config_json(cfg: SearchConfig) -> dict:
     d["model"] = cfg.model or DEFAULT_MODEL
     defaults = (("resolutions", None), ("train_samples", None), ("start", "uniform"), ("storage", None),
                 ("study", None), ("workers", 1), ("heartbeat", 10.0), ("torch_threads", 0),
-                ("deployed_pairs", 4))  # fmt: skip
+                ("deployed_pairs", 4), ("nproc_per_trial", 1))  # fmt: skip
     if d.get("storage"):
         d["storage"] = redact(d["storage"])
     for key, default in defaults:

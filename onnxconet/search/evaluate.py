@@ -19,6 +19,7 @@ from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.metrics.conet import weight_metrics
 from onnxconet.search.base import Trial, TrialState
 from onnxconet.search.judge import LatencyJudge
+from onnxconet.search.ranks import Ranks
 from onnxconet.search.resolution import ResizedLoader
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import slice_onnx
@@ -46,6 +47,7 @@ class Evaluator:
     # held around the compute between batches (the layer metric): with several workers on one machine, the
     # gate that keeps another worker's latency measurement alone (latency/gate.py)
     busy: Callable[[], AbstractContextManager] = nullcontext
+    ranks: Ranks | None = None  # --nproc-per-trial: fine-tunes on that many processes (search/ranks.py)
     base_flops: int = field(init=False)
     base_params: int = field(init=False)
 
@@ -83,18 +85,7 @@ class Evaluator:
         # trial n on the batches an uninterrupted run would have
         reseed_loader(self.train_loader, cfg.seed if self.same_batches else trial_seed(cfg.seed, number))
         recalibrate_bn(model, self.train_loader, batches=10, device=self.device)
-        per_epoch: list[dict[int, float]] = []
-        fit(
-            model,
-            self.train_loader,
-            cfg,
-            teacher=self.teacher,
-            device=self.device,
-            progress=self.progress,
-            epoch_callback=(lambda _e, m: per_epoch.append(self._busy_metrics(m)))
-            if self.metric == "qc"
-            else None,
-        )
+        per_epoch = self._fine_tune(model, slices, cfg)
         clock.lap("train")
         acc = evaluate(model, self.val_loader, device=self.device)["accuracy"]
         clock.lap("evaluate")
@@ -121,6 +112,27 @@ class Evaluator:
             extra={"phase_seconds": clock.laps},
         )
         return trial, model, slices
+
+    def _fine_tune(self, model: nn.Module, slices, cfg: TrainConfig) -> list[dict[int, float]]:
+        """Fine-tune `model` in place (on `ranks.nproc` processes when set); the layer metric after each epoch
+        when the strategy reads it."""
+        per_epoch: list[dict[int, float]] = []
+        if self.ranks is None or self.ranks.nproc <= 1:
+            every = (lambda _e, m: per_epoch.append(self._busy_metrics(m))) if self.metric == "qc" else None
+            fit(model, self.train_loader, cfg, teacher=self.teacher, device=self.device, progress=self.progress,
+                epoch_callback=every)  # fmt: skip
+            return per_epoch
+        states = self.ranks.fit(
+            model, slices, self.train_loader, cfg, self.teacher, self.device, self.metric == "qc"
+        )
+        final = {k: v.clone() for k, v in model.state_dict().items()}
+        for (
+            epoch_state
+        ) in states:  # the layer metric of each epoch's weights, as the callback reads them above
+            model.load_state_dict(epoch_state)
+            per_epoch.append(self._busy_metrics(model))
+        model.load_state_dict(final)
+        return per_epoch
 
     def _busy_metrics(self, model: nn.Module) -> dict[int, float]:
         with self.busy():

@@ -211,7 +211,10 @@ def final_model(ctx, run: SearchRun, trial: Trial) -> tuple[np.ndarray, nn.Modul
         model.load_state_dict(ckpt["state"])
     if cfg.final_epochs > 0:
         tcfg = replace(ctx.train, epochs=cfg.final_epochs)
-        fit(model, train, tcfg, teacher=ctx.teacher, device=cfg.device, progress=ctx.train_progress)
+        if ev.ranks is not None:
+            ev.ranks.fit(model, cg.param_slices(keep), train, tcfg, ctx.teacher, cfg.device)
+        else:
+            fit(model, train, tcfg, teacher=ctx.teacher, device=cfg.device, progress=ctx.train_progress)
     return keep, model.cpu().eval()
 
 

@@ -20,6 +20,7 @@ from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.evaluate import Evaluator
 from onnxconet.search.knapsack import knapsack_widths, taylor_scores
+from onnxconet.search.ranks import Ranks
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import slice_onnx
@@ -170,6 +171,9 @@ def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
         metric="qc" if cfg.strategy == "anneal" else "none",
         progress=ctx.train_progress,
         same_batches=cfg.final_from == "original",
+        ranks=Ranks(cfg.nproc_per_trial, ctx.prep.loaded, cfg.torch_threads)
+        if cfg.nproc_per_trial > 1
+        else None,
     )
 
 

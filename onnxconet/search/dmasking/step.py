@@ -6,6 +6,7 @@ Apart from the epoch loop (`supernet.py`) because it is the unit the method is d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class SearchStep:
     cost: DMaskingCost
     alpha: float = 0.5
     temperature: float = 4.0
+    forward: Callable[[torch.Tensor], object] | None = (
+        None  # the weights step's model (DDP's wrapper); None: model
+    )
+    average: Callable[[Iterable[nn.Parameter]], None] | None = (
+        None  # averages the logits' gradients over ranks
+    )
 
     def distill(self, out: torch.Tensor, t_logits: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         return distillation_loss(out, t_logits, y, self.alpha, self.temperature)
@@ -68,7 +75,7 @@ def _weights_step(s: SearchStep, batch: Batch, tau: float, generator: torch.Gene
         if sizes:
             w = gumbel(net.logits["resolution"], tau, generator, hard=True)
             x = resize(x, sizes[int(w.argmax())])
-    loss = s.distill(primary_logits(s.model(x)).float(), t_logits, y)
+    loss = s.distill(primary_logits((s.forward or s.model)(x)).float(), t_logits, y)
     s.wopt.zero_grad(set_to_none=True)
     loss.backward()
     s.wopt.step()
@@ -102,6 +109,8 @@ def _logits_step(
         aloss = s.cost.arch_loss(task, ratio)
         s.aopt.zero_grad(set_to_none=True)
         aloss.backward()
+        if s.average is not None:
+            s.average(net.parameters())
         s.aopt.step()
     finally:
         net.set_weights(None)

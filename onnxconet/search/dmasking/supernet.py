@@ -9,12 +9,15 @@ cosine schedule (`train.loop.make_optimizer`, `lr_at`), per step over the whole 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -31,7 +34,9 @@ from onnxconet.search.dmasking.cost import DMaskingCost
 from onnxconet.search.dmasking.step import SearchStep, search_step
 from onnxconet.search.driver import load_checkpoint
 from onnxconet.search.masks import Supernet
+from onnxconet.search.ranks import PortableModule
 from onnxconet.surgery.inherit import WeightBank
+from onnxconet.train import ddp
 from onnxconet.train.loop import TrainConfig, lr_at, make_optimizer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -97,15 +102,17 @@ class _Data:
     batch_size: int
     max_batches: int | None
     device: torch.device
+    rank: ddp.Rank | None = None  # data-parallel: this rank's shard of each global batch
 
     def loader(self, idx: np.ndarray, seed: int) -> DataLoader:
-        return DataLoader(
+        loader = DataLoader(
             Subset(self.dataset, idx.tolist()),
             batch_size=self.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
             drop_last=len(idx) > self.batch_size,
         )
+        return loader if self.rank is None else ddp.shard_loader(loader, self.rank)
 
 
 @dataclass
@@ -122,6 +129,7 @@ class _Training:
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     seconds: float = 0.0
+    rank: ddp.Rank | None = None
 
     def tau(self, epoch: int) -> float:
         c = self.job.config
@@ -137,38 +145,103 @@ def split(dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_arch:]), np.sort(perm[:n_arch])
 
 
+@dataclass(frozen=True)
+class SupernetEnv:
+    """What phase 1 takes from the run. With `--nproc-per-trial N` it travels to N processes by pickling, the
+    teacher as a `PortableModule` (a model defined in a user's file cannot be unpickled in another process)."""
+
+    teacher: nn.Module | PortableModule
+    train: TrainConfig
+    dataset: object
+    batch_size: int
+    device: str | None
+    out: Path
+    resume: bool
+
+    @classmethod
+    def of(cls, ctx) -> SupernetEnv:
+        loader = ctx.loaders.train
+        return cls(
+            ctx.teacher,
+            ctx.train,
+            loader.dataset,
+            loader.batch_size or 64,
+            ctx.cfg.device,
+            ctx.out,
+            ctx.cfg.resume,
+        )
+
+
 def train_supernet(ctx, job: SupernetJob) -> SupernetResult:
     """Phase 1, from the original's weights (`WeightBank(ctx.teacher)`), resumable per epoch from
-    `ctx.out / CHECKPOINT` when the run resumes.
+    `ctx.out / CHECKPOINT` when the run resumes; data-parallel over `--nproc-per-trial` processes
+    (`train.ddp`: the same supernet as one process at the same global batch).
 
     Args:
         ctx: the run's `RunContext` (teacher, training loader and config, device, out, resume, progress).
     """
+    env, n = SupernetEnv.of(ctx), ctx.cfg.nproc_per_trial
 
     def emit(text: str) -> None:
         log.info("dmasking: %s", text)
         ctx.stage(text)
 
-    t, scores = _start(ctx, job, emit)
+    if n <= 1:
+        return _train(env, job, emit)
+    emit(f"training the supernet on {n} processes (torch.distributed, global batch {env.batch_size})")
+    device = str(resolve_device(env.device))
+    portable = replace(env, teacher=PortableModule.of(env.teacher, ctx.prep.loaded))
+    result = ddp.launch(_train_rank, n, portable, job, device=device, threads=ctx.cfg.torch_threads)
+    model = copy.deepcopy(env.teacher).cpu()  # the weights came back as a state dict (see _train_rank)
+    model.load_state_dict(result.model)
+    result.model = model
+    return result
+
+
+def _train_rank(r: ddp.Rank, env: SupernetEnv, job: SupernetJob) -> SupernetResult | None:
+    """One process of a data-parallel phase 1: rank 0 reports, checkpoints and returns the result, the model as
+    its state dict (the parent process cannot unpickle a user's model class)."""
+
+    def emit(text: str) -> None:
+        if r.main:
+            print(f"dmasking: {text}", file=sys.stderr, flush=True)
+
+    result = _train(replace(env, teacher=env.teacher.build()), job, emit, r)
+    if not r.main:
+        return None
+    result.model = {k: v.detach() for k, v in result.model.state_dict().items()}
+    return result
+
+
+def _train(env: SupernetEnv, job: SupernetJob, emit: Callable[[str], None], r: ddp.Rank | None = None):
+    t, scores = _start(env, job, emit, r)
     net = t.step.net
-    start = _restore(t, ctx.cfg.resume)
+    start = _restore(t, env.resume)
     net.attach()
     try:
         for epoch in range(start, job.epochs):
             _epoch(t, epoch)
     finally:
         net.detach()
+    if r is not None:
+        t.step.model = ddp.unsync_batchnorm(t.step.model).cpu()
     return _result(t, scores)
 
 
-def _start(ctx, job: SupernetJob, emit: Callable[[str], None]) -> tuple[_Training, np.ndarray]:
-    """The supernet over a copy of the original, both optimizers and the data splits; and the keep order."""
-    c, tcfg = job.config, ctx.train
-    device = resolve_device(ctx.cfg.device)
-    bank = WeightBank(ctx.teacher)
+def _start(
+    env: SupernetEnv, job: SupernetJob, emit: Callable[[str], None], r: ddp.Rank | None
+) -> tuple[_Training, np.ndarray]:
+    """The supernet over a copy of the original, both optimizers and the data splits; and the keep order.
+    With a rank: BatchNorm over the global batch, the weights' step through DDP, the logits' gradients
+    averaged, each global batch sharded."""
+    c, tcfg = job.config, env.train
+    device = r.device if r is not None else resolve_device(env.device)
+    bank = WeightBank(env.teacher)
     scores = bank.scores(job.cg)  # the original's L1: the staircase order
     model = bank.module().to(device).train()
-    teacher = ctx.teacher.to(device).eval()
+    if r is not None:
+        model = ddp.sync_batchnorm(model, r)  # before the masks' hooks (CUDA replaces the BatchNorms)
+    teacher = env.teacher.to(device).eval()
     net = Supernet(model, job.cg, job.options, scores).to(device)
     if job.cost.resolutions:  # one more logits vector: over the input resolutions
         net.logits["resolution"] = nn.Parameter(torch.zeros(len(job.cost.resolutions), device=device))
@@ -178,14 +251,17 @@ def _start(ctx, job: SupernetJob, emit: Callable[[str], None]) -> tuple[_Trainin
         )
     wopt = make_optimizer(model, tcfg)
     aopt = torch.optim.Adam(net.parameters(), lr=c.arch_lr, weight_decay=c.arch_wd)
-    loader = ctx.loaders.train
-    w_idx, a_idx = split(loader.dataset, c.arch_split, job.seed)
-    data = _Data(loader.dataset, w_idx, a_idx, loader.batch_size or 64, tcfg.max_batches, device)
+    w_idx, a_idx = split(env.dataset, c.arch_split, job.seed)
+    data = _Data(env.dataset, w_idx, a_idx, env.batch_size, tcfg.max_batches, device, r)
     steps_per_epoch = min(len(data.loader(w_idx, 0)), tcfg.max_batches or 1 << 30)
     step = SearchStep(net, model, teacher, wopt, aopt, job.cost, tcfg.alpha, tcfg.temperature)
-    path = ctx.out / CHECKPOINT if c.checkpoint else None
+    if r is not None:
+        step.forward = ddp.wrap(model, r)
+        step.average = functools.partial(ddp.average_grads, r=r)
+    main = r is None or r.main
+    path = env.out / CHECKPOINT if c.checkpoint and main else None
     total = max(1, steps_per_epoch * job.epochs)
-    return _Training(job, step, data, tcfg, emit, path, total), scores
+    return _Training(job, step, data, tcfg, emit, path, total, rank=r), scores
 
 
 def _epoch(t: _Training, epoch: int) -> None:
@@ -216,6 +292,8 @@ def _epoch(t: _Training, epoch: int) -> None:
         sums["ratio"] += float(ratio)
         sums["na"] += 1
     s.net.set_weights(None)
+    if t.rank is not None:  # the losses of the global batches: the mean over the ranks' shards
+        sums["loss"], sums["arch"] = ddp.mean_over_ranks([sums["loss"], sums["arch"]], t.rank)
     t.seconds += time.perf_counter() - t0
     stats = {
         "train_loss": sums["loss"] / max(sums["n"], 1),
