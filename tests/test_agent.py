@@ -105,7 +105,8 @@ def test_names_are_hashes_no_path_tricks(agent, tmp_path):
     assert put(port, SMALL, name=other)[1]["error"].startswith("the upload's SHA-256")  # name = content
     job = call(port, "POST", "/v1/jobs", b"{}")[1]["job"]
     rid = call(port, "POST", f"/v1/jobs/{job}/runners", b"{}")[1]["runner"]
-    outside = os.path.relpath(str(secret)[: -len(".onnx")], a.folder)  # ../secret: a real file outside its folder
+    # a model name that is a real file's path outside the agent's folder (../…/secret)
+    outside = os.path.relpath(str(secret)[: -len(".onnx")], a.folder)
     assert os.path.isfile(os.path.join(a.folder, outside + ".onnx"))
     assert call(port, "GET", f"/v1/models/{outside.replace('/', '%2F')}")[0] in (400, 404)
     for model in (str(secret), "sha256:" + outside, "sha256:../../" + str(secret), "sha256:" + "0" * 64):
