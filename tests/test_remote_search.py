@@ -52,6 +52,7 @@ def test_search_on_the_agent_meets_the_budget_the_agent_measures(tmp_path, npz_d
             trials=2,  # the second is placed on the cost refitted on the first's measurement
             pretrain_epochs=1,
             deployed_pairs=4,
+            probes=4,  # the predictor's calibration through the agent: 12 probes took 20 s of this test's 90
         )
         result = run_search(cfg).to_json()
         best = result["best"]
