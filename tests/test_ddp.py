@@ -27,6 +27,17 @@ from tests.conftest import TINY, search_cfg
 TOL = 1e-4
 
 
+def _fails(r: ddp.Rank) -> None:
+    if r.rank == 1:
+        raise ValueError("rank one cannot go on")
+    torch.distributed.barrier()  # fails too, once rank 1 is gone: the knock-on, not the cause to report
+
+
+def test_a_failing_rank_is_one_line_naming_it():
+    with pytest.raises(OnnxconetError, match=r"rank 1 of 2: .*ValueError: rank one cannot go on"):
+        ddp.launch(_fails, 2, threads=1)
+
+
 def _data(n=128, seed=0):
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.normal(0, 1, (n, 3, 16, 16)).astype(np.float32))
@@ -109,6 +120,7 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, npz_data):
         cfg.check()
 
 
+@pytest.mark.slow  # 14 s; the supernet's equivalence (above) runs the same machinery in the default suite
 def test_two_processes_fine_tune_the_candidate_one_process_fine_tunes():
     """A trial's fine-tune (`Ranks.fit`, a candidate cut from the model, distilled from the teacher) on 2 processes
     = `fit` on one, batch for batch."""

@@ -17,24 +17,24 @@ mean losses is the global batch's mean loss).
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import socket
+import tempfile
 import types
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from onnxconet.errors import OnnxconetError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,18 +75,33 @@ def launch(fn: Callable, nproc: int, *args, device: str = "cpu", threads: int | 
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.2,
         start_method="spawn",
     )  # fmt: skip
-    try:
-        results = elastic_launch(config, _entry)(fn, dev.type, threads, pickle.dumps(args))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        raise OnnxconetError(
-            f"data-parallel training failed in rank {rank} of {nproc}: {str(message).strip().splitlines()[-1:]}"
-        ) from None
+    with tempfile.TemporaryDirectory(prefix="onnxconet-ddp-") as errors:
+        try:
+            results = elastic_launch(config, _entry)(fn, dev.type, threads, pickle.dumps(args), errors)
+        except ChildFailedError as e:
+            rank, line = _root_failure(e, Path(errors))
+            raise OnnxconetError(f"data-parallel training failed in rank {rank} of {nproc}: {line}") from None
     return pickle.loads(results[0])
 
 
-def _entry(fn: Callable, device_type: str, threads: int, args: bytes) -> bytes:
+# a rank whose peer died fails in its next collective: that is a consequence, not the cause
+_KNOCK_ON = ("gloo", "NCCL", "Connection reset", "DistBackendError", "Connection closed by peer")
+
+
+def _root_failure(e, errors: Path) -> tuple[int, str]:
+    """(rank, its error in one line) of the failure that caused the others: the first error a rank wrote that is
+    not a peer's broken connection (torchrun reports the first process it saw fail, often the knock-on)."""
+    written = sorted(errors.glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
+    found = [(int(p.stem.split("-")[1]), p.read_text().strip()) for p in written]
+    for rank, f in sorted(e.failures.items(), key=lambda kv: kv[1].timestamp):
+        message = f.message.get("message", "") if isinstance(f.message, dict) else f.message
+        lines = str(message).strip().splitlines()
+        found.append((rank, lines[-1] if lines else f"exit code {f.exitcode}"))
+    return next((x for x in found if not any(k in x[1] for k in _KNOCK_ON)), found[0])
+
+
+@record  # the rank's exception (type and message) reaches `launch` through torchrun's error file
+def _entry(fn: Callable, device_type: str, threads: int, args: bytes, errors: str) -> bytes:
     """One rank: join the group (torchrun's environment), run `fn`, leave."""
     torch.set_num_threads(threads)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -99,6 +114,9 @@ def _entry(fn: Callable, device_type: str, threads: int, args: bytes) -> bytes:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return pickle.dumps(fn(Rank(rank, world, device), *pickle.loads(args)))
+    except Exception as e:
+        Path(errors, f"rank-{rank}.txt").write_text(f"{type(e).__name__}: {e}".splitlines()[0][:500])
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -258,8 +258,7 @@ def _start(
     if r is not None:
         step.forward = ddp.wrap(model, r)
         step.average = functools.partial(ddp.average_grads, r=r)
-    main = r is None or r.main
-    path = env.out / CHECKPOINT if c.checkpoint and main else None
+    path = env.out / CHECKPOINT if c.checkpoint else None  # every rank resumes from it, rank 0 writes it
     total = max(1, steps_per_epoch * job.epochs)
     return _Training(job, step, data, tcfg, emit, path, total, rank=r), scores
 
@@ -435,7 +434,7 @@ def _restore(t: _Training, resume: bool) -> int:
 
 
 def _save(t: _Training, epochs_done: int) -> None:
-    if t.checkpoint is None:
+    if t.checkpoint is None or (t.rank is not None and not t.rank.main):
         return
     s = t.step
     atomic_save(
