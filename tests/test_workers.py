@@ -356,3 +356,34 @@ def test_worker_cli_says_what_is_missing_in_one_line(tmp_path):
     create_study(open_storage(url), "far", meta_)
     r = runner.invoke(app, ["worker", "--storage", url, "--study", "far", "--wait", "0"])
     assert r.exit_code == 1 and "baseline.onnx is missing" in r.output and "--out" in r.output
+
+
+def test_workers_started_early_end_when_the_run_fails_before_publishing(tmp_path, npz_data):
+    """`search --workers 2` starts its second worker before preparing (its imports overlap the preparation); a
+    run that fails while preparing (an unreachable budget) ends it at once, not after its hour of --wait."""
+    from onnxconet.commands.search import run_search
+    from onnxconet.errors import OnnxconetError
+    from tests.conftest import search_cfg
+
+    cfg = search_cfg(tmp_path, npz_data, workers=2, budget="0.01", pretrain_epochs=0)
+    t0 = time.monotonic()
+    with pytest.raises(OnnxconetError, match="budget"):
+        run_search(cfg)
+    assert time.monotonic() - t0 < 120
+    log = (tmp_path / "run" / "worker-1.log").read_text()
+    assert "stopped before publishing its study" in log, log
+
+
+def test_a_stopped_run_on_a_study_says_how_many_trials_finished(tmp_path):
+    """The last line of an interrupted `search --workers` names the study's finished trials (its history.jsonl is
+    only written at the end), or that the study was never published."""
+    from onnxconet.search.config import SearchConfig
+    from onnxconet.search.parallel import where_on_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = SearchConfig(out=str(tmp_path / "run"), storage=url, study="s", trials=5, workers=2)
+    assert where_on_study(cfg) == "before its study 's' was published"
+    create_study(open_storage(url), "s", meta(5))
+    study = optuna.load_study(storage=open_storage(url), study_name="s")
+    StudyWorker(study, Pick(), Quick(), 2, tmp_path, heartbeat=5, poll=0.05).run()
+    assert where_on_study(cfg) == "with 2 of 5 trials finished in study 's'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -35,16 +36,41 @@ def worker(
             "prepared the run: exported, trained the teacher, measured the baseline).",
         ),
     ] = 3600.0,
+    start_on_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--start-on-stdin",
+            hidden=True,
+            help="(search --workers) Load the code, then wait for a line 'go' on stdin before joining; end "
+            "quietly at end of input (the search stopped before publishing its study).",
+        ),
+    ] = False,
 ) -> None:
     """Run trials of a search started with `onnxconet search … --storage URL --study NAME` until the study holds
     its trials. The run folder must be reachable here (a shared file system, or --out). Kill it at any time:
     its trial is failed by the heartbeat and run again by another worker. The heartbeat is the study's
     (`search --heartbeat`)."""
-    from onnxconet.search.parallel import join
+    hold = None
+    if (
+        start_on_stdin and out_dir
+    ):  # a worker of this machine: its start-up pauses this machine's measurements
+        from onnxconet.latency.gate import MeasureGate
+
+        gate = MeasureGate(out_dir)
+        hold = gate.shared()
+        hold.__enter__()
+    from onnxconet.search.parallel import join  # the imports (torch, onnx, optuna): seconds
+
+    if hold is not None:
+        hold.__exit__(None, None, None)
+        gate.close()
 
     if not storage or not study:
         err.print("[red]error:[/] worker needs --storage URL (or $ONNXCONET_STORAGE) and --study NAME")
         raise typer.Exit(2)
+    if start_on_stdin and sys.stdin.readline().strip() != "go":
+        err.print("• the search stopped before publishing its study; nothing to do", highlight=False)
+        return
 
     def on_event(event: str, data: dict) -> None:
         if event == "stage":

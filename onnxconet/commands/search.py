@@ -22,7 +22,7 @@ from onnxconet.search.config import SearchConfig
 from onnxconet.search.context import Progress, RunContext, build_context, history_header
 from onnxconet.search.driver import History, Loop, restore_bank
 from onnxconet.search.finish import SearchRun, finish
-from onnxconet.search.parallel import check_study, search_on_study
+from onnxconet.search.parallel import check_study, local_workers, search_on_study, where_on_study
 from onnxconet.search.results import SearchResult
 from onnxconet.search.setup import check_reachable, cost_model, make_evaluator, make_strategy, width_space
 
@@ -47,9 +47,9 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
         with RunLock(cfg.out):  # one run writes a folder at a time
             if cfg.resume:
                 remove_partial_writes(cfg.out)
-            with build_context(cfg, progress) as ctx:
+            with local_workers(cfg) as workers, build_context(cfg, progress) as ctx:
                 faults.point("context built")
-                run = search(ctx)
+                run = search(ctx, workers)
                 with faults.phase("finish"):
                     result = finish(ctx, run)
             result.seconds = round(time.perf_counter() - t_start, 1)
@@ -57,7 +57,7 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
                 write_report(result, cfg.out)
                 faults.point("report written")
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted(Path(cfg.out))) from None
+        raise Interrupted(_interrupted(cfg)) from None
     except WriteError as e:  # disk full, read-only: the history and checkpoints written so far stay valid
         raise WriteError(f"{e} and continue with --resume") from None
     except LatencyError as e:
@@ -65,16 +65,16 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
             raise
         # the device went away (or refused): what finished stays, as after a Ctrl-C
         raise LatencyError(
-            f"{e}; the run stopped {_where(Path(cfg.out))}: continue with --resume once the device answers"
+            f"{e}; the run stopped {_where(cfg)}: continue with --resume once the device answers"
         ) from None
     return result
 
 
-def search(ctx: RunContext) -> SearchRun:
+def search(ctx: RunContext, workers: list = ()) -> SearchRun:
     """Set up the strategy and run (or resume) its trials: in this process, or with --workers/--storage on a
     shared study (search/parallel.py)."""
     if ctx.cfg.on_study:
-        return search_on_study(ctx)
+        return search_on_study(ctx, workers)
     space = width_space(ctx)
     cost = cost_model(ctx, space)
     check_reachable(ctx, space, cost)
@@ -98,16 +98,19 @@ def search(ctx: RunContext) -> SearchRun:
     return SearchRun(loop, setup)
 
 
-def _where(out: Path) -> str:
-    """Where a run stopped: after the history's last trial."""
-    history = History(out / "history.jsonl")
+def _where(cfg: SearchConfig) -> str:
+    """Where a run stopped: after the history's last trial, or (on a study, whose history.jsonl is written at the
+    end) how many of its trials had finished."""
+    if cfg.on_study:
+        return where_on_study(cfg)
+    history = History(Path(cfg.out) / "history.jsonl")
     trials = history.read()[1] if history.exists() else []
     return f"after trial {trials[-1]['trial']}" if trials else "before the first trial finished"
 
 
-def _interrupted(out: Path) -> str:
-    """The line a Ctrl-C ends the run with: where it stopped (the history's last trial) and how to continue."""
-    return f"interrupted {_where(out)}; continue with --resume"
+def _interrupted(cfg: SearchConfig) -> str:
+    """The line a Ctrl-C ends the run with: where it stopped and how to continue."""
+    return f"interrupted {_where(cfg)}; continue with --resume"
 
 
 def _history(ctx: RunContext, loop: Loop) -> list[dict]:

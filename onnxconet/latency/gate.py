@@ -61,6 +61,12 @@ class MeasureGate:
                 pass
 
 
+def run_gate(out: str | Path, latency_target: str = "") -> MeasureGate | None:
+    """This machine's gate between the workers of the run in `out`, or None when a --target device measures
+    (its agent or runner serializes the measurements itself)."""
+    return None if latency_target else MeasureGate(out)
+
+
 class GatedLoader:
     """`loader`, each batch consumed while holding `gate.shared()` (from the moment it is handed out until the
     next one is asked for). Everything else (len, generator, dataset) is the loader's."""

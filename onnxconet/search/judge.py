@@ -31,7 +31,8 @@ class LatencyJudge:
         # with several workers on this machine: measure alone, the others' training paused (latency/gate.py)
         self.gate = None
 
-    def _alone(self):
+    def alone(self):
+        """Around a measurement: this machine's other workers paused (a no-op without `gate`)."""
         return self.gate.exclusive() if self.gate is not None else nullcontext()
 
     @property
@@ -43,7 +44,7 @@ class LatencyJudge:
     def measure(self, candidate: onnx.ModelProto | bytes) -> tuple[float, float]:
         """(ratio to the baseline, candidate median ms), the in-loop way."""
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
-        with self._alone():
+        with self.alone():
             rel = _undisturbed(lambda: self.measurer.compare(src, max_seconds=self.max_seconds))
         self.reference_ms.append(rel.reference.median_ms)
         return rel.ratio, rel.candidate.median_ms
@@ -64,7 +65,7 @@ class LatencyJudge:
         src = candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else candidate
         seconds = max(0.25, self.max_seconds / 4)  # per process: 0.5 s at the default 2 s
         kw = dict(pairs=self.pairs, max_pairs=2 * self.pairs, seconds=seconds)
-        with self._alone():
+        with self.alone():
             return _undisturbed(lambda: measure_isolated(src, self.reference, target, **kw))
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from onnxconet.errors import OnnxconetError
 from onnxconet.files import atomic_write
-from onnxconet.latency.gate import GatedLoader, MeasureGate
+from onnxconet.latency.gate import GatedLoader, MeasureGate, run_gate
 from onnxconet.search.base import Setup
 from onnxconet.search.config import SearchConfig, config_json
 from onnxconet.search.context import KnownBaseline, RunContext, build_context, history_header
@@ -66,9 +66,19 @@ def check_study(cfg: SearchConfig) -> None:
     existing(open_storage(storage_of(cfg), cfg.heartbeat), study_name(cfg), cfg.resume)
 
 
-def search_on_study(ctx: RunContext) -> SearchRun:
-    """The first process's part (module docstring): prepare, publish the study, start the workers, work,
-    collect."""
+def where_on_study(cfg: SearchConfig) -> str:
+    """Where a run on a study stopped, for its last line: how many of its trials had finished."""
+    name = study_name(cfg)
+    try:
+        study, _ = load_study(open_storage(storage_of(cfg)), name)
+    except OnnxconetError:
+        return f"before its study {name!r} was published"
+    return f"with {len(finished(study.get_trials(deepcopy=False)))} of {cfg.trials} trials finished in study {name!r}"
+
+
+def search_on_study(ctx: RunContext, procs: list[subprocess.Popen] = ()) -> SearchRun:
+    """The first process's part (module docstring): prepare, publish the study, release the workers started by
+    `local_workers` (`procs`), work, collect."""
     cfg = ctx.cfg
     url, name = storage_of(cfg), study_name(cfg)
     storage = open_storage(url, cfg.heartbeat)
@@ -92,7 +102,7 @@ def search_on_study(ctx: RunContext) -> SearchRun:
         f"searching: {cfg.trials} trials of {cfg.strategy} on {cfg.workers} worker(s), study {name!r} in "
         f"{redact(url)}"
     )
-    procs = [spawn_worker(url, name, cfg, i) for i in range(1, cfg.workers)]
+    release(procs)
     try:
         evaluator, _ran = work(ctx, study, strategy, cfg.trials)
     finally:
@@ -129,8 +139,7 @@ def work(ctx: RunContext, study, strategy, trials: int, evaluator=None):
 
 
 def _gate(cfg: SearchConfig) -> MeasureGate | None:
-    """This machine's gate between its workers, or None when a --target device measures (it serializes)."""
-    return None if cfg.latency_target else MeasureGate(cfg.out)
+    return run_gate(cfg.out, cfg.latency_target)
 
 
 @contextmanager
@@ -162,7 +171,9 @@ def worker_log(cfg: SearchConfig, index: int) -> Path:
 
 
 def spawn_worker(url: str, name: str, cfg: SearchConfig, index: int) -> subprocess.Popen:
-    """`onnxconet worker` for this study, as a child process (its log in the run folder)."""
+    """`onnxconet worker` for this study, as a child process (its log in the run folder), started before the run
+    is prepared: it loads its code, then waits for `release` (a line on its stdin) to join the published study;
+    at end of input (this process stopped first) it ends."""
     from onnxconet.latency.device import TOKEN_ENV, token_of
 
     # secrets through the environment, not the command line (`ps` shows it): the storage's password, and the
@@ -172,9 +183,41 @@ def spawn_worker(url: str, name: str, cfg: SearchConfig, index: int) -> subproce
     if token:
         env[TOKEN_ENV] = token
     cmd = [sys.executable, "-m", "onnxconet", "worker", "--study", name, "--out", str(Path(cfg.out).resolve()),
-           "--torch-threads", str(worker_threads(cfg))]  # fmt: skip
+           "--torch-threads", str(worker_threads(cfg)), "--start-on-stdin"]  # fmt: skip
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     with open(worker_log(cfg, index), "ab") as logf:
-        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, env=env)
+
+
+def release(procs: list[subprocess.Popen]) -> None:
+    """Let the workers started by `local_workers` join (the study is published)."""
+    for p in procs:
+        if p.stdin is not None and not p.stdin.closed:
+            try:
+                p.stdin.write(b"go\n")
+                p.stdin.close()
+            except OSError:  # it died already: reported when it is waited for
+                pass
+
+
+@contextmanager
+def local_workers(cfg: SearchConfig) -> Iterator[list[subprocess.Popen]]:
+    """`search --workers N`: the N-1 other workers, started now so their start-up (interpreter, imports: 5-10 s
+    on this machine) overlaps this process's preparation. On the way out, workers never released end (end of
+    their input), and any still running after an error here are stopped."""
+    if cfg.workers <= 1:
+        yield []
+        return
+    url, name = storage_of(cfg), study_name(cfg)
+    procs = [spawn_worker(url, name, cfg, i) for i in range(1, cfg.workers)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.stdin is not None and not p.stdin.closed:
+                p.stdin.close()  # never released: it ends
+        for p in procs:
+            _wait(p, grace=30.0)
 
 
 def _wait(p: subprocess.Popen, grace: float = 30.0) -> int:
