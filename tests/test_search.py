@@ -267,7 +267,9 @@ def test_mcnemar_needs_significantly_more_fixed_than_broken_images():
         mcnemar(base, base[:10])
 
 
-@pytest.mark.parametrize("challenger_wins", [False, True])
+@pytest.mark.parametrize(
+    "challenger_wins", [pytest.param(False, marks=pytest.mark.slow), True]
+)  # False (28 s): the same race, the other verdict
 def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, monkeypatch, challenger_wins):
     """--final-from original with anneal: when its best trial is not the uniform start, both get the final
     training and the start ships unless the race says otherwise; the race is recorded in result.json."""

@@ -51,9 +51,7 @@ def worker(
     its trial is failed by the heartbeat and run again by another worker. The heartbeat is the study's
     (`search --heartbeat`)."""
     hold = None
-    if (
-        start_on_stdin and out_dir
-    ):  # a worker of this machine: its start-up pauses this machine's measurements
+    if start_on_stdin and out_dir:  # a worker of this machine: its start-up pauses the machine's measurements
         from onnxconet.latency.gate import MeasureGate
 
         gate = MeasureGate(out_dir)

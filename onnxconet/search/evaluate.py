@@ -126,9 +126,8 @@ class Evaluator:
             model, slices, self.train_loader, cfg, self.teacher, self.device, self.metric == "qc"
         )
         final = {k: v.clone() for k, v in model.state_dict().items()}
-        for (
-            epoch_state
-        ) in states:  # the layer metric of each epoch's weights, as the callback reads them above
+        # the layer metric of each epoch's weights, as the callback above reads them
+        for epoch_state in states:
             model.load_state_dict(epoch_state)
             per_epoch.append(self._busy_metrics(model))
         model.load_state_dict(final)
