@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from tests.conftest import (
     search_process,
     wait_for,
 )
+from tests.loopback_sshd import free_port
 
 
 def _upscaled(npz_data: str, tmp_path, factor: int = 4) -> str:
@@ -72,12 +72,6 @@ def test_search_on_the_agent_meets_the_budget_the_agent_measures(tmp_path, npz_d
         assert any(f.endswith(".onnx") for f in os.listdir(agent.folder))  # the files went to the device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _agent(port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -89,7 +83,7 @@ def _agent(port: int) -> subprocess.Popen:
 
 
 def test_a_target_that_disappears_stops_the_search_and_resume_continues(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     out = tmp_path / "run"
     history = out / "history.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -50,17 +51,13 @@ def worker(
     its trials. The run folder must be reachable here (a shared file system, or --out). Kill it at any time:
     its trial is failed by the heartbeat and run again by another worker. The heartbeat is the study's
     (`search --heartbeat`)."""
-    hold = None
-    if start_on_stdin and out_dir:  # a worker of this machine: its start-up pauses the machine's measurements
-        from onnxconet.latency.gate import MeasureGate
+    from onnxconet.latency.gate import MeasureGate
 
-        gate = MeasureGate(out_dir)
-        hold = gate.shared()
-        hold.__enter__()
-    from onnxconet.search.parallel import join  # the imports (torch, onnx, optuna): seconds
-
-    if hold is not None:
-        hold.__exit__(None, None, None)
+    # a worker of this machine (search --workers): its start-up pauses the machine's measurements
+    gate = MeasureGate(out_dir) if start_on_stdin and out_dir else None
+    with gate.shared() if gate is not None else nullcontext():
+        from onnxconet.search.parallel import join  # the imports (torch, onnx, optuna): seconds
+    if gate is not None:
         gate.close()
 
     if not storage or not study:

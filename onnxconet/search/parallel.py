@@ -145,8 +145,9 @@ def _gate(cfg: SearchConfig) -> MeasureGate | None:
 @contextmanager
 def measuring_alone(ctx: RunContext, evaluator) -> Iterator[None]:
     """While the block runs, this process trains and evaluates through the machine's `MeasureGate` and measures
-    latency alone (nothing to do when a --target device measures)."""
-    gate = _gate(ctx.cfg)
+    latency alone (nothing to do when a --target device measures). The gate the run was prepared under
+    (`build_context` with --workers) is the one used, and closed at the end."""
+    gate = ctx.judge.gate or _gate(ctx.cfg)
     if gate is None:
         yield
         return

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import types
 import uuid
@@ -72,7 +71,7 @@ def launch(fn: Callable, nproc: int, *args, device: str = "cpu", threads: int | 
     threads = threads or max(1, torch.get_num_threads() // nproc)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"onnxconet-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.2,
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
         start_method="spawn",
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="onnxconet-ddp-") as errors:
@@ -119,12 +118,6 @@ def _entry(fn: Callable, device_type: str, threads: int, args: bytes, errors: st
         raise
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -35,12 +35,10 @@ class SearchStep:
     cost: DMaskingCost
     alpha: float = 0.5
     temperature: float = 4.0
-    forward: Callable[[torch.Tensor], object] | None = (
-        None  # the weights step's model (DDP's wrapper); None: model
-    )
-    average: Callable[[Iterable[nn.Parameter]], None] | None = (
-        None  # averages the logits' gradients over ranks
-    )
+    # data-parallel (train/ddp.py): the weights step's model (DDP's wrapper; None: `model`), and what averages
+    # the logits' gradients over the ranks (None: one process)
+    forward: Callable[[torch.Tensor], object] | None = None
+    average: Callable[[Iterable[nn.Parameter]], None] | None = None
 
     def distill(self, out: torch.Tensor, t_logits: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         return distillation_loss(out, t_logits, y, self.alpha, self.temperature)

@@ -129,7 +129,10 @@ class _Training:
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     seconds: float = 0.0
-    rank: ddp.Rank | None = None
+
+    @property
+    def rank(self) -> ddp.Rank | None:
+        return self.data.rank
 
     def tau(self, epoch: int) -> float:
         c = self.job.config
@@ -260,7 +263,7 @@ def _start(
         step.average = functools.partial(ddp.average_grads, r=r)
     path = env.out / CHECKPOINT if c.checkpoint else None  # every rank resumes from it, rank 0 writes it
     total = max(1, steps_per_epoch * job.epochs)
-    return _Training(job, step, data, tcfg, emit, path, total, rank=r), scores
+    return _Training(job, step, data, tcfg, emit, path, total), scores
 
 
 def _epoch(t: _Training, epoch: int) -> None:
