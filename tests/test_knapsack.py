@@ -99,6 +99,66 @@ def test_knapsack_prefers_the_more_important_group_at_equal_cost(tiny_graph):
     assert w[b] == gb.hi and w[a] == ga.lo
 
 
+def test_knapsack_from_a_start_keeps_it_and_spends_what_it_leaves(tiny_graph):
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    ids = [g.id for g in space]
+    scores = np.random.default_rng(1).uniform(0.5, 1.0, len(tiny_graph.group_of_bundle))
+    unit = {g: 1.0 + i for i, g in enumerate(ids)}
+    predict = _additive(tiny_graph, space, unit)
+    start = {g.id: g.clip((g.lo + g.hi) // 2) for g in space}
+    budget = predict(start) + 0.5 * (predict(space.full()) - predict(start))
+    w = knapsack_widths(tiny_graph, space, scores, predict, budget, start=start)
+    assert all(w[g] >= start[g] for g in ids) and w != start and predict(w) <= budget
+    for g in space:  # maximal from there too
+        if w[g.id] < g.hi:
+            assert predict({**w, g.id: g.clip(w[g.id] + g.step)}) > budget
+    assert start == {g.id: g.clip((g.lo + g.hi) // 2) for g in space}  # the start given is left untouched
+
+
+@pytest.mark.parametrize(
+    "strategy,start,ok",
+    [("knapsack", "uniform", True), ("knapsack", "smallest", True), ("knapsack", "knapsack", False),
+     ("anneal", "smallest", False), ("anneal", "knapsack", True), ("random", "smallest", False)],
+)  # fmt: skip
+def test_start_is_checked_per_strategy(tmp_path, npz_data, strategy, start, ok):
+    cfg = search_cfg(tmp_path, npz_data, strategy=strategy, start=start)
+    if ok:
+        cfg.check()
+    else:
+        with pytest.raises(OnnxconetError, match=f"--start '{start}' does not apply to --strategy {strategy}"):
+            cfg.check()
+
+
+def test_knapsack_placement_from_uniform_keeps_the_uniform_widths(tiny_graph, npz_data):
+    """--strategy knapsack (start uniform): every group keeps at least the uniform widths on the budget (what l1
+    ships), the budget they leave is spent, and the result differs from HALP's fill from the minimum."""
+    from types import SimpleNamespace
+
+    from onnxconet.data import load_data, make_loaders
+    from onnxconet.graph.stats import count_flops
+    from onnxconet.prepare import prepare
+    from onnxconet.search.config import SearchConfig
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.setup import saliency_placer
+    from tests.conftest import TINY
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
+    ctx = SimpleNamespace(
+        cfg=SearchConfig(model=TINY, batch_size=32), cg=tiny_graph, loaders=SimpleNamespace(train=train),
+        teacher=prepare(TINY).loaded.module, stage=lambda text: None,
+    )  # fmt: skip
+    budget = 0.45
+    uniform = cost.rescale(space.full(), budget)
+    w = saliency_placer(ctx, space, cost, from_uniform=True)(budget)
+    low = saliency_placer(ctx, space, cost)(budget)
+    assert all(w[g.id] >= uniform[g.id] for g in space) and cost.predict(w) <= budget
+    assert cost.predict(w) >= cost.predict(uniform) and w != low
+    base = count_flops(tiny_graph)
+    assert count_flops(tiny_graph, tiny_graph.keep_mask(w)) / base == pytest.approx(cost.predict(w), rel=1e-6)
+
+
 @pytest.mark.slow  # three searches (73 s on 2 cores); the placement itself is tested above without training
 def test_start_knapsack_end_to_end(tmp_path, npz_data):
     """anneal's first trial under --start knapsack: other widths than the uniform start, within the FLOPs budget
@@ -128,12 +188,14 @@ def test_start_knapsack_end_to_end(tmp_path, npz_data):
     # --strategy knapsack: the same widths on every trial (the FLOPs cost is exact: nothing to refit), each cut
     # from the original, and shipped as searched widths (not a start)
     one = run_search(
-        search_cfg(tmp_path, npz_data, out=str(tmp_path / "k"), **(kw | {"trials": 2}), strategy="knapsack")
+        search_cfg(
+            tmp_path, npz_data, out=str(tmp_path / "k"), **(kw | {"trials": 2}), strategy="knapsack", start="smallest"
+        )
     )
     one = one.to_json()
     assert [{int(k): v for k, v in t["widths"].items()} for t in one["trials"]] == [first, first]
     assert one["best"]["shipped"] == "search"
-    with pytest.raises(OnnxconetError, match="does not apply to l1"):
+    with pytest.raises(OnnxconetError, match="does not apply to --strategy l1"):
         search_cfg(tmp_path, npz_data, strategy="l1", start="knapsack").check()
 
 

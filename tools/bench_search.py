@@ -12,8 +12,9 @@ Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
   (--train-samples, stratified) and the same batches; the test set is the full official 10,000 images;
 - the budget is a ratio of the teacher's latency *as deployed* (each file alone in its own process, medians of
   alternated pairs) at --threads; a run whose final file re-measures over the budget counts as missed;
-- strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), knapsack (latency-saliency
-  widths as HALP, placed on the measured cost, l1's protocol), dmasking, l1 (uniform widths, top-L1 channels), random (best of
+- strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), knapsack (the uniform widths
+  on the budget, the budget they leave filled by latency saliency, placed on the measured cost, l1's protocol),
+  knapsack:smallest (HALP's own fill from every group's minimum), dmasking, l1 (uniform widths, top-L1 channels), random (best of
   --trials random widths), scratch (uniform widths re-initialized), tp-magnitude / tp-groupnorm (Torch-Pruning,
   global pruning, its ratio bisected onto the budget as deployed, then fine-tuned the same epochs), and
   winner-scratch (the default strategy's shipped widths trained from re-initialized weights: Liu et al. 2019).

@@ -26,8 +26,10 @@ class SearchConfig:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     strategy: str = "anneal"
-    # anneal's first widths: "uniform" (every group scaled by one factor onto the budget: what l1 proposes) or
-    # "knapsack" (latency saliency: the most Taylor importance per predicted latency; search/knapsack.py)
+    # the first widths. anneal: "uniform" (every group scaled by one factor onto the budget: what l1 proposes) or
+    # "knapsack" (latency saliency: the most Taylor importance per predicted latency; search/knapsack.py).
+    # knapsack: where its greedy fill starts, "uniform" (the uniform widths on the budget, then the budget left
+    # spent by latency saliency) or "smallest" (HALP's own: every group at its minimum)
     start: str = "uniform"
     budget: str = "0.5"
     budget_on: str = "latency"
@@ -88,11 +90,12 @@ class SearchConfig:
             raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
         if self.trials < 1:
             raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
-        if self.start not in ("uniform", "knapsack"):
-            raise OnnxconetError(f"--start {self.start!r} is not uniform or knapsack")
-        if self.start != "uniform" and self.strategy != "anneal":
+        starts = {"anneal": ("uniform", "knapsack"), "knapsack": ("uniform", "smallest")}
+        if self.start not in starts.get(self.strategy, ("uniform",)):
+            allowed = " or ".join(starts.get(self.strategy, ()))
             raise OnnxconetError(
-                f"--start {self.start} sets anneal's first widths; it does not apply to {self.strategy}"
+                f"--start {self.start!r} does not apply to --strategy {self.strategy}"
+                + (f": use {allowed}" if allowed else "; it sets anneal's and knapsack's first widths")
             )
         if self.final_from not in ("trial", "original"):
             raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")

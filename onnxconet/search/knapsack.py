@@ -50,13 +50,14 @@ def knapsack_widths(
     scores: np.ndarray,
     predict: Callable[[dict[int, int]], float],
     budget: float,
+    start: dict[int, int] | None = None,
 ) -> dict[int, int]:
-    """From the smallest widths, add the width step with the most importance per predicted cost until none fits
-    under `budget`. Within a group the most important channels come first (the gain of a step is the sum of the
-    next-best bundles' scores)."""
+    """From `start` (default: the smallest widths), add the width step with the most importance per predicted
+    cost until none fits under `budget`. Within a group the most important channels come first (the gain of a
+    step is the sum of the next-best bundles' scores)."""
     ranked = {g.id: np.sort(scores[cg.groups[g.id].bundles])[::-1] for g in space}
     div = {g.id: cg.groups[g.id].divisor for g in space}
-    widths = space.smallest()
+    widths = dict(start) if start is not None else space.smallest()
     cost = predict(widths)
     while True:
         best, best_value, best_cost = None, -np.inf, cost

@@ -103,7 +103,7 @@ def make_strategy(
             epochs_per_trial=cfg.epochs_per_trial,
         )  # fmt: skip
     if cfg.strategy == "knapsack":
-        place = saliency_placer(ctx, space, cost)
+        place = saliency_placer(ctx, space, cost, from_uniform=cfg.start == "uniform")
         if not joining:
             measured_placement(ctx, place, cost, tries=5)  # the first trial lands on the budget as measured
         return KnapsackStrategy(space, objective, cost, place, seed=cfg.seed)
@@ -142,14 +142,19 @@ def measured_placement(ctx, place, cost: CostModel, tries: int) -> dict[int, int
     return widths
 
 
-def saliency_placer(ctx, space: WidthSpace, cost: CostModel):
+def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool = False):
     """`budget -> widths` by latency saliency: the teacher's Taylor importance (fixed batches) per latency
-    predicted by `cost` at the time of the call (so a refitted cost model places them again)."""
+    predicted by `cost` at the time of the call (so a refitted cost model places them again). `from_uniform`:
+    the fill starts from the uniform widths on the budget (every group keeps what l1 gives it; the budget the
+    uniform grid leaves goes where saliency per latency is highest) instead of every group's minimum."""
     ctx.stage("scoring channels by Taylor importance for the latency-saliency widths")
     loader = DataLoader(
         ctx.loaders.train.dataset, batch_size=ctx.cfg.batch_size
     )  # fixed order, no shared RNG
-    return partial(knapsack_widths, ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict)
+    fill = partial(knapsack_widths, ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, loader), cost.predict)
+    if not from_uniform:
+        return fill
+    return lambda budget: fill(budget, start=cost.rescale(space.full(), budget))
 
 
 def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
