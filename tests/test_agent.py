@@ -238,7 +238,10 @@ def test_measurements_through_the_agent_match_local(agent):
     iso_remote = measure_isolated(mid, big, remote, pairs=2, seconds=0.2)
     iso_local = measure_isolated(mid, big, local, pairs=2, seconds=0.2)
     assert iso_local.ratio < 1 / 1.5  # the smaller model measured smaller
-    assert iso_remote.ratio == pytest.approx(iso_local.ratio, rel=0.5), (iso_remote, iso_local)  # same machine
+    assert iso_remote.ratio == pytest.approx(iso_local.ratio, rel=0.5), (
+        iso_remote,
+        iso_local,
+    )  # same machine
 
 
 def test_a_runner_error_on_the_device_names_the_target(agent):

@@ -125,7 +125,9 @@ def test_start_is_checked_per_strategy(tmp_path, npz_data, strategy, start, ok):
     if ok:
         cfg.check()
     else:
-        with pytest.raises(OnnxconetError, match=f"--start '{start}' does not apply to --strategy {strategy}"):
+        with pytest.raises(
+            OnnxconetError, match=f"--start '{start}' does not apply to --strategy {strategy}"
+        ):
             cfg.check()
 
 
@@ -189,7 +191,12 @@ def test_start_knapsack_end_to_end(tmp_path, npz_data):
     # from the original, and shipped as searched widths (not a start)
     one = run_search(
         search_cfg(
-            tmp_path, npz_data, out=str(tmp_path / "k"), **(kw | {"trials": 2}), strategy="knapsack", start="smallest"
+            tmp_path,
+            npz_data,
+            out=str(tmp_path / "k"),
+            **(kw | {"trials": 2}),
+            strategy="knapsack",
+            start="smallest",
         )
     )
     one = one.to_json()
