@@ -247,3 +247,71 @@ def test_start_measured_over_the_budget_is_placed_again(tiny_graph, npz_data, st
     assert measured[0] > 0.6 and len(measured) >= 2  # the first start measured over, so it was placed again
     assert measured[-1] <= 0.6 and 1.3 * flops(w) == pytest.approx(measured[-1], rel=1e-6)
     assert cost.correction.factor() == pytest.approx(1.3, rel=1e-6)
+
+
+def test_knapsack_strategy_keeps_its_widths_until_a_trial_measures_over_the_budget(tiny_graph):
+    from onnxconet.search.base import Objective, Trial, TrialState
+    from onnxconet.search.baselines import KnapsackStrategy
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    placed = []
+
+    def place(target):
+        placed.append(target)
+        return {g.id: g.clip(g.lo + len(placed)) for g in space}
+
+    first = space.smallest()
+    s = KnapsackStrategy(space, Objective(0.5, 10.0), None, place, widths=first, target=0.485)
+    trial = lambda n, w, ratio: Trial(n, w, TrialState.COMPLETE, accuracy=0.5, ratio=ratio)  # noqa: E731
+    assert s.ask() == first and placed == []  # the measured placement: not solved again
+    s.tell(trial(0, first, 0.49))  # within the budget (if not within the target): kept
+    assert s.ask() == first and placed == []
+    s.tell(trial(1, first, 0.51))  # over: placed again, on the target
+    again = s.ask()
+    assert placed == [0.485] and again != first and s.ask() == again and placed == [0.485]
+
+
+def test_knapsack_is_placed_as_deployed_under_the_confirmation_margin(tiny_graph, npz_data):
+    """--strategy knapsack measures its placement as deployed (what decides what ships) and places it under the
+    margin the final confirmation accepts (CONFIRM_MARGIN x budget); its first trial trains those widths."""
+    from types import SimpleNamespace
+
+    from onnxconet.data import load_data, make_loaders
+    from onnxconet.graph.groups import ChannelGraph
+    from onnxconet.graph.stats import count_flops
+    from onnxconet.prepare import prepare
+    from onnxconet.search.config import Budget, SearchConfig
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.judge import CONFIRM_MARGIN
+    from onnxconet.search.setup import make_strategy
+    from tests.conftest import TINY
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    base = count_flops(tiny_graph)
+    flops = lambda w: count_flops(tiny_graph, tiny_graph.keep_mask(w)) / base  # noqa: E731
+    cost = CostModel(tiny_graph, space, "latency", SimpleNamespace(predict_ratio=flops))
+    measured = []
+
+    def deployed(model):  # the deployment runs 20 % slower than predicted
+        measured.append(1.2 * count_flops(ChannelGraph(model)) / base)
+        return SimpleNamespace(ratio=measured[-1])
+
+    def in_loop(model):
+        raise AssertionError("the placement is measured as deployed, not in-loop")
+
+    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
+    ctx = SimpleNamespace(
+        cfg=SearchConfig(model=TINY, strategy="knapsack", budget_on="latency", batch_size=32),
+        budget=Budget("latency", 0.6), judge=SimpleNamespace(deployed=deployed, measure=in_loop), cg=tiny_graph,
+        loaders=SimpleNamespace(train=train), teacher=prepare(TINY).loaded.module, stage=lambda text: None,
+    )  # fmt: skip
+    strategy = make_strategy(ctx, space, cost)
+    target = 0.6 * CONFIRM_MARGIN
+    assert (
+        len(measured) >= 2 and measured[0] > target
+    )  # placed on the prediction, measured over, placed again
+    assert measured[-1] <= target and strategy.target == pytest.approx(target)
+    w = strategy.ask()
+    assert 1.2 * flops(w) == pytest.approx(
+        measured[-1], rel=1e-6
+    )  # the first trial: the widths measured last

@@ -11,6 +11,10 @@ import onnx
 
 from onnxconet.latency.profile import PairedMeasurer, RelativeStats, Target, measure_isolated
 
+# a latency trial is confirmed when re-measured at or under this share of the budget: two deployed measurements
+# of one file differ by ~2.4 % (std) at 2 threads on the CI kind, so the final check must have room
+CONFIRM_MARGIN = 0.97
+
 
 class LatencyJudge:
     """Latency of candidates relative to the baseline ONNX, at the deployment's target.
