@@ -84,10 +84,15 @@ class KnapsackStrategy(L1Strategy):
         seed: int = 0,
         widths: dict[int, int] | None = None,
         target: float | None = None,
+        placement: list[dict] | None = None,
     ) -> None:
         super().__init__(space, objective, cost, seed)
-        self.place, self.widths = place, widths
+        self.place, self.widths, self.placement = place, widths, placement or []
         self.target = objective.budget if target is None else target
+
+    def summary(self) -> dict:
+        """result.json's record of the placement measured as deployed (`search/setup.py: deployed_placement`)."""
+        return {"placement": self.placement} if self.placement else {}
 
     def ask(self) -> dict[int, int]:
         if self.widths is None:
