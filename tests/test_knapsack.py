@@ -319,3 +319,43 @@ def test_knapsack_is_placed_as_deployed_under_the_confirmation_margin(tiny_graph
     w = strategy.ask()
     assert 1.2 * flops(w) == pytest.approx(chosen, abs=1e-4) and strategy.target == pytest.approx(target)
     assert cost.observed == []  # the placer's target was steered; the cost model is left as calibrated
+
+
+def test_deployed_placement_bisects_a_jumpy_response(tiny_graph):
+    """Where the measured ratio jumps (the uniform grid's steps), secant steps alone oscillate: once one placement
+    measured under the target and one over, the placer's target is bisected between them, and the widest
+    placement measured within the target is kept."""
+    from types import SimpleNamespace
+
+    from onnxconet.graph.groups import ChannelGraph
+    from onnxconet.graph.stats import count_flops
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.setup import deployed_placement
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    base = count_flops(tiny_graph)
+    jump = lambda f: 1.4 * f if f > 0.45 else 0.8 * f  # noqa: E731  (measured: cheap below, dear above)
+    measured = []
+
+    def deployed(model):
+        measured.append(jump(count_flops(ChannelGraph(model)) / base))
+        return SimpleNamespace(ratio=measured[-1])
+
+    ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
+    place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
+    target = 0.5
+    widths, tried = deployed_placement(ctx, place, cost.predict, target, tries=5)
+    ratios = [x["ratio"] for x in tried]
+    assert ratios == pytest.approx(measured, abs=1e-4) and len(tried) <= 5
+    assert len({tuple(sorted(x["widths"].items())) for x in tried}) == len(tried)  # nothing measured twice
+    assert jump(cost.predict(widths)) == pytest.approx(max(r for r in ratios if r <= target), abs=1e-4)
+    ts = [x["target"] for x in tried]
+    under = max(t for t, r in zip(ts, ratios, strict=True) if r <= target)
+    over = min(t for t, r in zip(ts, ratios, strict=True) if r > target)
+    assert under < over  # bracketed; every later target lies between the bracket's ends when it was set
+    later = ts[next(i for i, r in enumerate(ratios) if r > target) + 1 :]
+    assert all(under <= t <= over for t in later if t not in (under, over))
+    # the best placement the grid allows under this response (checked over a fine sweep of the placer's target)
+    sweep = [jump(cost.predict(place(0.3 + 0.005 * k))) for k in range(80)]
+    assert max(r for r in ratios if r <= target) >= max(r for r in sweep if r <= target) - 0.05
