@@ -12,6 +12,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 
 from onnxconet import faults
@@ -115,6 +116,7 @@ def test_restore_bank_takes_the_pending_bank_only_of_a_committed_trial(tmp_path)
     assert not (tmp_path / "bank.next.pt").exists() and torch.load(tmp_path / "bank.pt")["after_trial"] == 1
 
 
+@pytest.mark.slow  # 62-96 s (two searches and a chain of killed runs); tools/fault_inject.py covers every point
 def test_a_search_killed_where_history_and_bank_could_disagree_resumes_to_the_same_result(tmp_path, npz_data):
     """Killed after trial 1's history line but before its bank was renamed into place, and halfway through
     writing trial 2's history line, then resumed: the uninterrupted run's trials and best widths."""

@@ -82,6 +82,7 @@ def _agent(port: int) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # 73 s in CI (two searches through an agent that is stopped and started again)
 def test_a_target_that_disappears_stops_the_search_and_resume_continues(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -266,7 +266,9 @@ def postgres():
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# the kill test runs on PostgreSQL by default (the server tools/install_services.sh installs); on SQLite with -m slow
+# (50 s: the default run's 15 minutes; SQLite's study is exercised by the other tests here)
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.slow), "postgresql"])
 def storage_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'study.db'}"
