@@ -65,6 +65,33 @@ def _additive(cg, space, unit_costs):
     return lambda w: sum(unit_costs[g] * w[g] for g in w)
 
 
+def _flops_ratio(cg):
+    """(FLOPs ratio of widths, FLOPs ratio of a sliced ONNX model): the exact costs fake measurements scale."""
+    from onnxconet.graph.stats import count_flops
+
+    base = count_flops(cg)
+    return (lambda w: count_flops(cg, cg.keep_mask(w)) / base), (
+        lambda m: count_flops(ChannelGraph(m)) / base
+    )
+
+
+def _setup_ctx(cg, npz_data, judge=None, budget=0.6, **cfg):
+    """The slice of a RunContext that search/setup.py's placement reads: config, budget, judge, graph, training
+    batches, the teacher (the tiny model) and a silent stage()."""
+    from types import SimpleNamespace
+
+    from onnxconet.data import load_data, make_loaders
+    from onnxconet.prepare import prepare
+    from onnxconet.search.config import Budget, SearchConfig
+    from tests.conftest import TINY
+
+    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
+    return SimpleNamespace(
+        cfg=SearchConfig(model=TINY, batch_size=32, **cfg), budget=Budget("latency", budget), judge=judge, cg=cg,
+        loaders=SimpleNamespace(train=train), teacher=prepare(TINY).loaded.module, stage=lambda text: None,
+    )  # fmt: skip
+
+
 def test_knapsack_fills_the_cheapest_importance_first_and_is_maximal(tiny_graph):
     space = WidthSpace(tiny_graph, min_ratio=0.25)
     ids = [g.id for g in space]
@@ -134,31 +161,19 @@ def test_start_is_checked_per_strategy(tmp_path, npz_data, strategy, start, ok):
 def test_knapsack_placement_from_uniform_keeps_the_uniform_widths(tiny_graph, npz_data):
     """--strategy knapsack (start uniform): every group keeps at least the uniform widths on the budget (what l1
     ships), the budget they leave is spent, and the result differs from HALP's fill from the minimum."""
-    from types import SimpleNamespace
-
-    from onnxconet.data import load_data, make_loaders
-    from onnxconet.graph.stats import count_flops
-    from onnxconet.prepare import prepare
-    from onnxconet.search.config import SearchConfig
     from onnxconet.search.cost import CostModel
     from onnxconet.search.setup import saliency_placer
-    from tests.conftest import TINY
 
     space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
     cost = CostModel(tiny_graph, space, "flops")
-    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
-    ctx = SimpleNamespace(
-        cfg=SearchConfig(model=TINY, batch_size=32), cg=tiny_graph, loaders=SimpleNamespace(train=train),
-        teacher=prepare(TINY).loaded.module, stage=lambda text: None,
-    )  # fmt: skip
+    ctx = _setup_ctx(tiny_graph, npz_data)
     budget = 0.45
     uniform = cost.rescale(space.full(), budget)
     w = saliency_placer(ctx, space, cost, from_uniform=True)(budget)
     low = saliency_placer(ctx, space, cost)(budget)
     assert all(w[g.id] >= uniform[g.id] for g in space) and cost.predict(w) <= budget
     assert cost.predict(w) >= cost.predict(uniform) and w != low
-    base = count_flops(tiny_graph)
-    assert count_flops(tiny_graph, tiny_graph.keep_mask(w)) / base == pytest.approx(cost.predict(w), rel=1e-6)
+    assert _flops_ratio(tiny_graph)[0](w) == pytest.approx(cost.predict(w), rel=1e-6)
 
 
 @pytest.mark.slow  # three searches (73 s on 2 cores); the placement itself is tested above without training
@@ -212,37 +227,20 @@ def test_start_measured_over_the_budget_is_placed_again(tiny_graph, npz_data, st
     again (here the deployment runs 30 % slower than predicted, so the second start must be smaller)."""
     from types import SimpleNamespace
 
-    from onnxconet.data import load_data, make_loaders
-    from onnxconet.graph.stats import count_flops
-    from onnxconet.search.config import Budget, SearchConfig
     from onnxconet.search.cost import CostModel
     from onnxconet.search.setup import start_widths
-    from tests.conftest import TINY
 
     space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
-    base = count_flops(tiny_graph)
-    flops = lambda w: count_flops(tiny_graph, tiny_graph.keep_mask(w)) / base  # noqa: E731
-    predictor = SimpleNamespace(predict_ratio=flops)
-    cost = CostModel(tiny_graph, space, "latency", predictor)
+    flops, of_model = _flops_ratio(tiny_graph)
+    cost = CostModel(tiny_graph, space, "latency", SimpleNamespace(predict_ratio=flops))
     measured = []
 
     def measure(model):
-        from onnxconet.graph.groups import ChannelGraph
+        measured.append(1.3 * of_model(model))
+        return measured[-1], 1.0
 
-        sub = ChannelGraph(model)
-        ratio = 1.3 * count_flops(sub) / base
-        measured.append(ratio)
-        return ratio, 1.0
-
-    splits = load_data(npz_data, (1, 3, 16, 16), seed=0)
-    train, _, _ = make_loaders(splits, 32, 0)
-    from onnxconet.prepare import prepare
-
-    ctx = SimpleNamespace(
-        cfg=SearchConfig(model=TINY, budget_on="latency", start=start, batch_size=32),
-        budget=Budget("latency", 0.6), judge=SimpleNamespace(measure=measure), cg=tiny_graph,
-        loaders=SimpleNamespace(train=train), teacher=prepare(TINY).loaded.module, stage=lambda text: None,
-    )  # fmt: skip
+    judge = SimpleNamespace(measure=measure)
+    ctx = _setup_ctx(tiny_graph, npz_data, judge, budget_on="latency", start=start)
     w = start_widths(ctx, space, cost)
     assert measured[0] > 0.6 and len(measured) >= 2  # the first start measured over, so it was placed again
     assert measured[-1] <= 0.6 and 1.3 * flops(w) == pytest.approx(measured[-1], rel=1e-6)
@@ -276,45 +274,32 @@ def test_knapsack_is_placed_as_deployed_under_the_confirmation_margin(tiny_graph
     margin the final confirmation accepts (CONFIRM_MARGIN x budget); its first trial trains those widths."""
     from types import SimpleNamespace
 
-    from onnxconet.data import load_data, make_loaders
-    from onnxconet.graph.groups import ChannelGraph
-    from onnxconet.graph.stats import count_flops
-    from onnxconet.prepare import prepare
-    from onnxconet.search.config import Budget, SearchConfig
     from onnxconet.search.cost import CostModel
     from onnxconet.search.judge import CONFIRM_MARGIN
     from onnxconet.search.setup import make_strategy
-    from tests.conftest import TINY
 
     space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
-    base = count_flops(tiny_graph)
-    flops = lambda w: count_flops(tiny_graph, tiny_graph.keep_mask(w)) / base  # noqa: E731
+    flops, of_model = _flops_ratio(tiny_graph)
     cost = CostModel(tiny_graph, space, "latency", SimpleNamespace(predict_ratio=flops))
     measured = []
 
     def deployed(model):  # the deployment runs 20 % slower than predicted
-        measured.append(1.2 * count_flops(ChannelGraph(model)) / base)
+        measured.append(1.2 * of_model(model))
         return SimpleNamespace(ratio=measured[-1])
 
     def in_loop(model):
         raise AssertionError("the placement is measured as deployed, not in-loop")
 
-    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
-    ctx = SimpleNamespace(
-        cfg=SearchConfig(model=TINY, strategy="knapsack", budget_on="latency", batch_size=32),
-        budget=Budget("latency", 0.6), judge=SimpleNamespace(deployed=deployed, measure=in_loop), cg=tiny_graph,
-        loaders=SimpleNamespace(train=train), teacher=prepare(TINY).loaded.module, stage=lambda text: None,
-    )  # fmt: skip
+    judge = SimpleNamespace(deployed=deployed, measure=in_loop)
+    ctx = _setup_ctx(tiny_graph, npz_data, judge, strategy="knapsack", budget_on="latency")
     strategy = make_strategy(ctx, space, cost)
     target = 0.6 * CONFIRM_MARGIN
-    assert (
-        len(measured) >= 2 and measured[0] > target
-    )  # placed on the prediction, measured over, placed again
+    # placed on the prediction, measured over, placed again
+    assert len(measured) >= 2 and measured[0] > target
     placement = strategy.summary()["placement"]
     assert [p["ratio"] for p in placement] == pytest.approx(measured, abs=1e-4)  # recorded for result.json
-    assert (
-        placement[1]["target"] < placement[0]["target"] == pytest.approx(target, abs=1e-4)
-    )  # the secant step
+    # the secant step
+    assert placement[1]["target"] < placement[0]["target"] == pytest.approx(target, abs=1e-4)
     chosen = max(r for r in measured if r <= target)  # the widest that measured within the target
     w = strategy.ask()
     assert 1.2 * flops(w) == pytest.approx(chosen, abs=1e-4) and strategy.target == pytest.approx(target)
@@ -327,19 +312,17 @@ def test_deployed_placement_bisects_a_jumpy_response(tiny_graph):
     placement measured within the target is kept."""
     from types import SimpleNamespace
 
-    from onnxconet.graph.groups import ChannelGraph
-    from onnxconet.graph.stats import count_flops
     from onnxconet.search.cost import CostModel
     from onnxconet.search.setup import deployed_placement
 
     space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
     cost = CostModel(tiny_graph, space, "flops")
-    base = count_flops(tiny_graph)
+    of_model = _flops_ratio(tiny_graph)[1]
     jump = lambda f: 1.4 * f if f > 0.45 else 0.8 * f  # noqa: E731  (measured: cheap below, dear above)
     measured = []
 
     def deployed(model):
-        measured.append(jump(count_flops(ChannelGraph(model)) / base))
+        measured.append(jump(of_model(model)))
         return SimpleNamespace(ratio=measured[-1])
 
     ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
