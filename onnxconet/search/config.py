@@ -91,12 +91,14 @@ class SearchConfig:
         if self.trials < 1:
             raise OnnxconetError(f"--trials must be >= 1, got {self.trials}")
         starts = {"anneal": ("uniform", "knapsack"), "knapsack": ("uniform", "smallest")}
-        if self.start not in starts.get(self.strategy, ("uniform",)):
-            allowed = " or ".join(starts.get(self.strategy, ()))
-            raise OnnxconetError(
-                f"--start {self.start!r} does not apply to --strategy {self.strategy}"
-                + (f": use {allowed}" if allowed else "; it sets anneal's and knapsack's first widths")
+        allowed = starts.get(self.strategy)
+        if self.start not in (allowed or ("uniform",)):
+            hint = (
+                f": use {' or '.join(allowed)}"
+                if allowed
+                else "; it sets anneal's and knapsack's first widths"
             )
+            raise OnnxconetError(f"--start {self.start!r} does not apply to --strategy {self.strategy}{hint}")
         if self.final_from not in ("trial", "original"):
             raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
         if self.strategy == "dmasking":

@@ -161,13 +161,13 @@ def deployed_placement(
     for _ in range(3 * tries):  # (placements already measured cost nothing)
         widths = place(t)
         known = next((x for x in tried if x["widths"] == widths), None)
-        if known is None and len(tried) >= tries:
-            break
         if known is None:
+            if len(tried) >= tries:
+                break
             ratio = ctx.judge.deployed(slice_onnx(ctx.cg, ctx.cg.keep_mask(widths))).ratio
-            tried.append({"target": round(t, 4), "ratio": round(ratio, 4), "widths": widths})
+            tried.append({"target": t, "ratio": ratio, "widths": widths})
             log.info("placement at %.3f measured %.3f as deployed (aiming at %.3f)", t, ratio, target)
-        ratio = known["ratio"] if known else ratio
+        ratio = (known or tried[-1])["ratio"]
         if target * (1 - tolerance) <= ratio <= target:
             break
         if ratio <= target:
@@ -184,7 +184,15 @@ def deployed_placement(
             t = predict(widths) * target / ratio
     within = [x for x in tried if x["ratio"] <= target]
     chosen = max(within, key=lambda x: x["ratio"]) if within else min(tried, key=lambda x: x["ratio"])
-    return chosen["widths"], [{**x, "widths": {str(k): v for k, v in x["widths"].items()}} for x in tried]
+    record = [
+        {
+            "target": round(x["target"], 4),
+            "ratio": round(x["ratio"], 4),
+            "widths": {str(k): v for k, v in x["widths"].items()},
+        }
+        for x in tried
+    ]
+    return chosen["widths"], record
 
 
 def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool = False):
