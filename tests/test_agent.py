@@ -21,7 +21,7 @@ from onnxconet.latency import device as devices
 from onnxconet.latency.profile import PairedMeasurer, Target, measure, measure_isolated
 from tests.conftest import AGENT_TOKEN as TOKEN
 from tests.conftest import ROOT, _sigint_default, running_agent
-from tests.onnx_builders import small_cnn
+from tests.onnx_builders import small_cnn, timing_pair
 
 SMALL = small_cnn().SerializeToString()
 LARGE = small_cnn(width=48, layers=3).SerializeToString()
@@ -232,9 +232,9 @@ def test_measurements_through_the_agent_match_local(agent):
         r2 = m.compare(LARGE, max_seconds=0.5)
     assert r1.ratio < 1 / 1.5 and 0.7 < r2.ratio < 1.4
     assert r1.load is None  # the device's load is not ours to see
-    # isolated processes, both models well above the ~20 us where process-to-process spread decides a ratio
-    # (LARGE against SMALL read 22 through the agent and 14 locally in one CI run)
-    mid, big = (small_cnn(width=w, layers=3, hw=32).SerializeToString() for w in (24, 48))
+    mid, big = (
+        timing_pair()
+    )  # isolated processes: both models well above where process spread decides a ratio
     iso_remote = measure_isolated(mid, big, remote, pairs=2, seconds=0.2)
     iso_local = measure_isolated(mid, big, local, pairs=2, seconds=0.2)
     assert iso_local.ratio < 1 / 1.5  # the smaller model measured smaller
