@@ -25,6 +25,10 @@ from tests.conftest import TINY, search_cfg
 # float32 sums in another order (two shards all-reduced vs one batch; E[x^2]-E[x]^2 vs torch's BatchNorm
 # kernel), compounded over the steps: measured ~1e-6 relative after 6 steps
 TOL = 1e-4
+# the logits step is Adam: it divides each gradient by its running RMS, so where a logit's gradient is near zero
+# a summation-order difference is amplified into a visible step (CI: 0.03663 vs 0.03666, 4e-4 of how far the
+# logits moved, the other entries within 1e-6). A wrong reduction moves them by the order of the movement itself.
+LOGITS_TOL = 1e-2
 
 
 def _fails(r: ddp.Rank) -> None:
@@ -87,7 +91,7 @@ def test_two_processes_train_the_supernet_one_process_trains(tmp_path, monkeypat
     moved = max(float(np.abs(v).max()) for v in logits1.values())
     assert moved > 1e-3  # the logits were trained (not a comparison of two untouched initial states)
     for g in logits1:
-        np.testing.assert_allclose(logits2[g], logits1[g], rtol=TOL, atol=TOL * moved)
+        np.testing.assert_allclose(logits2[g], logits1[g], rtol=0, atol=LOGITS_TOL * moved)
     scale = float(out1.abs().max())
     assert float((out2 - out1).abs().max()) <= TOL * scale, float((out2 - out1).abs().max()) / scale
     # the epoch losses reported are the global batches' (the mean over the shards)
