@@ -288,9 +288,3 @@ def small_residual() -> onnx.ModelProto:
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
-
-
-def timing_pair() -> tuple[bytes, bytes]:
-    """Two models whose isolated-process ratio is steady (~0.35 vs ~1.2 ms at 32x32, 1 thread): the first smaller.
-    Below ~20 us (small_cnn's default) process-to-process spread decides a ratio (22 vs 14, 26 vs 12 seen in CI)."""
-    return tuple(small_cnn(width=w, layers=3, hw=32).SerializeToString() for w in (24, 48))  # type: ignore[return-value]

@@ -13,9 +13,10 @@ import pytest
 
 from onnxconet.errors import LatencyError
 from onnxconet.latency import device as devices
-from onnxconet.latency.profile import PairedMeasurer, Target, measure, measure_isolated
+from onnxconet.latency.profile import PairedMeasurer, Target, measure
 from tests.loopback_sshd import SSHD, free_port, keygen, loopback_sshd
-from tests.onnx_builders import small_cnn, timing_pair
+from tests.onnx_builders import small_cnn
+from tests.remote_checks import assert_isolated_ratio_is_local
 
 SMALL = small_cnn().SerializeToString()
 LARGE = small_cnn(width=48, layers=3).SerializeToString()
@@ -48,7 +49,7 @@ def test_ssh_measures_what_local_measures(ssh_device):
     url, dev = ssh_device
     ident = dev.identity()
     assert ident["host"] == socket.gethostname() and ident["protocol"] == 1
-    remote, local = Target(provider="cpu", threads=1, device=url), Target(provider="cpu", threads=1)
+    remote = Target(provider="cpu", threads=1, device=url)
     stats = measure(LARGE, remote, max_seconds=0.5)
     assert stats.provider == "CPUExecutionProvider" and stats.threads == 1
     # the file against itself on the larger model: SMALL runs in ~20 us, where two processes differ by 2x
@@ -59,16 +60,7 @@ def test_ssh_measures_what_local_measures(ssh_device):
         r2 = m.compare(LARGE, max_seconds=0.5)
         assert id(m.ref) == pid
     assert r1.ratio < 1 / 1.5 and 0.7 < r2.ratio < 1.4
-    mid, big = (
-        timing_pair()
-    )  # isolated processes: both models well above where process spread decides a ratio
-    iso_remote = measure_isolated(mid, big, remote, pairs=2, seconds=0.2)
-    iso_local = measure_isolated(mid, big, local, pairs=2, seconds=0.2)
-    assert iso_local.ratio < 1 / 1.5  # the smaller model measured smaller
-    assert iso_remote.ratio == pytest.approx(iso_local.ratio, rel=0.5), (
-        iso_remote,
-        iso_local,
-    )  # same machine
+    assert_isolated_ratio_is_local(remote)  # fresh processes, both models well above ~20 us
     folder = dev._dir
     assert subprocess.run(["test", "-d", folder]).returncode == 0
     dev.close()
