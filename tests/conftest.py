@@ -50,11 +50,13 @@ def tiny_search_args(data: str, *extra: str, trials: int = 2, latency_seconds: f
 def search_process(out, *extra: str, trials: int = 2):
     """`python -m onnxconet search` of the built-in default (this checkout's code) into `out`, in its own process
     group (a terminal's Ctrl-C reaches the whole group); small and fast: a FLOPs budget, no pretraining, 200
-    training digits, no final fine-tuning, one pair of processes for the deployed figure. Yields the Popen; on the way out the group is killed if still running."""
+    training digits, no final fine-tuning, one pair of processes for the deployed figure. Yields the Popen; on
+    the way out the group is killed if still running."""
     args = [
         sys.executable, "-m", "onnxconet", "search", "--budget-on", "flops", "--budget", "0.6",
         "--trials", str(trials), "--pretrain-epochs", "0", "--final-epochs", "0", "--train-samples", "200",
-        "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.2", "--deployed-pairs", "1", "--out", str(out), *extra,
+        "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.2", "--deployed-pairs", "1",
+        "--out", str(out), *extra,
     ]  # fmt: skip
     env = {
         **os.environ,

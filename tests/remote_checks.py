@@ -1,4 +1,5 @@
-"""Checks the agent's and the SSH device's tests share: a device on this machine must measure what local does."""
+"""Checks the agent's and the SSH device's tests share: a device on this machine must measure what local
+does."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from tests.onnx_builders import small_cnn
 
 
 def timing_pair() -> tuple[bytes, bytes]:
-    """Two models whose isolated-process ratio is steady (~0.35 vs ~1.2 ms at 32x32, 1 thread): the first smaller.
-    Below ~20 us (small_cnn's default) process-to-process spread decides a ratio (22 vs 14, 26 vs 12 seen in CI)."""
+    """Two models whose isolated-process ratio is steady (~0.35 vs ~1.2 ms at 32x32, 1 thread): the first
+    smaller. Below ~20 us (small_cnn's default) process-to-process spread decides a ratio (22 vs 14, 26 vs 12
+    seen in CI)."""
     mid, big = (small_cnn(width=w, layers=3, hw=32).SerializeToString() for w in (24, 48))
     return mid, big
 
