@@ -208,7 +208,9 @@ def test_busy_cores_flag_the_measurement():
     finally:
         burner.kill()
     assert load is not None and 0.6 < load < logical_cpus() + 0.2
-    assert rel.load is not None and rel.load > 0.25 and rel.disturbed  # the burner shares the cores it wants
+    # the burner shares the cores the session wants: three busy threads on two CPUs leave it ~2/3 of one (0.58-0.65
+    # measured); runner CPU spent before the window, booked into it, read 0.24-0.37 here
+    assert rel.load is not None and rel.load > 0.4 and rel.disturbed
 
 
 def test_disturbed_rule():

@@ -384,10 +384,10 @@ class PairedMeasurer:
                     self._stop()
 
     def _compare(self, path: str, label: str, min_rounds, max_rounds, max_seconds, rel_ci) -> RelativeStats:
-        before = self.cand.cpu_s
         loaded = self.cand.request("load", **self.target.load_request(path, label))
+        # the window opens after the load: a fresh runner's start-up and the load took CPU before it, which
+        # booked into it would hide other programs' load (a 0.5 s window then read 0.24 CPUs of a busy one)
         watch = LoadWatch(active=self.device.local)
-        watch.add_runner(before, self.cand.cpu_s)
         ref_cpu = self.ref.cpu_s
         if loaded["provider"] != self.loaded_ref["provider"]:
             raise LatencyError(
