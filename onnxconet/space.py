@@ -28,20 +28,28 @@ FORMAT = "onnxconet-widths/1"
 
 @dataclass(frozen=True)
 class GroupSpace:
-    """Allowed widths of one group: multiples of `step` in [lo, hi]."""
+    """Allowed widths of one group: multiples of `step` in [lo, hi], and 0 when `zero` (the group's residual
+    branch removed: `graph.branches`)."""
 
     id: int
     lo: int
     hi: int
     step: int
+    zero: bool = False
 
     def clip(self, w: float) -> int:
         """Nearest allowed width."""
+        if self.zero and w < self.lo / 2:
+            return 0
         w = int(round(w / self.step)) * self.step
         return int(min(self.hi, max(self.lo, w)))
 
     def options(self) -> list[int]:
-        return list(range(self.lo, self.hi + 1, self.step))
+        return [0] * self.zero + list(range(self.lo, self.hi + 1, self.step))
+
+    def up(self, w: int) -> int:
+        """The next allowed width above `w` (`hi` stays)."""
+        return self.lo if w < self.lo else min(self.hi, w + self.step)
 
 
 class WidthSpace:
@@ -57,7 +65,10 @@ class WidthSpace:
     aligned too; only groups narrower than that and not a multiple move in steps of their divisor.
     """
 
-    def __init__(self, cg: ChannelGraph, min_ratio: float = 0.125, align: int = 1) -> None:
+    def __init__(
+        self, cg: ChannelGraph, min_ratio: float = 0.125, align: int = 1, depth: bool = False
+    ) -> None:
+        """`depth`: groups whose residual branch can be removed (`ChannelGraph.removable`) may also take 0."""
         if not 0 < min_ratio <= 1:
             raise OnnxconetError(f"min_ratio {min_ratio} must be in (0, 1]")
         self.fingerprint = cg.fingerprint()
@@ -67,8 +78,11 @@ class WidthSpace:
             step = unit if g.channels % unit == 0 or g.channels >= 4 * unit else g.divisor
             lo = max(step, int(np.ceil(min_ratio * g.channels / step)) * step)
             hi = g.channels
-            if lo < hi:
-                self.groups[g.id] = GroupSpace(g.id, lo, hi, step if (hi - lo) % step == 0 else g.divisor)
+            zero = depth and g.id in cg.removable
+            if lo < hi or zero:
+                self.groups[g.id] = GroupSpace(
+                    g.id, lo, hi, step if (hi - lo) % step == 0 else g.divisor, zero
+                )
 
     def __iter__(self) -> Iterator[GroupSpace]:
         return iter(self.groups.values())
@@ -80,11 +94,12 @@ class WidthSpace:
         return {g.id: g.hi for g in self}
 
     def smallest(self) -> dict[int, int]:
-        return {g.id: g.lo for g in self}
+        """Every group at its narrowest: 0 where its branch may go."""
+        return {g.id: 0 if g.zero else g.lo for g in self}
 
     def uniform(self, scale: float) -> dict[int, int]:
-        """Every group at `scale` of its full width (nearest allowed)."""
-        return {g.id: g.clip(scale * g.hi) for g in self}
+        """Every group at `scale` of its full width (nearest allowed; never 0: uniform width keeps the depth)."""
+        return {g.id: g.clip(max(scale * g.hi, g.lo)) for g in self}
 
     def clip(self, widths: Mapping[int, float]) -> dict[int, int]:
         return {g.id: g.clip(widths.get(g.id, g.hi)) for g in self}
@@ -92,7 +107,7 @@ class WidthSpace:
     def contains(self, widths: Mapping[int, int]) -> bool:
         for g in self:
             w = widths.get(g.id, g.hi)
-            if not (g.lo <= w <= g.hi and (w - g.lo) % g.step == 0):
+            if not (g.lo <= w <= g.hi and (w - g.lo) % g.step == 0) and not (g.zero and w == 0):
                 return False
         return True
 

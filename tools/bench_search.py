@@ -14,7 +14,8 @@ Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
   alternated pairs) at --threads; a run whose final file re-measures over the budget counts as missed;
 - strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), knapsack (the uniform widths
   on the budget, the budget they leave filled by latency saliency, placed on the measured cost, l1's protocol),
-  knapsack:smallest (HALP's own fill from every group's minimum), dmasking, l1 (uniform widths, top-L1 channels), random (best of
+  knapsack:smallest (HALP's own fill from every group's minimum), a "+depth" suffix on a library strategy
+  (knapsack:smallest+depth: residual branches may be removed, search --depth), dmasking, l1 (uniform widths, top-L1 channels), random (best of
   --trials random widths), scratch (uniform widths re-initialized), tp-magnitude / tp-groupnorm (Torch-Pruning,
   global pruning, its ratio bisected onto the budget as deployed, then fine-tuned the same epochs), and
   winner-scratch (the default strategy's shipped widths trained from re-initialized weights: Liu et al. 2019).
@@ -78,6 +79,7 @@ def search_config(
     args, model: str, budget: str, strategy: str, seed: int, weights: str, out: Path
 ) -> SearchConfig:
     """The library run of a cell: equal total epochs (the uniform baselines fine-tune what the others search)."""
+    strategy, _, depth = strategy.partition("+")  # knapsack+depth = knapsack --depth
     strategy, _, start = strategy.partition(":")  # anneal:knapsack = anneal --start knapsack
     # the uniform baselines use a few trials to put their widths on the budget *as measured* (the cost model's
     # correction): with one trial, l1 at 0.3 shipped the predicted-uniform widths that measured 0.322
@@ -87,7 +89,7 @@ def search_config(
         model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
         strategy=strategy, start=start or "uniform", budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
         final_epochs=args.final_epochs + extra, probes=args.probes, threads=args.threads, out=str(out),
-        seed=seed, align=args.align, resume=(out / "history.jsonl").exists(),
+        seed=seed, align=args.align, depth=depth == "depth", resume=(out / "history.jsonl").exists(),
     )  # fmt: skip
 
 
@@ -96,7 +98,7 @@ def total_epochs(args) -> int:
 
 
 def library_cell(args, model: str, budget: str, strategy: str, seed: int, weights: str) -> dict:
-    out = args.out / "runs" / f"{model}_{budget}_{strategy.replace(':', '-')}_{seed}"
+    out = args.out / "runs" / f"{model}_{budget}_{strategy.replace(':', '-').replace('+', '-')}_{seed}"
     cfg = search_config(args, model, budget, strategy, seed, weights, out)
     res = run_search(cfg).to_json()
     b = res["best"]
@@ -172,13 +174,13 @@ def run_cell(args, model: str, budget: str, strategy: str, seed: int, cells: dic
         "epochs_per_trial": args.epochs_per_trial, "final_epochs": args.final_epochs, "threads": args.threads,
         "align": args.align, "probes": args.probes, "baseline_trials": args.baseline_trials, "teacher_test_acc": meta["test_accuracy"],
     }  # fmt: skip
-    path = args.out / "cells" / f"{model}_{budget}_{strategy.replace(':', '-')}_{seed}.json"
+    path = args.out / "cells" / f"{model}_{budget}_{strategy.replace(':', '-').replace('+', '-')}_{seed}.json"
     if path.is_file():
         cell = json.loads(path.read_text())
         if cell.get("key") == key:
             print(f"  (reused {path})", flush=True)
             return cell
-    if strategy.partition(":")[0] in LIBRARY:
+    if strategy.partition("+")[0].partition(":")[0] in LIBRARY:
         result = library_cell(args, model, budget, strategy, seed, weights)
     elif strategy.startswith("tp-"):
         result = tp_cell(args, budget, strategy, seed, weights)

@@ -199,6 +199,14 @@ def search(
             "multiples of 8/16; a narrow group that is no multiple of it moves channel by channel).",
         ),
     ] = 8,
+    depth: Annotated[
+        bool,
+        typer.Option(
+            "--depth",
+            help="Let a group whose residual branch can be removed take width 0 (the branch and its nodes "
+            "go; `inspect` marks these groups): at low latency budgets a node's fixed cost decides what fits.",
+        ),
+    ] = False,
     resolutions: Annotated[
         str | None,
         typer.Option(
@@ -276,6 +284,7 @@ def search(
         lr=lr,
         min_ratio=min_ratio,
         align=align,
+        depth=depth,
         out=str(out_dir),
         resume=resume,
         seed=seed,

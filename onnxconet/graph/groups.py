@@ -8,6 +8,7 @@ bundles kept. Inside a group, bundles are ordered by their first producer's chan
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -22,6 +23,7 @@ from scipy.sparse.csgraph import connected_components
 
 from onnxconet.errors import SurgeryError
 from onnxconet.graph.analysis import Analyzer, Member
+from onnxconet.graph.branches import removable_groups
 from onnxconet.graph.chanmap import ChanMap
 from onnxconet.graph.ir import Graph
 
@@ -132,6 +134,12 @@ class ChannelGraph:
                 )
 
     # ----------------------------------------------------------------------------------------- queries
+    @functools.cached_property
+    def removable(self) -> dict[int, tuple[str, ...]]:
+        """Groups that may take width 0 (their residual branch is removed: `graph.branches`), with the names of
+        the nodes removed with each."""
+        return removable_groups(self)
+
     @property
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -201,9 +209,13 @@ class ChannelGraph:
                 continue
             if not g.prunable:
                 raise SurgeryError(f"group {gid} is frozen ({g.reason}); leave it at {g.channels} channels")
+            if w == 0 and gid in self.removable:
+                keep[g.bundles] = False  # the branch goes (graph.branches)
+                continue
             if not 1 <= w <= g.channels or w % g.divisor:
+                zero = " (or 0: its branch can be removed)" if gid in self.removable else ""
                 raise SurgeryError(
-                    f"group {gid}: width {w} must be a multiple of {g.divisor} in {g.divisor}..{g.channels}"
+                    f"group {gid}: width {w} must be a multiple of {g.divisor} in {g.divisor}..{g.channels}{zero}"
                 )
             order = np.argsort(-scores[g.bundles], kind="stable")
             keep[g.bundles[order[w // g.divisor :]]] = False
@@ -211,11 +223,13 @@ class ChannelGraph:
         return keep
 
     def _keep_one_per_producer(self, keep: np.ndarray, scores: np.ndarray) -> None:
-        """A producer must keep at least one output channel (irregular groups could remove all of one)."""
+        """A producer must keep at least one output channel (irregular groups could remove all of one), unless
+        its group is a removed branch."""
+        emptied = {gid for gid in self.removable if not keep[self.groups[gid].bundles].any()}
         for m in self.members.values():
             if m.role == "producer":
                 b = self.bundle_of_id[m.ids]
-                if not keep[b].any():
+                if not keep[b].any() and not set(np.unique(self.group_of_bundle[b]).tolist()) <= emptied:
                     keep[b[np.argmax(scores[b])]] = True
 
     def param_slices(self, keep: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:

@@ -63,6 +63,7 @@ def groups_json(cg: ChannelGraph) -> list[dict]:
                 "id": g.id,
                 "channels": g.channels,
                 "prunable": g.prunable,
+                "removable": g.id in cg.removable,  # width 0 allowed: its residual branch can go (--depth)
                 "reason": g.reason or None,
                 "divisor": g.divisor,
                 "members": members,

@@ -98,11 +98,17 @@ class _Affine:
 
 @dataclass
 class _Quad:
-    """c + l·ρ + ρᵀQρ (Q dense, G×G)."""
+    """c + l·ρ + ρᵀQρ + z·[ρ = 0] (Q dense, G×G; z: what a group at width 0 changes beyond its channels, the
+    nodes of a removed branch)."""
 
     c: float
     l: np.ndarray  # noqa: E741 - the usual name of a linear term
     Q: np.ndarray
+    z: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.z is None:
+            self.z = np.zeros(len(self.l))
 
     @classmethod
     def zero(cls, g: int) -> _Quad:
@@ -122,24 +128,31 @@ class _Quad:
     def at_full(self) -> float:
         return float(self.c + self.l.sum() + self.Q.sum())
 
+    def scaled(self, s: float) -> _Quad:
+        return _Quad(self.c * s, self.l * s, self.Q * s, self.z * s)
+
+    def add(self, q: _Quad, s: float = 1.0) -> None:
+        self.c += s * q.c
+        self.l += s * q.l
+        self.Q += s * q.Q
+        self.z += s * q.z
+
     def __call__(self, R: np.ndarray) -> np.ndarray:
         """Values at the rows of R (N×G relative widths)."""
-        return self.c + R @ self.l + np.einsum("ng,gh,nh->n", R, self.Q, R)
+        return self.c + R @ self.l + np.einsum("ng,gh,nh->n", R, self.Q, R) + (R == 0) @ self.z
 
     def to_json(self) -> dict:
         i, j = np.nonzero(self.Q)
-        return {
-            "c": self.c,
-            "l": self.l.tolist(),
-            "Q": [i.tolist(), j.tolist(), self.Q[i, j].tolist()],
-        }
+        d = {"c": self.c, "l": self.l.tolist(), "Q": [i.tolist(), j.tolist(), self.Q[i, j].tolist()]}
+        return d | ({"z": self.z.tolist()} if self.z.any() else {})
 
     @classmethod
     def from_json(cls, d: Mapping, g: int) -> _Quad:
         Q = np.zeros((g, g))
         i, j, v = d["Q"]
         Q[np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)] = v
-        return cls(float(d["c"]), np.asarray(d["l"], dtype=np.float64), Q)
+        z = np.asarray(d["z"], dtype=np.float64) if "z" in d else None
+        return cls(float(d["c"]), np.asarray(d["l"], dtype=np.float64), Q, z)
 
 
 # --------------------------------------------------------------------------------------- features
@@ -187,6 +200,14 @@ class LatencyFeatures:
                 a = self._activation(node.outputs[0])
                 if a is not None:
                     raw["ew" if node.op in _FUSABLE else "mem"].add_affine(a)
+        # nodes: every costed node's fixed share (its launch), gone with a removed branch (graph.branches)
+        costed = [n.name for n in g.nodes if n.op not in _NO_COST]
+        nodes = _Quad(float(len(costed)), np.zeros(G), np.zeros((G, G)))
+        for gid, names in cg.removable.items():
+            if gid in self._col:
+                nodes.z[self._col[gid]] = -float(len(set(names) & set(costed)))
+        if nodes.z.any():
+            raw["nodes"] = nodes
         self.names: list[str] = []
         self.quads: list[_Quad] = []
         self.scale: list[float] = []  # each feature's value at full width (MACs, elements)
@@ -194,7 +215,7 @@ class LatencyFeatures:
             full = q.at_full()
             if full > 0:
                 self.names.append(name)
-                self.quads.append(_Quad(q.c / full, q.l / full, q.Q / full))
+                self.quads.append(q.scaled(1 / full))
                 self.scale.append(full)
         self._cg = self._analyzer = None  # not kept: features must stay serializable and light
         self.build_seconds = time.perf_counter() - t0
@@ -359,9 +380,7 @@ class LatencyPredictor:
         total = _Quad(float(self.theta[0]), np.zeros(G), np.zeros((G, G)))
         for th, q in zip(self.theta[1:], features.quads, strict=True):
             if th > 0:
-                total.c += th * q.c
-                total.l += th * q.l
-                total.Q += th * q.Q
+                total.add(q, th)
         self._total = total
         self._torch_cache: dict = {}
         # the measurements it was fitted on ((widths, ratio) pairs; the free full-width point excluded), for `refit`
@@ -521,7 +540,7 @@ class LatencyPredictor:
             )
         lin, Q_off, Q_diag = self._torch_cache[key]
         base = f.rel([widths or {}])[0]
-        m_parts, s_parts = [], []
+        m_parts, s_parts, z_parts = [], [], []
         idx = []
         for gid, p in probs.items():
             col = f._col.get(int(gid))
@@ -537,14 +556,19 @@ class LatencyPredictor:
                 )
             m_parts.append((p * opts).sum())
             s_parts.append((p * opts * opts).sum())
+            z_parts.append((p * (opts == 0)).sum())
             idx.append(col)
         m = torch.as_tensor(base, dtype=dtype, device=device)
         s = m * m
+        z = (m == 0).to(dtype)  # P(width 0): a removed branch's nodes (`_Quad.z`)
         if idx:
             index = torch.as_tensor(idx, dtype=torch.long, device=device)
             m = m.index_put((index,), torch.stack(m_parts))
             s = s.index_put((index,), torch.stack(s_parts))
+            z = z.index_put((index,), torch.stack(z_parts))
         ratio = self._total.c + lin @ m + m @ Q_off @ m + Q_diag @ s
+        if self._total.z.any():
+            ratio = ratio + torch.as_tensor(self._total.z, dtype=dtype, device=device) @ z
         return ratio * self.reference_ms if unit == "ms" else ratio
 
     # ---- serialization

@@ -51,6 +51,8 @@ class SearchConfig:
     temperature: float = 4.0
     min_ratio: float = 0.125
     align: int = 8
+    # groups whose residual branch can be removed may take width 0 (graph/branches.py): depth as a width
+    depth: bool = False
     penalty: float = 1.0
     latency_seconds: float = 2.0
     # process pairs of a measurement as deployed (reachability, the choice of the trial to finish, the final
@@ -103,6 +105,11 @@ class SearchConfig:
             raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
         if self.strategy == "dmasking":
             DMaskingConfig.from_dict(self.dmasking)
+            if self.depth:
+                raise OnnxconetError(
+                    "--depth is not supported by --strategy dmasking yet (its masks are not checked at width 0); "
+                    "use knapsack, anneal or random with --depth"
+                )
         if self.resolutions is not None:
             if self.strategy != "dmasking":
                 raise OnnxconetError(

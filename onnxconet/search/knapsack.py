@@ -65,7 +65,7 @@ def knapsack_widths(
             w = widths[g.id]
             if w >= g.hi:
                 continue
-            nxt = {**widths, g.id: g.clip(w + g.step)}
+            nxt = {**widths, g.id: g.up(w)}
             c = predict(nxt)
             if c > budget:
                 continue

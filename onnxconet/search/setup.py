@@ -34,7 +34,7 @@ def width_space(ctx) -> WidthSpace:
     """The searched widths: groups whose pruning breaks the model are frozen first (`surgery.verify`)."""
     cfg = ctx.cfg
     freeze_failing(ctx.prep, ctx.cg.uniform_widths(0.5))
-    space = WidthSpace(ctx.cg, min_ratio=cfg.min_ratio, align=cfg.align)
+    space = WidthSpace(ctx.cg, min_ratio=cfg.min_ratio, align=cfg.align, depth=cfg.depth)
     if not len(space):
         raise OnnxconetError(
             f"{ctx.prep.loaded.spec}: no prunable group (see onnxconet inspect); nothing to search"
@@ -82,7 +82,7 @@ def check_reachable(ctx, space: WidthSpace, cost: CostModel) -> None:
     if optimistic > budget:
         raise BudgetError(
             f"budget {budget:.3f} is out of reach: the smallest allowed widths (every group at "
-            f"{cfg.min_ratio:g} of its channels) give a {cfg.budget_on} ratio of {ratio:.3f}{how}; raise "
+            f"{cfg.min_ratio:g} of its channels{', removable branches removed' if cfg.depth else ''}) give a {cfg.budget_on} ratio of {ratio:.3f}{how}; raise "
             f"--budget to at least {ratio * 1.05:.2f} or lower --min-ratio"
         )
 

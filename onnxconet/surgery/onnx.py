@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxconet.errors import SurgeryError
+from onnxconet.graph.branches import LAYERS
 from onnxconet.graph.groups import ChannelGraph
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ def slice_onnx(cg: ChannelGraph, keep: np.ndarray) -> onnx.ModelProto:
         t.values = np.ascontiguousarray(arr)
     for node in graph.nodes:
         _rewrite_node(cg, keep, node)
+    folded = _remove_branches(cg, keep, graph)
     graph.cleanup(remove_unused_graph_inputs=False)
     model = gs.export_onnx(graph, do_type_check=False)
-    _carry_value_info(cg, keep, model)
+    _carry_value_info(cg, keep, model, folded)
     del model.opset_import[:]
     model.opset_import.extend(cg.model.opset_import)
     model.ir_version = cg.model.ir_version
@@ -43,7 +45,7 @@ def slice_onnx(cg: ChannelGraph, keep: np.ndarray) -> onnx.ModelProto:
     return model
 
 
-def _carry_value_info(cg: ChannelGraph, keep: np.ndarray, model: onnx.ModelProto) -> None:
+def _carry_value_info(cg: ChannelGraph, keep: np.ndarray, model: onnx.ModelProto, skip: set[str]) -> None:
     """The original's value_info with the channel axes resized, so shapes stay static for tools (Netron, shape
     inference, a later analysis of this file)."""
     present = {o for n in model.graph.node for o in n.output}
@@ -58,7 +60,7 @@ def _carry_value_info(cg: ChannelGraph, keep: np.ndarray, model: onnx.ModelProto
             changed.update(o for o in node.outputs if o)
     infos = []
     for vi in cg.model.graph.value_info:
-        if vi.name not in present:
+        if vi.name not in present or vi.name in skip:
             continue
         vi = onnx.ValueInfoProto.FromString(vi.SerializeToString())
         m = cg.maps.get(vi.name)
@@ -162,6 +164,79 @@ def _rewrite_node(cg: ChannelGraph, keep: np.ndarray, node: gs.Node) -> None:
             raise SurgeryError(
                 f"{node.name}: {new_c} input channels do not split into {node.attrs['group']} groups"
             )
+
+
+def _remove_branches(cg: ChannelGraph, keep: np.ndarray, graph: gs.Graph) -> set[str]:
+    """Groups at width 0 (`graph.branches`): a layer left with no input channel becomes its bias (a constant per
+    output channel, shaped to broadcast), which flows through the ops of constants after it into the residual
+    merge; the emptied nodes are left unused for `cleanup`. Returns the tensors now computed from constants
+    (their shapes changed: their value_info goes)."""
+    emptied = {gid for gid in cg.removable if not keep[cg.groups[gid].bundles].any()}
+    if not emptied:
+        return set()
+    folded: set[str] = set()
+    for node in graph.nodes:
+        if node.op not in LAYERS or not node.inputs or node.inputs[0].name not in cg.maps:
+            continue
+        xm = cg.maps[node.inputs[0].name]
+        if not set(np.unique(cg.group_of_bundle[cg.bundle_of_id[xm.ids]]).tolist()) <= emptied:
+            continue
+        out = node.outputs[0]
+        om = cg.maps.get(out.name)
+        if om is None or set(np.unique(cg.group_of_bundle[cg.bundle_of_id[om.ids]]).tolist()) <= emptied:
+            continue  # emptied itself (a depthwise conv inside the branch): unused once the branch is folded
+        channels = cg.new_extent(cg.maps[out.name], keep)[0]
+        rank = len(cg.graph.shape(out.name) or (0, 0, 0, 0))
+        bias = _value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(channels)
+        dtype = node.inputs[1].values.dtype
+        _replace(
+            out,
+            gs.Constant(f"{out.name}_removed", bias.astype(dtype).reshape([1, channels] + [1] * (rank - 2))),
+        )
+        folded.add(f"{out.name}_removed")
+    graph.toposort()
+    for node in graph.nodes:  # the ops of constants after it stay (a trained BatchNorm's new statistics reach
+        # them by name); onnxruntime folds them when it loads the file
+        if not any(i.name in folded for i in node.inputs):
+            continue
+        if all(isinstance(i, gs.Constant) or i.name in folded or not i.name for i in node.inputs):
+            folded.update(o.name for o in node.outputs)
+        elif node.op not in ("Add", "Sum"):
+            raise SurgeryError(f"{node.name}: a removed branch reaches a {node.op}, not a residual Add")
+    return folded
+
+
+def _replace(t: gs.Tensor, c: gs.Constant) -> None:
+    for consumer in list(t.outputs):
+        for k, i in enumerate(consumer.inputs):
+            if i is t:
+                consumer.inputs[k] = c
+
+
+def _value(t: gs.Tensor) -> np.ndarray:
+    """A tensor computed from constants only (the exporter's run-time conv bias), evaluated."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    node = t.inputs[0]
+    return _run(node, [_value(i) if i.name else None for i in node.inputs])[node.outputs.index(t)]
+
+
+def _run(node: gs.Node, values: list) -> list[np.ndarray]:
+    """One node on constant inputs, with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{k}" if v is not None else "" for k, v in enumerate(values)]
+    outs = [f"out{k}" for k in range(len(node.outputs))]
+    attrs = {}
+    for k, v in node.attrs.items():
+        if isinstance(v, gs.Constant):
+            v = onnx.numpy_helper.from_array(np.asarray(v.values))
+        elif isinstance(v, (np.dtype, type)):
+            v = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(v))
+        attrs[k] = v
+    proto = onnx.helper.make_node(node.op, names, outs, domain=node.domain or None, **attrs)
+    feeds = {n: v for n, v in zip(names, values, strict=True) if n}
+    return ReferenceEvaluator(proto).run(None, feeds)
 
 
 def check_onnx(model: onnx.ModelProto) -> None:

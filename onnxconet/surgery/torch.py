@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from onnxconet.errors import SurgeryError
@@ -52,7 +53,71 @@ def slice_torch(module: nn.Module, slices: Slices) -> nn.Module:
             raise SurgeryError(f"'{name}' is neither a parameter nor a buffer (a tied or computed tensor)")
     for mod, before in touched.values():
         _fix_attributes(mod, before)
+        _empty_forward(mod)
     return new
+
+
+# ------------------------------------------------------------------------------------ removed branches
+# A group at width 0 (graph.branches) leaves layers with no output channel and layers with no input channel,
+# which torch cannot run: their class becomes a subclass whose forward computes what the ONNX surgery folds.
+# Parameters and state_dict keys stay as they are (empty tensors, the bias).
+def _conv_probe(mod: nn.Module, x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The conv's output shape at `out_channels`, every value its bias (0 without one)."""
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(mod.kernel_size)]
+    probe = x.new_zeros((x.shape[0], 1) + tuple(x.shape[2:]))
+    w = x.new_zeros((max(out_channels, 1), 1) + tuple(mod.kernel_size))
+    bias = mod.bias if out_channels and mod.bias is not None else None
+    y = conv(probe, w, bias, mod.stride, mod.padding, mod.dilation, 1)
+    return y if out_channels else y[:, :0]
+
+
+def _no_output(self, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(self, nn.Linear):
+        return x.new_zeros(tuple(x.shape[:-1]) + (0,))
+    return _conv_probe(self, x, 0)
+
+
+def _bias_only(self, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(self, nn.Linear):
+        out = x.new_zeros(tuple(x.shape[:-1]) + (self.out_features,))
+        return out + self.bias if self.bias is not None else out
+    return _conv_probe(self, x, self.out_channels)
+
+
+def _passthrough(self, x: torch.Tensor) -> torch.Tensor:
+    return x  # a norm over no channel
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap(mod: nn.Module, kind: str, forward) -> None:
+    cls = type(mod)
+    if cls.__name__.startswith("Removed"):
+        return
+    key = (cls, kind)
+    if key not in _SUBCLASSES:
+        name = f"Removed{kind}{cls.__name__}"
+        sub = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = sub  # picklable
+        _SUBCLASSES[key] = sub
+    mod.__class__ = _SUBCLASSES[key]
+
+
+def _empty_forward(mod: nn.Module) -> None:
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
+        if w.shape[0] == 0:
+            _swap(mod, "NoOutput", _no_output)
+        elif w.shape[1] == 0:
+            _swap(mod, "BiasOnly", _bias_only)
+    elif isinstance(mod, nn.Linear):
+        if w.shape[0] == 0:
+            _swap(mod, "NoOutput", _no_output)
+        elif w.shape[1] == 0:
+            _swap(mod, "BiasOnly", _bias_only)
+    elif isinstance(mod, nn.modules.batchnorm._NormBase) and mod.num_features == 0:
+        _swap(mod, "Passthrough", _passthrough)
 
 
 def _sizes(mod: nn.Module) -> dict:
