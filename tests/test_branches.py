@@ -171,3 +171,20 @@ def test_search_with_depth_reaches_a_budget_only_a_removed_branch_meets(tmp_path
     shipped = onnx.load(tmp_path / "deep" / "run" / "best.onnx")
     conv_weights = {n.input[1] for n in shipped.graph.node if n.op_type == "Conv"}
     assert conv_weights == {"stem.0.weight"}  # conv1.0 and conv2.0 went with the branch
+
+
+def test_conet_metrics_skip_a_removed_branch(resnet20):
+    """anneal scores groups by CONetV2's QC of their layers' weights: a removed branch has none (empty weights),
+    the other groups keep theirs."""
+    from types import SimpleNamespace
+
+    from onnxconet.search.evaluate import Evaluator
+
+    model, cg, _ = resnet20
+    gone = min(cg.removable)
+    keep = cg.keep_mask({gone: 0})
+    pruned = slice_torch(model, cg.param_slices(keep))
+    scored = Evaluator.group_metrics(SimpleNamespace(cg=cg), pruned)
+    assert gone not in scored
+    assert set(scored) == {g.id for g in cg.prunable} - {gone}
+    assert all(np.isfinite(v) for v in scored.values())

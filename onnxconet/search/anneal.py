@@ -89,9 +89,7 @@ class AnnealStrategy(Strategy):
             ids = [g.id for g in self.space]
             up, down = self.rng.choice(ids, size=2, replace=len(ids) < 2)
             widths = dict(widths)
-            widths[int(up)] = self.space.groups[int(up)].clip(
-                widths[int(up)] + self.space.groups[int(up)].step
-            )
+            widths[int(up)] = self.space.groups[int(up)].up(widths[int(up)])  # from 0 (--depth): back to lo
             widths[int(down)] = self.space.groups[int(down)].clip(
                 widths[int(down)] - self.space.groups[int(down)].step
             )

@@ -143,7 +143,10 @@ class Evaluator:
         weights = {
             m.param: state[m.param].detach().cpu().numpy()
             for m in self.cg.members.values()
-            if m.role in ("producer", "consumer") and m.param in state and state[m.param].dim() >= 2
+            if m.role in ("producer", "consumer")
+            and m.param in state
+            and state[m.param].dim() >= 2
+            and state[m.param].numel()  # a removed branch's layers (--depth) have no weights to score
         }
         metrics, _errors = weight_metrics(weights)
         sums: dict[int, list[float]] = {}
