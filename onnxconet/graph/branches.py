@@ -45,7 +45,7 @@ def _only_group(cg, name: str, gid: int) -> bool:
     m = cg.maps.get(name)
     if m is None or not m.is_1d or m.axes != (1,) or not len(m.ids):
         return False
-    return bool((cg.group_of_bundle[cg.bundle_of_id[m.ids]] == gid).all())
+    return cg.groups_of(m.ids) == {gid}
 
 
 def _const_inputs(cg, node: Node, skip: str) -> bool:
@@ -59,7 +59,7 @@ def _branch(cg, gid: int) -> tuple[str, ...]:
     graph = cg.graph
     starts = set()
     for (param, _axis), m in cg.members.items():
-        if m.role == "producer" and (cg.group_of_bundle[cg.bundle_of_id[m.ids]] == gid).any():
+        if m.role == "producer" and gid in cg.groups_of(m.ids):
             for node in graph.consumers.get(param, []):
                 if node.op == "Shape":
                     continue  # the exporter's run-time bias (zeros shaped like the weight's rows)

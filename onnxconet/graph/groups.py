@@ -225,12 +225,22 @@ class ChannelGraph:
     def _keep_one_per_producer(self, keep: np.ndarray, scores: np.ndarray) -> None:
         """A producer must keep at least one output channel (irregular groups could remove all of one), unless
         its group is a removed branch."""
-        emptied = {gid for gid in self.removable if not keep[self.groups[gid].bundles].any()}
+        emptied = self.emptied(keep)
         for m in self.members.values():
             if m.role == "producer":
                 b = self.bundle_of_id[m.ids]
-                if not keep[b].any() and not set(np.unique(self.group_of_bundle[b]).tolist()) <= emptied:
+                if not keep[b].any() and not self.groups_of(m.ids) <= emptied:
                     keep[b[np.argmax(scores[b])]] = True
+
+    def emptied(self, keep: np.ndarray) -> set[int]:
+        """The removable groups `keep` removes whole (their branch goes). The branch analysis runs only when some
+        group is empty: a plan without width 0 does not pay for it."""
+        empty = [g.id for g in self.groups if g.prunable and not keep[g.bundles].any()]
+        return {gid for gid in empty if gid in self.removable} if empty else set()
+
+    def groups_of(self, ids: np.ndarray) -> set[int]:
+        """The groups holding channel ids `ids` (a member's or a tensor's channel map)."""
+        return set(np.unique(self.group_of_bundle[self.bundle_of_id[np.asarray(ids).ravel()]]).tolist())
 
     def param_slices(self, keep: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
         """Per parameter, the (axis, kept positions) to apply; parameters left whole are absent."""

@@ -201,11 +201,11 @@ class LatencyFeatures:
                 if a is not None:
                     raw["ew" if node.op in _FUSABLE else "mem"].add_affine(a)
         # nodes: every costed node's fixed share (its launch), gone with a removed branch (graph.branches)
-        costed = [n.name for n in g.nodes if n.op not in _NO_COST]
+        costed = {n.name for n in g.nodes if n.op not in _NO_COST}
         nodes = _Quad(float(len(costed)), np.zeros(G), np.zeros((G, G)))
         for gid, names in cg.removable.items():
             if gid in self._col:
-                nodes.z[self._col[gid]] = -float(len(set(names) & set(costed)))
+                nodes.z[self._col[gid]] = -float(len(costed.intersection(names)))
         if nodes.z.any():
             raw["nodes"] = nodes
         self.names: list[str] = []

@@ -171,21 +171,20 @@ def _remove_branches(cg: ChannelGraph, keep: np.ndarray, graph: gs.Graph) -> set
     output channel, shaped to broadcast), which flows through the ops of constants after it into the residual
     merge; the emptied nodes are left unused for `cleanup`. Returns the tensors now computed from constants
     (their shapes changed: their value_info goes)."""
-    emptied = {gid for gid in cg.removable if not keep[cg.groups[gid].bundles].any()}
+    emptied = cg.emptied(keep)
     if not emptied:
         return set()
     folded: set[str] = set()
     for node in graph.nodes:
         if node.op not in LAYERS or not node.inputs or node.inputs[0].name not in cg.maps:
             continue
-        xm = cg.maps[node.inputs[0].name]
-        if not set(np.unique(cg.group_of_bundle[cg.bundle_of_id[xm.ids]]).tolist()) <= emptied:
+        if not cg.groups_of(cg.maps[node.inputs[0].name].ids) <= emptied:
             continue
         out = node.outputs[0]
         om = cg.maps.get(out.name)
-        if om is None or set(np.unique(cg.group_of_bundle[cg.bundle_of_id[om.ids]]).tolist()) <= emptied:
+        if om is None or cg.groups_of(om.ids) <= emptied:
             continue  # emptied itself (a depthwise conv inside the branch): unused once the branch is folded
-        channels = cg.new_extent(cg.maps[out.name], keep)[0]
+        channels = cg.new_extent(om, keep)[0]
         rank = len(cg.graph.shape(out.name) or (0, 0, 0, 0))
         bias = _value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(channels)
         dtype = node.inputs[1].values.dtype

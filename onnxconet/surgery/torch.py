@@ -106,16 +106,11 @@ def _swap(mod: nn.Module, kind: str, forward) -> None:
 
 def _empty_forward(mod: nn.Module) -> None:
     w = getattr(mod, "weight", None)
-    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
-        if w.shape[0] == 0:
-            _swap(mod, "NoOutput", _no_output)
-        elif w.shape[1] == 0:
-            _swap(mod, "BiasOnly", _bias_only)
-    elif isinstance(mod, nn.Linear):
-        if w.shape[0] == 0:
-            _swap(mod, "NoOutput", _no_output)
-        elif w.shape[1] == 0:
-            _swap(mod, "BiasOnly", _bias_only)
+    layer = isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed)
+    if layer and w.shape[0] == 0:
+        _swap(mod, "NoOutput", _no_output)
+    elif layer and w.shape[1] == 0:
+        _swap(mod, "BiasOnly", _bias_only)
     elif isinstance(mod, nn.modules.batchnorm._NormBase) and mod.num_features == 0:
         _swap(mod, "Passthrough", _passthrough)
 
