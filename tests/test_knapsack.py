@@ -85,10 +85,11 @@ def _setup_ctx(cg, npz_data, judge=None, budget=0.6, **cfg):
     from onnxconet.search.config import Budget, SearchConfig
     from tests.conftest import TINY
 
-    train, _, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
+    train, val, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
     return SimpleNamespace(
         cfg=SearchConfig(model=TINY, batch_size=32, **cfg), budget=Budget("latency", budget), judge=judge, cg=cg,
-        loaders=SimpleNamespace(train=train), teacher=prepare(TINY).loaded.module, stage=lambda text: None,
+        loaders=SimpleNamespace(train=train, val=val), teacher=prepare(TINY).loaded.module,
+        stage=lambda text: None,
     )  # fmt: skip
 
 
@@ -174,6 +175,37 @@ def test_knapsack_placement_from_uniform_keeps_the_uniform_widths(tiny_graph, np
     assert all(w[g.id] >= uniform[g.id] for g in space) and cost.predict(w) <= budget
     assert cost.predict(w) >= cost.predict(uniform) and w != low
     assert _flops_ratio(tiny_graph)[0](w) == pytest.approx(cost.predict(w), rel=1e-6)
+
+
+def test_saliency_placement_scores_the_validation_split(tiny_graph, npz_data, monkeypatch):
+    """The knapsack's importance comes from held-out data: the placer's Taylor scores are those of the
+    validation split's batches in order (the same tensors, not the training split's), and its widths are the
+    fill with exactly those scores."""
+    from torch.utils.data import DataLoader
+
+    from onnxconet.search import setup
+    from onnxconet.search.cost import CostModel
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    ctx = _setup_ctx(tiny_graph, npz_data)
+    seen = []
+
+    def spy(cg, model, loader, batches=20):
+        seen.append([x for x, _ in loader])
+        scores = taylor_scores(cg, model, loader, batches)
+        seen.append(scores)
+        return scores
+
+    monkeypatch.setattr(setup, "taylor_scores", spy)
+    budget = 0.45
+    widths = setup.saliency_placer(ctx, space, cost)(budget)
+    (batches, scores) = seen
+    val = [x for x, _ in DataLoader(ctx.loaders.val.dataset, batch_size=32)]
+    train = [x for x, _ in DataLoader(ctx.loaders.train.dataset, batch_size=32)]
+    assert len(batches) == len(val) and all(torch.equal(a, b) for a, b in zip(batches, val, strict=True))
+    assert not torch.equal(batches[0], train[0])
+    assert widths == knapsack_widths(tiny_graph, space, scores, cost.predict, budget)
 
 
 @pytest.mark.slow  # three searches (73 s on 2 cores); the placement itself is tested above without training

@@ -27,7 +27,8 @@ def taylor_scores(
     cg: ChannelGraph, model: torch.nn.Module, loader: Iterable, batches: int = 20
 ) -> np.ndarray:
     """Per-bundle importance: sum over the bundle's member weights of |w · dL/dw|, the gradient of the
-    cross-entropy accumulated over `batches` training batches (the model in eval mode: its statistics stay)."""
+    cross-entropy accumulated over the first `batches` batches of `loader` (the model in eval mode: its statistics
+    stay). search/setup.py passes the validation split."""
     model = copy.deepcopy(model).cpu().eval()
     params = dict(model.named_parameters())
     model.zero_grad()
