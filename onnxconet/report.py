@@ -373,9 +373,26 @@ def _verdict(result: dict, on: str) -> str:
         return ""  # the budget line already says there is none
     if v is None:
         return f"**Budget verdict unknown**: the best's {short} was not measured (budget {limit:.3f})."
+    noise = noise_note(best.get("latency") or {}, limit) if on == "latency" else ""
     if v <= limit * (1 + 1e-9):
-        return f"**Budget met**: {short} {v:.3f} ≤ {limit:.3f}."
-    return f"**Budget NOT met**: the best's {short} is {v:.3f} > {limit:.3f}."
+        return f"**Budget met**: {short} {v:.3f} ≤ {limit:.3f}." + (f" {noise}" if noise else "")
+    return f"**Budget NOT met**: the best's {short} is {v:.3f} > {limit:.3f}." + (
+        f" {noise}" if noise else ""
+    )
+
+
+def noise_note(latency: dict, budget: float | None) -> str:
+    """One sentence when the budget lies inside the 95 % confidence interval of the measured ratio (another
+    measurement of the same files may land on its other side), else ""."""
+    ci = latency.get("ratio_ci")
+    if budget is None or not ci or not ci[0] <= budget <= ci[1]:
+        return ""
+    n = len(latency.get("ratios") or [])
+    return (
+        f"The budget {budget:.3f} lies within the 95 % confidence interval of the measured ratio "
+        f"({ci[0]:.3f}–{ci[1]:.3f}, {n} process pairs): another measurement of the same files may land on the "
+        "other side of it."
+    )
 
 
 def _resolution_line(result: dict) -> str:

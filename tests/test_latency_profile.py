@@ -179,6 +179,7 @@ def test_isolated_alternates_fresh_processes_and_takes_the_ratio_of_medians(monk
     assert len(started) == 8  # a fresh process for every measurement
     assert rel.method == ISOLATED and rel.rounds == 4
     assert rel.ratios == [0.5, 0.25, 0.5, 0.5]
+    assert rel.ratio_ci == [0.25, 0.5]  # under 6 pairs no 95 % order-statistic interval exists: their range
     assert rel.ratio == pytest.approx(1.0 / 2.0)  # median of cand medians 1 / median of ref medians 2
 
 

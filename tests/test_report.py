@@ -276,6 +276,28 @@ def _latency_block(best_ms_1: float, best_ms_2: float, disturbed: bool = False) 
     }  # fmt: skip
 
 
+def test_a_budget_inside_the_ratios_confidence_interval_is_said_to_be_within_the_noise(tmp_path):
+    from onnxconet.report import noise_note
+
+    lat = {"ratio_ci": [0.281, 0.318], "ratios": [0.29, 0.31, 0.30, 0.28, 0.32, 0.30]}
+    note = noise_note(lat, 0.3)
+    assert "0.300 lies within" in note and "(0.281–0.318, 6 process pairs)" in note
+    assert (
+        noise_note(lat, 0.28) == "" and noise_note(lat, 0.32) == ""
+    )  # outside the interval: a clear verdict
+    assert (
+        noise_note({"ratios": [0.3]}, 0.3) == "" and noise_note(lat, None) == ""
+    )  # older results: no interval
+    res = make_result()
+    res["best"]["latency_ratio"] = 0.61
+    res["best"]["latency"] = _latency_block(0.6, 0.61) | {"ratio_ci": [0.55, 0.66], "ratios": [0.6] * 8}
+    md = write_report(res, tmp_path)["report"].read_text()
+    assert "**Budget NOT met**: the best's latency ratio is 0.610 > 0.600. The budget 0.600 lies within" in md
+    res["best"]["latency"]["ratio_ci"] = [0.605, 0.62]
+    md = write_report(res, tmp_path / "clear")["report"].read_text()
+    assert "**Budget NOT met**" in md and "lies within" not in md
+
+
 def test_latency_section_states_the_method_threads_and_warnings(tmp_path):
     from onnxconet.report import threads_note
 

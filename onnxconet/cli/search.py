@@ -314,7 +314,7 @@ def search(
 
 
 def _print_result(result, out_dir: Path) -> None:
-    from onnxconet.report import threads_note
+    from onnxconet.report import noise_note, threads_note
 
     b, base, budget = result.best, result.baseline, result.budget
     out.print(
@@ -324,9 +324,10 @@ def _print_result(result, out_dir: Path) -> None:
         + ("[green]met[/]" if b.budget_met else "[red]not met[/]")
         + (" as deployed" if budget.on == "latency" else "")
     )
-    note = threads_note(b.latency.to_json() if b.latency else {})
-    if note:
-        out.print(note, highlight=False)
+    lat = b.latency.to_json() if b.latency else {}
+    for note in (noise_note(lat, budget.ratio) if budget.on == "latency" else "", threads_note(lat)):
+        if note:
+            out.print(note, highlight=False)
     searched = result.config.get("resolutions")
     out.print(
         (

@@ -270,6 +270,8 @@ class RelativeStats:
         ratio: candidate / reference latency: the median over rounds of the per-round ratio (`PAIRED`), or the
             median of the candidate's per-process medians over the reference's (`ISOLATED`).
         ratio_p10, ratio_p90: 10th and 90th percentiles of the per-round (per-pair) ratios: the spread.
+        ratio_ci: 95% confidence interval of the median per-round (per-pair) ratio (order statistics; with
+            fewer than 6 rounds, their range): how far another measurement of the same files may land.
         candidate, reference: statistics of each model's timed runs, pooled.
         rounds: rounds (`PAIRED`) or process pairs (`ISOLATED`).
         method: `PAIRED` or `ISOLATED`.
@@ -288,10 +290,21 @@ class RelativeStats:
     ratios: list[float] | None = None
     load: float | None = None
     disturbed: bool = False
+    ratio_ci: list[float] | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
-        keys = ("ratio", "ratio_p10", "ratio_p90", "rounds", "method", "ratios", "load", "disturbed")
+        keys = (
+            "ratio",
+            "ratio_p10",
+            "ratio_p90",
+            "ratio_ci",
+            "rounds",
+            "method",
+            "ratios",
+            "load",
+            "disturbed",
+        )
         d = {k: getattr(self, k) for k in keys}
         return d | {"candidate": self.candidate.to_dict(), "reference": self.reference.to_dict()}
 
@@ -305,6 +318,7 @@ def _relative(ratios, cand: tuple, ref: tuple, target, method, watch, ratio=None
         ratio=float(np.median(r)) if ratio is None else float(ratio),
         ratio_p10=float(np.percentile(r, 10)),
         ratio_p90=float(np.percentile(r, 90)),
+        ratio_ci=[round(float(x), 5) for x in median_ci(r)[1:]],
         candidate=_stats(cand_ms, loaded_c, target),
         reference=_stats(ref_ms, loaded_r, target),
         rounds=len(r),

@@ -48,9 +48,10 @@ class DeployedLatency:
     threads: int
     by_threads: dict[str, dict]
     fewer_threads_faster: bool | None = None
+    ratio_ci: list[float] | None = None  # 95% CI of the median per-pair ratio (`RelativeStats.ratio_ci`)
 
     def to_json(self) -> dict:
-        return _drop_none(asdict(self), ("fewer_threads_faster",))
+        return _drop_none(asdict(self), ("fewer_threads_faster", "ratio_ci"))
 
 
 @dataclass
