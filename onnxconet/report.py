@@ -375,10 +375,10 @@ def _verdict(result: dict, on: str) -> str:
         return f"**Budget verdict unknown**: the best's {short} was not measured (budget {limit:.3f})."
     noise = noise_note(best.get("latency") or {}, limit) if on == "latency" else ""
     if v <= limit * (1 + 1e-9):
-        return f"**Budget met**: {short} {v:.3f} ≤ {limit:.3f}." + (f" {noise}" if noise else "")
-    return f"**Budget NOT met**: the best's {short} is {v:.3f} > {limit:.3f}." + (
-        f" {noise}" if noise else ""
-    )
+        verdict = f"**Budget met**: {short} {v:.3f} ≤ {limit:.3f}."
+    else:
+        verdict = f"**Budget NOT met**: the best's {short} is {v:.3f} > {limit:.3f}."
+    return f"{verdict} {noise}" if noise else verdict
 
 
 def noise_note(latency: dict, budget: float | None) -> str:
