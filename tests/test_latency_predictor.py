@@ -190,7 +190,7 @@ def test_measure_candidate_and_its_cache(tiny, tmp_path):
     cg = tiny.graph
     cache = LatencyCache(tmp_path / "lat.jsonl")
     w = {gid: c // 2 for gid, c in cg.full_widths().items()}
-    budget = {"min_rounds": 6, "max_seconds": 0.3}
+    budget = {"min_rounds": 3, "max_seconds": 0.3}
     r = measure_candidate(cg, w, tiny.onnx_model, CPU1, cache, **budget)
     assert set(r) >= {
         "latency_ms",
@@ -221,7 +221,7 @@ def test_calibrated_predictor_is_close_to_measured(r20):
     """Real measurements on a small CIFAR ResNet (1.3 ms at 1 thread): a loose bound, the machine is shared."""
     cg = r20.graph
     space = WidthSpace(cg, min_ratio=0.25)
-    budget = {"min_rounds": 6, "max_seconds": 0.35}
+    budget = {"min_rounds": 3, "max_seconds": 0.35}
     pred, results = calibrate(cg, r20.onnx_model, CPU1, probe_widths(space, 8, seed=0), **budget)
     assert pred.report.measurements == 8 + 2 * pred.report.remeasured and len(results) == 8
     assert pred.target["threads"] == 1 and pred.reference_ms > 0

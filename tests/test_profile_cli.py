@@ -75,7 +75,7 @@ def test_compare_reports_an_in_loop_ratio(tiny_onnx):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert {"ratio", "ratio_p10", "ratio_p90", "compare", "method", "ratios", "load", "disturbed"} <= set(res)
-    assert res["method"] == "paired-processes" and len(res["ratios"]) == res["compare"]["rounds"] >= 6
+    assert res["method"] == "paired-processes-abba" and len(res["ratios"]) == res["compare"]["rounds"] >= 3
     assert 0.3 < res["ratio"] < 3  # the same graph on both sides
     assert res["compare"]["target"] == tiny_onnx and res["compare"]["flops"] == res["flops"]
     r = invoke(TINY, "--provider", "cpu", "--compare", TINY, *QUICK)  # same spec: exported once

@@ -11,9 +11,12 @@ Three ways to measure, all in `runner.py` subprocesses (`process.py`), never in 
   `pairs` × 2 × (0.4 s of process start + session + `seconds`).
 - `measure_relative` / `PairedMeasurer`: the in-loop estimate the search takes for every candidate (one
   candidate in < 2 s for resnet18). Two runner processes live side by side, one holding the candidate, one the
-  reference, both with spinning on; they take turns in bursts of ~0.1 s (A B, then B A), never running at the
-  same time. The first ~10 ms of each burst are not timed (a session that sat idle pays to wake its threads);
-  the ratio is the median over rounds of (candidate burst median / reference burst median).
+  reference, both with spinning on; they take turns in bursts of ~0.1 s, never running at the same time. A round
+  is A B then B A; its ratio is the geometric mean of the two (candidate burst median / reference burst median),
+  so whatever the order does cancels; the ratio is the median over rounds. The first 50 ms of each burst are not
+  timed: the runner that just finished keeps its threads spinning for a while, and at 2 threads on 2 cores
+  a 10 ms warm-up read the second burst of each turn ~30 % slow (the order effect that made the built-in
+  default search under-read every candidate by ~25 % on 2026-12-04; docs/measurements.md).
 
 Why not both sessions in this process, one run each in turn (the method before): without spinning every
 parallel region pays a thread wake-up, and interleaving single runs evicts each model's caches for the other;
@@ -30,6 +33,7 @@ re-measured by the callers that decide something, and warned about.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -56,7 +60,9 @@ from onnxconet.latency.runner import make_session as _make_session
 log = logging.getLogger(__name__)
 
 ModelLike = bytes | str | os.PathLike | onnx.ModelProto
-PAIRED = "paired-processes"  # method names, recorded with every ratio and in cache keys
+# method names, recorded with every ratio and in cache keys; "paired-processes" (its rounds one-sided, 10 ms warm-up)
+# read the second burst of a turn slow, so its cached figures are not reused
+PAIRED = "paired-processes-abba"
 ISOLATED = "isolated-processes"
 
 
@@ -267,7 +273,7 @@ class RelativeStats:
     """Candidate latency relative to a reference.
 
     Attributes:
-        ratio: candidate / reference latency: the median over rounds of the per-round ratio (`PAIRED`), or the
+        ratio: candidate / reference latency: the median over rounds (A B + B A) of the per-round ratio (`PAIRED`), or the
             median of the candidate's per-process medians over the reference's (`ISOLATED`).
         ratio_p10, ratio_p90: 10th and 90th percentiles of the per-round (per-pair) ratios: the spread.
         ratio_ci: 95% confidence interval of the median per-round (per-pair) ratio (order statistics; with
@@ -339,9 +345,11 @@ class PairedMeasurer:
     """The in-loop measurement (see the module docstring): two runner processes, the reference loaded once,
     candidates loaded one after another. Use as a context manager, or `close()` it."""
 
-    def __init__(self, reference: ModelLike, target: Target, *, burst_seconds: float = 0.1) -> None:
+    def __init__(
+        self, reference: ModelLike, target: Target, *, burst_seconds: float = 0.1, warmup_seconds: float = 0.05
+    ) -> None:
         self.target = target
-        self.burst_seconds = burst_seconds
+        self.burst_seconds, self.warmup_seconds = burst_seconds, warmup_seconds
         self.device = target.on()
         self.cand = self.ref = None
         self._ref_label = label_of(reference)
@@ -376,15 +384,16 @@ class PairedMeasurer:
         self,
         candidate: ModelLike,
         *,
-        min_rounds: int = 6,
-        max_rounds: int = 200,
+        min_rounds: int = 3,
+        max_rounds: int = 100,
         max_seconds: float = 2.0,
         rel_ci: float = 0.02,
     ) -> RelativeStats:
         """`candidate`'s latency relative to the reference.
 
-        Rounds (one burst of each model, order alternating) go on until the 95% CI of the median per-round
-        ratio is within `rel_ci` of it (after `min_rounds`), or `max_rounds`, or `max_seconds` of timing.
+        Rounds (four bursts: candidate, reference, reference, candidate) go on until the 95% CI of the median
+        per-round ratio is within `rel_ci` of it (after `min_rounds`), or `max_rounds`, or `max_seconds` of
+        timing (checked after each round: a round is ~0.6 s at the default bursts).
 
         Raises:
             LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
@@ -414,14 +423,18 @@ class PairedMeasurer:
         ratios: list[float] = []
         t0 = time.perf_counter()
         while len(ratios) < max_rounds:
-            order = (self.cand, self.ref) if len(ratios) % 2 == 0 else (self.ref, self.cand)
-            got = {}
-            for runner in order:
-                got[id(runner)] = runner.request("time", seconds=self.burst_seconds)["times_ms"]
-            c, r = got[id(self.cand)], got[id(self.ref)]
-            cand_ms += c
-            ref_ms += r
-            ratios.append(float(np.median(c) / max(np.median(r), 1e-12)))
+            halves = []
+            for order in ((self.cand, self.ref), (self.ref, self.cand)):
+                got = {}
+                for runner in order:
+                    got[id(runner)] = runner.request(
+                        "time", seconds=self.burst_seconds, warmup_seconds=self.warmup_seconds
+                    )["times_ms"]
+                c, r = got[id(self.cand)], got[id(self.ref)]
+                cand_ms += c
+                ref_ms += r
+                halves.append(float(np.median(c) / max(np.median(r), 1e-12)))
+            ratios.append(math.sqrt(halves[0] * halves[1]))
             if len(ratios) >= min_rounds and (
                 stable(ratios, rel_ci) or time.perf_counter() - t0 >= max_seconds
             ):
@@ -451,8 +464,8 @@ def measure_relative(
     reference: ModelLike,
     target: Target,
     *,
-    min_rounds: int = 6,
-    max_rounds: int = 200,
+    min_rounds: int = 3,
+    max_rounds: int = 100,
     max_seconds: float = 2.0,
     rel_ci: float = 0.02,
 ) -> RelativeStats:
