@@ -110,6 +110,16 @@ def search(
             "first stages at a 0.5 budget).",
         ),
     ] = "uniform",
+    importance: Annotated[
+        str,
+        typer.Option(
+            "--importance",
+            help="What the latency saliency (knapsack, anneal --start knapsack) keeps per unit of latency: taylor "
+            "(first-order Taylor of the original on the validation split, channel by channel) or loss (each "
+            "group's validation loss measured with it cut to each of its widths, the others whole; ~1 s per "
+            "width on a small CNN, before the first trial).",
+        ),
+    ] = "taylor",
     budget: Annotated[
         str,
         typer.Option(
@@ -267,6 +277,7 @@ def search(
         input_shape=_run(parse_input_shape, input_shape),
         strategy=strategy,
         start=start,
+        importance=importance,
         budget=budget,
         budget_on=budget_on,
         provider=provider,

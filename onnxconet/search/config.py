@@ -31,6 +31,10 @@ class SearchConfig:
     # knapsack: where its greedy fill starts, "uniform" (the uniform widths on the budget, then the budget left
     # spent by latency saliency) or "smallest" (HALP's own: every group at its minimum)
     start: str = "uniform"
+    # the latency saliency's importance (knapsack, anneal --start knapsack): "taylor" (first-order Taylor of the
+    # original on the validation split, per channel) or "loss" (each group's validation loss measured at each of
+    # its widths: search/sensitivity.py)
+    importance: str = "taylor"
     budget: str = "0.5"
     budget_on: str = "latency"
     provider: str = "auto"
@@ -101,6 +105,15 @@ class SearchConfig:
                 else "; it sets anneal's and knapsack's first widths"
             )
             raise OnnxconetError(f"--start {self.start!r} does not apply to --strategy {self.strategy}{hint}")
+        if self.importance not in ("taylor", "loss"):
+            raise OnnxconetError(f"--importance {self.importance!r} is not taylor or loss")
+        if self.importance != "taylor" and not (
+            self.strategy == "knapsack" or (self.strategy == "anneal" and self.start == "knapsack")
+        ):
+            raise OnnxconetError(
+                f"--importance {self.importance} ranks channels for the latency saliency only: use it with "
+                "--strategy knapsack or --strategy anneal --start knapsack"
+            )
         if self.final_from not in ("trial", "original"):
             raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
         if self.strategy == "dmasking":
@@ -177,7 +190,8 @@ def config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or DEFAULT_MODEL
-    defaults = (("resolutions", None), ("train_samples", None), ("start", "uniform"), ("storage", None),
+    defaults = (("resolutions", None), ("train_samples", None), ("start", "uniform"), ("importance", "taylor"),
+                ("storage", None),
                 ("study", None), ("workers", 1), ("heartbeat", 10.0), ("torch_threads", 0),
                 ("deployed_pairs", 4), ("nproc_per_trial", 1))  # fmt: skip
     if d.get("storage"):

@@ -5,8 +5,9 @@ Importance is first-order Taylor on the original (|w · dL/dw| summed over a cha
 the channel touches: producer, norm, consumers), comparable across layers because it is in units of the loss.
 Latency is the run's cost model (the predictor calibrated on measured probes), so the widths follow what the
 deployment measures: channels are cheap where onnxruntime runs them cheaply. HALP solves the knapsack exactly
-per layer group; here a greedy pass adds one width step at a time to the group with the best importance gain
-per predicted latency gain, until no step fits the budget.
+per layer group; here a greedy pass widens, one move at a time, the group with the best importance gain per
+predicted latency gain, until no move fits the budget. `search/sensitivity.py` gives the other importance:
+each group's validation loss measured at each of its widths.
 """
 
 from __future__ import annotations
@@ -45,35 +46,44 @@ def taylor_scores(
     return scores
 
 
+def taylor_gain(cg: ChannelGraph, space: WidthSpace, scores: np.ndarray) -> Callable[[int, int, int], float]:
+    """gain(group, from width, to width): the per-bundle `scores` of the channels a step adds, the most important
+    first within the group."""
+    ranked = {g.id: np.sort(scores[cg.groups[g.id].bundles])[::-1] for g in space}
+    div = {g.id: cg.groups[g.id].divisor for g in space}
+    return lambda gid, a, b: float(ranked[gid][a // div[gid] : b // div[gid]].sum())
+
+
 def knapsack_widths(
     cg: ChannelGraph,
     space: WidthSpace,
-    scores: np.ndarray,
+    gain: Callable[[int, int, int], float] | np.ndarray,
     predict: Callable[[dict[int, int]], float],
     budget: float,
     start: dict[int, int] | None = None,
 ) -> dict[int, int]:
-    """From `start` (default: the smallest widths), add the width step with the most importance per predicted
-    cost until none fits under `budget`. Within a group the most important channels come first (the gain of a
-    step is the sum of the next-best bundles' scores)."""
-    ranked = {g.id: np.sort(scores[cg.groups[g.id].bundles])[::-1] for g in space}
-    div = {g.id: cg.groups[g.id].divisor for g in space}
+    """From `start` (default: the smallest widths), widen the group whose move has the most gain per predicted
+    cost, until no move fits under `budget`. A move takes a group from its width to any wider allowed one, not
+    only the next step: a curve that is not concave (a residual branch at 4 channels may lose more than the
+    branch removed; an NCHWc block boundary makes one step cost more than two) would stall a one-step greedy.
+    `gain(group, from, to)` (`taylor_gain`, `sensitivity.curve_gain`); per-bundle scores are taken as Taylor's."""
+    if isinstance(gain, np.ndarray):
+        gain = taylor_gain(cg, space, gain)
+    options = {g.id: g.options() for g in space}
     widths = dict(start) if start is not None else space.smallest()
     cost = predict(widths)
     while True:
         best, best_value, best_cost = None, -np.inf, cost
         for g in space:
             w = widths[g.id]
-            if w >= g.hi:
-                continue
-            nxt = {**widths, g.id: g.up(w)}
-            c = predict(nxt)
-            if c > budget:
-                continue
-            gain = float(ranked[g.id][w // div[g.id] : nxt[g.id] // div[g.id]].sum())
-            value = gain / max(c - cost, 1e-6)
-            if value > best_value:
-                best, best_value, best_cost = nxt, value, c
+            for to in (o for o in options[g.id] if o > w):
+                nxt = {**widths, g.id: to}
+                c = predict(nxt)
+                if c > budget:
+                    continue
+                value = gain(g.id, w, to) / max(c - cost, 1e-6)
+                if value > best_value:
+                    best, best_value, best_cost = nxt, value, c
         if best is None:
             return widths
         widths, cost = best, best_cost

@@ -1,0 +1,126 @@
+"""Measured loss curves (search/sensitivity.py) against oracles: channels that carry nothing cost no loss when cut,
+channels that carry the signal do; the knapsack's moves over curves that are not concave; --importance loss in the
+placer reads the data it says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnxconet.errors import OnnxconetError
+from onnxconet.graph.export import export_onnx
+from onnxconet.graph.groups import ChannelGraph
+from onnxconet.search.knapsack import knapsack_widths
+from onnxconet.search.sensitivity import curve_gain, loss_curves
+from onnxconet.space import WidthSpace
+from onnxconet.surgery.inherit import WeightBank
+from tests.conftest import search_cfg
+from tests.test_knapsack import _additive, _setup_ctx
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+def test_cutting_dead_channels_costs_no_loss_and_live_ones_do():
+    """Two of the first group's six channels are dead (weights, bias, BN scale and shift all 0: they output 0
+    whatever the statistics): cutting to 4 keeps the whole network's loss to float precision, cutting further
+    removes live channels and the loss moves."""
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():
+        for p in (model.conv1.weight, model.conv1.bias, model.bn1.weight, model.bn1.bias):
+            p[[1, 4]] = 0
+        model.fc.weight.mul_(20)  # confident logits: the labels below are the whole network's own answers
+    cg = ChannelGraph(export_onnx(model, (1, 1, 8, 8)))
+    space = WidthSpace(cg, min_ratio=0.1)
+    group = next(g for g in space if g.hi == 6)
+    xs = [torch.randn(16, 1, 8, 8) for _ in range(4)]
+    with torch.no_grad():
+        data = [(x, model(x).argmax(dim=1)) for x in xs]
+    curves = loss_curves(cg, space, WeightBank(model), data[:2], data[2:])
+    curve = curves[group.id]
+    assert set(curve) == set(group.options()) and set(curves) == {g.id for g in space}
+    assert curve[4] == pytest.approx(curve[6], rel=1e-5, abs=1e-6)
+    assert curve[2] > curve[6] + 1e-2 and curve[1] > curve[6] + 1e-2
+    gain = curve_gain(curves)
+    assert gain(group.id, 4, 6) == pytest.approx(0, abs=1e-5) and gain(group.id, 1, 6) == curve[1] - curve[6]
+    assert all(p.grad is None for p in model.parameters())  # the original is left as it was
+
+
+def test_knapsack_jumps_over_a_step_that_gains_nothing(tiny_graph):
+    """A group whose first step gains nothing and whose second gains much (a residual branch at a few channels,
+    worse than removed) gets both steps: a one-step greedy would spend the budget on the steady group."""
+    space = WidthSpace(tiny_graph, min_ratio=0.25)
+    a, b = [g.id for g in space][:2]
+    ga, gb = space.groups[a], space.groups[b]
+    assert ga.hi - ga.lo >= 2 * ga.step and gb.hi - gb.lo >= 2 * gb.step
+    steps = {a: ga.step, b: gb.step}
+    unit = {g.id: 1.0 if g.id in (a, b) else 1e3 for g in space}
+    predict = _additive(tiny_graph, space, {g: u / steps.get(g, 1) for g, u in unit.items()})
+
+    def gain(gid, w0, w1):
+        if gid == a:  # 0 for the first step, 10 once two steps are taken
+            return 10.0 * ((w1 - ga.lo) >= 2 * ga.step) - 10.0 * ((w0 - ga.lo) >= 2 * ga.step)
+        return (w1 - w0) / steps.get(gid, 1)  # 1 per step
+
+    budget = predict(space.smallest()) + 2.0  # room for two steps
+    w = knapsack_widths(tiny_graph, space, gain, predict, budget)
+    assert w[a] == ga.lo + 2 * ga.step and w[b] == gb.lo
+
+
+def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, monkeypatch):
+    """--importance loss: the placer measures the curves on fixed training batches (the same list for every cut)
+    and the validation split's first batches in order, and fills the knapsack with exactly those curves."""
+    from torch.utils.data import DataLoader
+
+    from onnxconet.search import setup
+    from onnxconet.search.cost import CostModel
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    ctx = _setup_ctx(tiny_graph, npz_data, strategy="knapsack", importance="loss")
+    seen = {}
+
+    def spy(cg, sp, bank, calibration, validation, **kw):
+        seen.update(calibration=calibration, validation=validation)
+        seen["curves"] = loss_curves(cg, sp, bank, calibration, validation, **kw)
+        return seen["curves"]
+
+    monkeypatch.setattr(setup, "loss_curves", spy)
+    budget = 0.45
+    widths = setup.saliency_placer(ctx, space, cost)(budget)
+    val = [x for x, _ in DataLoader(ctx.loaders.val.dataset, batch_size=32)]
+    assert isinstance(seen["calibration"], list) and len(seen["calibration"]) == min(10, len(ctx.loaders.train))
+    got = [x for x, _ in seen["validation"]]
+    assert len(got) == min(len(val), setup.CURVE_IMAGES // 32)
+    assert all(torch.equal(a, b) for a, b in zip(got, val, strict=False))
+    assert widths == knapsack_widths(tiny_graph, space, curve_gain(seen["curves"]), cost.predict, budget)
+    assert cost.predict(widths) <= budget
+    for g in space:  # maximal: no wider width of any group fits
+        assert all(cost.predict({**widths, g.id: o}) > budget for o in g.options() if o > widths[g.id])
+
+
+@pytest.mark.parametrize("strategy,start,ok", [("knapsack", "smallest", True), ("anneal", "knapsack", True),
+                                               ("anneal", "uniform", False), ("l1", "uniform", False)])  # fmt: skip
+def test_importance_is_checked(tmp_path, npz_data, strategy, start, ok):
+    cfg = search_cfg(tmp_path, npz_data, strategy=strategy, start=start, importance="loss")
+    if ok:
+        cfg.check()
+    else:
+        with pytest.raises(OnnxconetError, match="--importance loss ranks channels for the latency saliency"):
+            cfg.check()
+    with pytest.raises(OnnxconetError, match="--importance 'x' is not taylor or loss"):
+        search_cfg(tmp_path, npz_data, importance="x").check()
