@@ -219,6 +219,8 @@ def test_isolated_alternates_fresh_processes_and_takes_the_ratio_of_medians(monk
     assert rel.ratios == [0.5, 0.25, 0.5, 0.5]
     assert rel.ratio_ci == [0.25, 0.5]  # under 6 pairs no 95 % order-statistic interval exists: their range
     assert rel.ratio == pytest.approx(1.0 / 2.0)  # median of cand medians 1 / median of ref medians 2
+    assert rel.process_medians == ([1.0] * 4, [2.0, 4.0, 2.0, 2.0])  # per process, in pair order
+    assert "process_medians" not in rel.to_dict()
 
 
 def test_isolated_real_processes():

@@ -3,9 +3,9 @@
     python tools/process_spread.py RUN_DIR/best.onnx RUN_DIR/baseline.onnx [--pairs 16] [--repeats 1]
     taskset -c 1 python tools/process_spread.py ...     # every process on one CPU
 
-Measures like `measure_isolated` (each file alone in a fresh runner process, alternated pairs, 0.5 s per
-process after a 0.125 s warm-up, as `LatencyJudge.deployed` at the default --latency-seconds, 1 intra-op thread)
-and prints, per repeat, the ratio of the medians, the spread of the per-pair ratios and the coefficient of
+Measures with `measure_isolated` as `LatencyJudge.deployed` does at the default --latency-seconds (each file alone
+in a fresh runner process, alternated pairs, 0.5 s per process after its 0.25 s warm-up; 1 intra-op thread, a
+fixed number of pairs) and prints, per repeat, the ratio of the medians, the spread of the per-pair ratios and the coefficient of
 variation of each file's per-process medians. docs/measurements.md ("Validation-split Taylor in the library")
 has the figures for a 0.3 ms ResNet-20 on Fashion-MNIST.
 """
@@ -17,19 +17,14 @@ import os
 
 import numpy as np
 
-from onnxconet.latency.process import RunnerProcess
-from onnxconet.latency.profile import Target
+from onnxconet.latency.profile import Target, measure_isolated
 
 
 def per_process_medians(cand: str, ref: str, pairs: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    target, medians = Target(provider="cpu", threads=threads), {"c": [], "r": []}
-    for p in range(pairs):
-        for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
-            with RunnerProcess() as runner:
-                runner.request("load", **target.load_request(cand if which == "c" else ref, which))
-                ms = runner.request("time", seconds=0.5, warmup_seconds=0.125, min_runs=5)["times_ms"]
-            medians[which].append(float(np.median(ms)))
-    return np.asarray(medians["c"]), np.asarray(medians["r"])
+    """Each process's median ms, (candidate's, reference's), from one `measure_isolated` of `pairs` pairs."""
+    rel = measure_isolated(cand, ref, Target(provider="cpu", threads=threads), pairs=pairs, seconds=0.5)
+    c, r = rel.process_medians
+    return np.asarray(c), np.asarray(r)
 
 
 def main() -> None:

@@ -284,6 +284,8 @@ class RelativeStats:
         ratios: the per-round (per-pair) ratios.
         load: CPUs that other programs kept busy while measuring (None where it cannot be read).
         disturbed: they took cores the sessions needed (`process.disturbed`): do not trust this figure.
+        process_medians: (`ISOLATED` only) each process's median ms, (candidate's, reference's) in pair order:
+            the per-process spread under the ratio (tools/process_spread.py). Not in `to_dict`.
     """
 
     ratio: float
@@ -297,6 +299,7 @@ class RelativeStats:
     load: float | None = None
     disturbed: bool = False
     ratio_ci: list[float] | None = None
+    process_medians: tuple[list[float], list[float]] | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -532,7 +535,7 @@ def measure_isolated(
     med_c = [float(np.median(t)) for t in runs["c"]]
     med_r = [float(np.median(t)) for t in runs["r"]]
     _warn_fallback(loaded["c"])
-    return _relative(
+    rel = _relative(
         [c / r for c, r in zip(med_c, med_r, strict=True)],
         ([x for t in runs["c"] for x in t], loaded["c"]),
         ([x for t in runs["r"] for x in t], loaded["r"]),
@@ -541,3 +544,5 @@ def measure_isolated(
         watch,
         ratio=float(np.median(med_c) / np.median(med_r)),
     )
+    rel.process_medians = (med_c, med_r)
+    return rel
