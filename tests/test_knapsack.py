@@ -77,7 +77,7 @@ def _flops_ratio(cg):
 
 def _setup_ctx(cg, npz_data, judge=None, budget=0.6, **cfg):
     """The slice of a RunContext that search/setup.py's placement reads: config, budget, judge, graph, training
-    batches, the teacher (the tiny model) and a silent stage()."""
+    batches, the teacher (the tiny model), a silent stage() and emit() recording its events in `events`."""
     from types import SimpleNamespace
 
     from onnxconet.data import load_data, make_loaders
@@ -86,11 +86,13 @@ def _setup_ctx(cg, npz_data, judge=None, budget=0.6, **cfg):
     from tests.conftest import TINY
 
     train, val, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
-    return SimpleNamespace(
+    ctx = SimpleNamespace(
         cfg=SearchConfig(model=TINY, batch_size=32, **cfg), budget=Budget("latency", budget), judge=judge, cg=cg,
         loaders=SimpleNamespace(train=train, val=val), teacher=prepare(TINY).loaded.module,
-        stage=lambda text: None,
+        stage=lambda text: None, events=[],
     )  # fmt: skip
+    ctx.emit = lambda event, **data: ctx.events.append((event, data))
+    return ctx
 
 
 def test_knapsack_fills_the_cheapest_importance_first_and_is_maximal(tiny_graph):

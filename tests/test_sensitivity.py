@@ -109,6 +109,8 @@ def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, m
     assert all(torch.equal(a, b) for a, b in zip(got, val, strict=False))
     assert widths == knapsack_widths(tiny_graph, space, curve_gain(seen["curves"]), cost.predict, budget)
     assert cost.predict(widths) <= budget
+    cuts = sum(len(g.options()) for g in space)
+    assert [d for e, d in ctx.events if e == "cuts"] == [{"done": i, "total": cuts} for i in range(1, cuts + 1)]
     for g in space:  # maximal: no wider width of any group fits
         assert all(cost.predict({**widths, g.id: o}) > budget for o in g.options() if o > widths[g.id])
 

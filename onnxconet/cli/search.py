@@ -48,6 +48,8 @@ def _renderer(progress: Progress, task_id):
                     f"batch {data['batch']}/{data['batches']} loss {data['loss']:.3f}"
                 ),
             )
+        elif event == "cuts":
+            progress.update(task_id, description=f"loss curves: cut {data['done']}/{data['total']}")
         elif event == "trial_end":
             r = data["record"]
             progress.advance(task_id)
