@@ -4,11 +4,8 @@ placer reads the data it says."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from onnxconet.errors import OnnxconetError
 from onnxconet.graph.export import export_onnx
@@ -17,46 +14,35 @@ from onnxconet.search.knapsack import knapsack_widths
 from onnxconet.search.sensitivity import curve_gain, loss_curves
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
+from onnxconet.train.loop import recalibrate_bn
 from tests.conftest import search_cfg
-from tests.test_knapsack import _additive, _setup_ctx
-
-
-class ConvBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
+from tests.test_knapsack import TwoConv, _additive, _setup_ctx
 
 
 def test_cutting_dead_channels_costs_no_loss_and_live_ones_do():
-    """Two of the first group's six channels are dead (weights, bias, BN scale and shift all 0: they output 0
-    whatever the statistics): cutting to 4 keeps the whole network's loss to float precision, cutting further
+    """One of the first group's four channels is dead (weights, bias, BN scale and shift all 0: it outputs 0
+    whatever the statistics): cutting to 3 keeps the whole network's loss to float precision, cutting further
     removes live channels and the loss moves."""
     torch.manual_seed(0)
-    model = ConvBN().eval()
+    model = TwoConv().eval()
     with torch.no_grad():
         for p in (model.conv1.weight, model.conv1.bias, model.bn1.weight, model.bn1.bias):
-            p[[1, 4]] = 0
+            p[1] = 0
         model.fc.weight.mul_(20)  # confident logits: the labels below are the whole network's own answers
     cg = ChannelGraph(export_onnx(model, (1, 1, 8, 8)))
     space = WidthSpace(cg, min_ratio=0.1)
-    group = next(g for g in space if g.hi == 6)
+    group = next(g for g in space if g.hi == 4)
     xs = [torch.randn(16, 1, 8, 8) for _ in range(4)]
+    recalibrate_bn(model, [(x, None) for x in xs[:2]], batches=2)  # the statistics every cut re-estimates
     with torch.no_grad():
         data = [(x, model(x).argmax(dim=1)) for x in xs]
     curves = loss_curves(cg, space, WeightBank(model), data[:2], data[2:])
     curve = curves[group.id]
     assert set(curve) == set(group.options()) and set(curves) == {g.id for g in space}
-    assert curve[4] == pytest.approx(curve[6], rel=1e-5, abs=1e-6)
-    assert curve[2] > curve[6] + 1e-2 and curve[1] > curve[6] + 1e-2
+    assert curve[3] == pytest.approx(curve[4], rel=1e-5, abs=1e-6)
+    assert abs(curve[2] - curve[4]) > 1e-2 and abs(curve[1] - curve[4]) > 1e-2
     gain = curve_gain(curves)
-    assert gain(group.id, 4, 6) == pytest.approx(0, abs=1e-5) and gain(group.id, 1, 6) == curve[1] - curve[6]
+    assert gain(group.id, 3, 4) == pytest.approx(0, abs=1e-5) and gain(group.id, 1, 4) == curve[1] - curve[4]
     assert all(p.grad is None for p in model.parameters())  # the original is left as it was
 
 
