@@ -75,9 +75,10 @@ def _flops_ratio(cg):
     )
 
 
-def _setup_ctx(cg, npz_data, judge=None, budget=0.6, **cfg):
+def _setup_ctx(cg, npz_data, judge=None, budget=0.6, out=None, **cfg):
     """The slice of a RunContext that search/setup.py's placement reads: config, budget, judge, graph, training
-    batches, the teacher (the tiny model), a silent stage() and emit() recording its events in `events`."""
+    batches, the teacher (the tiny model), the run directory `out`, a silent stage() and emit() recording its
+    events in `events`."""
     from types import SimpleNamespace
 
     from onnxconet.data import load_data, make_loaders
@@ -89,7 +90,7 @@ def _setup_ctx(cg, npz_data, judge=None, budget=0.6, **cfg):
     ctx = SimpleNamespace(
         cfg=SearchConfig(model=TINY, batch_size=32, **cfg), budget=Budget("latency", budget), judge=judge, cg=cg,
         loaders=SimpleNamespace(train=train, val=val), teacher=prepare(TINY).loaded.module,
-        stage=lambda text: None, events=[],
+        stage=lambda text: None, events=[], out=out,
     )  # fmt: skip
     ctx.emit = lambda event, **data: ctx.events.append((event, data))
     return ctx

@@ -146,7 +146,12 @@ class _SpinningNeighbour:
 
     def request(self, op, **kw):
         if op == "load":
-            return {"provider": CPU, "threads": 2, "input_shape": [1, 1, 8, 8], "onnxruntime": ort.__version__}
+            return {
+                "provider": CPU,
+                "threads": 2,
+                "input_shape": [1, 1, 8, 8],
+                "onnxruntime": ort.__version__,
+            }
         if op == "unload":
             return {}
         self.warmups.append(kw["warmup_seconds"])
@@ -166,7 +171,9 @@ def test_paired_rounds_cancel_the_order_effect(max_rounds):
     _SpinningNeighbour.last = None
     m.cand, m.ref = _SpinningNeighbour(0.5, slow=1.3), _SpinningNeighbour(1.0, slow=1.3)
     m.loaded_ref = m.ref.request("load")
-    rel = m._compare("cand.onnx", "cand", min_rounds=max_rounds, max_rounds=max_rounds, max_seconds=9, rel_ci=0)
+    rel = m._compare(
+        "cand.onnx", "cand", min_rounds=max_rounds, max_rounds=max_rounds, max_seconds=9, rel_ci=0
+    )
     assert rel.rounds == max_rounds and rel.ratio == pytest.approx(0.5, rel=1e-12)
     assert rel.ratios == pytest.approx([0.5] * max_rounds, rel=1e-4)
     assert set(m.cand.warmups) == {0.05}  # the bursts ask the measurer's warm-up, not the runner's 10 ms

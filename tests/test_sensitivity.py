@@ -67,7 +67,7 @@ def test_knapsack_jumps_over_a_step_that_gains_nothing(tiny_graph):
     assert w[a] == ga.lo + 2 * ga.step and w[b] == gb.lo
 
 
-def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, monkeypatch):
+def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, monkeypatch, tmp_path):
     """--importance loss: the placer measures the curves on fixed training batches (the same list for every cut)
     and the validation split's first batches in order, and fills the knapsack with exactly those curves."""
     from torch.utils.data import DataLoader
@@ -77,7 +77,7 @@ def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, m
 
     space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
     cost = CostModel(tiny_graph, space, "flops")
-    ctx = _setup_ctx(tiny_graph, npz_data, strategy="knapsack", importance="loss")
+    ctx = _setup_ctx(tiny_graph, npz_data, strategy="knapsack", importance="loss", out=tmp_path)
     seen = {}
 
     def spy(cg, sp, bank, calibration, validation, **kw):
@@ -89,14 +89,18 @@ def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, m
     budget = 0.45
     widths = setup.saliency_placer(ctx, space, cost)(budget)
     val = [x for x, _ in DataLoader(ctx.loaders.val.dataset, batch_size=32)]
-    assert isinstance(seen["calibration"], list) and len(seen["calibration"]) == min(10, len(ctx.loaders.train))
+    assert isinstance(seen["calibration"], list) and len(seen["calibration"]) == min(
+        10, len(ctx.loaders.train)
+    )
     got = [x for x, _ in seen["validation"]]
     assert len(got) == min(len(val), setup.CURVE_IMAGES // 32)
     assert all(torch.equal(a, b) for a, b in zip(got, val, strict=False))
     assert widths == knapsack_widths(tiny_graph, space, curve_gain(seen["curves"]), cost.predict, budget)
     assert cost.predict(widths) <= budget
     cuts = sum(len(g.options()) for g in space)
-    assert [d for e, d in ctx.events if e == "cuts"] == [{"done": i, "total": cuts} for i in range(1, cuts + 1)]
+    assert [d for e, d in ctx.events if e == "cuts"] == [
+        {"done": i, "total": cuts} for i in range(1, cuts + 1)
+    ]
     for g in space:  # maximal: no wider width of any group fits
         assert all(cost.predict({**widths, g.id: o}) > budget for o in g.options() if o > widths[g.id])
 
@@ -112,3 +116,31 @@ def test_importance_is_checked(tmp_path, npz_data, strategy, start, ok):
             cfg.check()
     with pytest.raises(OnnxconetError, match="--importance 'x' is not taylor or loss"):
         search_cfg(tmp_path, npz_data, importance="x").check()
+
+
+def test_loss_curves_are_saved_and_reused_on_resume(tiny_graph, npz_data, monkeypatch, tmp_path):
+    """The curves go to the run directory; --resume places from them without measuring again, and a file that
+    does not fit (other widths allowed, unreadable) is measured afresh."""
+    from onnxconet.search import setup
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.sensitivity import CURVES
+
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return loss_curves(*a, **kw)
+
+    monkeypatch.setattr(setup, "loss_curves", counting)
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    ctx = _setup_ctx(tiny_graph, npz_data, strategy="knapsack", importance="loss", out=tmp_path)
+    first = setup.saliency_placer(ctx, space, cost)(0.45)
+    assert len(calls) == 1 and (tmp_path / CURVES).is_file()
+    ctx.cfg.resume = True
+    assert setup.saliency_placer(ctx, space, cost)(0.45) == first and len(calls) == 1  # restored
+    other = WidthSpace(tiny_graph, min_ratio=0.5, align=1)
+    setup.saliency_placer(ctx, other, CostModel(tiny_graph, other, "flops"))(0.45)
+    assert len(calls) == 2  # the saved curves do not cover these widths
+    (tmp_path / CURVES).write_text("{")
+    assert setup.saliency_placer(ctx, space, cost)(0.45) == first and len(calls) == 3

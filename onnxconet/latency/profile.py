@@ -349,7 +349,12 @@ class PairedMeasurer:
     candidates loaded one after another. Use as a context manager, or `close()` it."""
 
     def __init__(
-        self, reference: ModelLike, target: Target, *, burst_seconds: float = 0.1, warmup_seconds: float = 0.05
+        self,
+        reference: ModelLike,
+        target: Target,
+        *,
+        burst_seconds: float = 0.1,
+        warmup_seconds: float = 0.05,
     ) -> None:
         self.target = target
         self.burst_seconds, self.warmup_seconds = burst_seconds, warmup_seconds

@@ -12,14 +12,19 @@ layer3.0 third; Taylor put layer3.0 first and layer1.0 sixth: docs/measurements.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
+from onnxconet.files import atomic_write
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.train.loop import evaluate, recalibrate_bn
 
 Curves = dict[int, dict[int, float]]
+CURVES = "loss_curves.json"  # in the run directory: what the placement used, and what --resume reuses
+FORMAT = "onnxconet-loss-curves/1"
 
 
 def loss_curves(
@@ -49,7 +54,9 @@ def loss_curves(
             curves[gid][w] = whole
         else:
             widths = {**full, gid: w}
-            curves[gid][w] = _loss(cg, bank, widths, order, calibration, validation, calibration_batches, device)
+            curves[gid][w] = _loss(
+                cg, bank, widths, order, calibration, validation, calibration_batches, device
+            )
         if progress is not None:
             progress(i + 1, len(cuts))
     return curves
@@ -64,3 +71,24 @@ def _loss(cg, bank, widths, order, calibration, validation, batches, device) -> 
 def curve_gain(curves: Curves) -> Callable[[int, int, int], float]:
     """gain(group, from width, to width) for `knapsack_widths`: the loss the wider cut saves."""
     return lambda gid, a, b: curves[gid][a] - curves[gid][b]
+
+
+def save_curves(path: Path, curves: Curves, cg: ChannelGraph) -> None:
+    """`curves` as JSON (atomically), with the graph's fingerprint they belong to."""
+    doc = {"format": FORMAT, "fingerprint": cg.fingerprint(),
+           "curves": {str(g): {str(w): x for w, x in c.items()} for g, c in curves.items()}}  # fmt: skip
+    atomic_write(path, json.dumps(doc, indent=1))
+
+
+def load_curves(path: Path, cg: ChannelGraph, space: WidthSpace) -> Curves | None:
+    """The curves saved at `path` when they are of this graph and cover exactly `space`'s widths, else None."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != FORMAT or doc.get("fingerprint") != cg.fingerprint():
+            return None
+        curves = {int(g): {int(w): float(x) for w, x in c.items()} for g, c in doc["curves"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+    if curves.keys() != {g.id for g in space} or any(set(curves[g.id]) != set(g.options()) for g in space):
+        return None
+    return curves

@@ -23,7 +23,7 @@ from onnxconet.search.evaluate import Evaluator
 from onnxconet.search.judge import CONFIRM_MARGIN
 from onnxconet.search.knapsack import knapsack_widths, taylor_scores
 from onnxconet.search.ranks import Ranks
-from onnxconet.search.sensitivity import curve_gain, loss_curves
+from onnxconet.search.sensitivity import CURVES, curve_gain, load_curves, loss_curves, save_curves
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import slice_onnx
@@ -225,6 +225,11 @@ def importance(ctx, space: WidthSpace):
     if ctx.cfg.importance == "taylor":
         ctx.stage("scoring channels by Taylor importance (validation split) for the latency-saliency widths")
         return taylor_scores(ctx.cg, ctx.teacher, val)
+    path = ctx.out / CURVES
+    curves = load_curves(path, ctx.cg, space) if ctx.cfg.resume else None
+    if curves is not None:
+        ctx.stage(f"loss curves restored from {path}")
+        return curve_gain(curves)
     cuts = sum(len(g.options()) for g in space)
     ctx.stage(f"measuring each group's validation loss at each of its widths ({cuts} cuts of the original)")
     shuffled = DataLoader(
@@ -237,7 +242,7 @@ def importance(ctx, space: WidthSpace):
         ctx.cg, space, WeightBank(ctx.teacher), calibration, validation, device=ctx.cfg.device,
         progress=lambda done, total: ctx.emit("cuts", done=done, total=total),
     )  # fmt: skip
-    log.info("loss curves: %s", {g: {w: round(x, 4) for w, x in c.items()} for g, c in curves.items()})
+    save_curves(path, curves, ctx.cg)
     return curve_gain(curves)
 
 
