@@ -144,3 +144,32 @@ def test_loss_curves_are_saved_and_reused_on_resume(tiny_graph, npz_data, monkey
     assert len(calls) == 2  # the saved curves do not cover these widths
     (tmp_path / CURVES).write_text("{")
     assert setup.saliency_placer(ctx, space, cost)(0.45) == first and len(calls) == 3
+
+
+def test_importance_loss_end_to_end(tmp_path, npz_data):
+    """`search --strategy knapsack --start smallest --importance loss` on a FLOPs budget (exact: no timing): the
+    run records its importance, leaves its curves beside result.json, and its trial's widths are the fill of
+    those curves on the budget."""
+    import json
+
+    from onnxconet.commands.search import run_search
+    from onnxconet.prepare import prepare
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.sensitivity import CURVES, load_curves
+    from tests.conftest import MIX
+
+    cfg = search_cfg(
+        tmp_path, npz_data, model=MIX, strategy="knapsack", start="smallest", importance="loss", trials=1,
+        final_epochs=0, align=1,
+    )  # fmt: skip
+    res = run_search(cfg).to_json()
+    assert res["config"]["importance"] == "loss"
+    cg = prepare(MIX).graph
+    space = WidthSpace(cg, min_ratio=0.25, align=1)
+    curves = load_curves(tmp_path / "run" / CURVES, cg, space)
+    assert curves is not None
+    widths = {int(k): v for k, v in res["trials"][0]["widths"].items()}
+    flops = CostModel(cg, space, "flops").predict
+    assert widths == knapsack_widths(cg, space, curve_gain(curves), flops, 0.6)
+    header = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
+    assert header["config"]["importance"] == "loss"
