@@ -14,7 +14,7 @@ from torch import nn
 from onnxconet.errors import OnnxconetError
 from onnxconet.graph.export import export_onnx
 from onnxconet.graph.groups import ChannelGraph
-from onnxconet.search.knapsack import knapsack_widths, taylor_scores
+from onnxconet.search.knapsack import knapsack_widths, taylor_gain, taylor_scores
 from onnxconet.space import WidthSpace
 from tests.conftest import search_cfg
 
@@ -107,14 +107,17 @@ def test_knapsack_fills_the_cheapest_importance_first_and_is_maximal(tiny_graph)
     predict = _additive(tiny_graph, space, unit)
     smallest = predict(space.smallest())
     budget = smallest + 0.5 * (predict(space.full()) - smallest)
-    w = knapsack_widths(tiny_graph, space, scores, predict, budget)
+    w = knapsack_widths(tiny_graph, space, taylor_gain(tiny_graph, space, scores), predict, budget)
     assert predict(w) <= budget and space.contains(w)
     assert w[ids[0]] == space.groups[ids[0]].hi
     for g in space:  # maximal: no single further step fits
         if w[g.id] < g.hi:
             assert predict({**w, g.id: g.clip(w[g.id] + g.step)}) > budget
     # under a budget the smallest widths already miss, the smallest widths come back
-    assert knapsack_widths(tiny_graph, space, scores, predict, smallest - 1) == space.smallest()
+    assert (
+        knapsack_widths(tiny_graph, space, taylor_gain(tiny_graph, space, scores), predict, smallest - 1)
+        == space.smallest()
+    )
 
 
 def test_knapsack_prefers_the_more_important_group_at_equal_cost(tiny_graph):
@@ -126,7 +129,7 @@ def test_knapsack_prefers_the_more_important_group_at_equal_cost(tiny_graph):
     predict = _additive(tiny_graph, space, unit)
     ga, gb = space.groups[a], space.groups[b]
     budget = predict(space.smallest()) + (gb.hi - gb.lo)  # room to fill exactly one of the two
-    w = knapsack_widths(tiny_graph, space, scores, predict, budget)
+    w = knapsack_widths(tiny_graph, space, taylor_gain(tiny_graph, space, scores), predict, budget)
     assert w[b] == gb.hi and w[a] == ga.lo
 
 
@@ -138,7 +141,9 @@ def test_knapsack_from_a_start_keeps_it_and_spends_what_it_leaves(tiny_graph):
     predict = _additive(tiny_graph, space, unit)
     start = {g.id: g.clip((g.lo + g.hi) // 2) for g in space}
     budget = predict(start) + 0.5 * (predict(space.full()) - predict(start))
-    w = knapsack_widths(tiny_graph, space, scores, predict, budget, start=start)
+    w = knapsack_widths(
+        tiny_graph, space, taylor_gain(tiny_graph, space, scores), predict, budget, start=start
+    )
     assert all(w[g] >= start[g] for g in ids) and w != start and predict(w) <= budget
     for g in space:  # maximal from there too
         if w[g.id] < g.hi:
@@ -208,7 +213,9 @@ def test_saliency_placement_scores_the_validation_split(tiny_graph, npz_data, mo
     train = [x for x, _ in DataLoader(ctx.loaders.train.dataset, batch_size=32)]
     assert len(batches) == len(val) and all(torch.equal(a, b) for a, b in zip(batches, val, strict=True))
     assert not torch.equal(batches[0], train[0])
-    assert widths == knapsack_widths(tiny_graph, space, scores, cost.predict, budget)
+    assert widths == knapsack_widths(
+        tiny_graph, space, taylor_gain(tiny_graph, space, scores), cost.predict, budget
+    )
 
 
 @pytest.mark.slow  # three searches (73 s on 2 cores); the placement itself is tested above without training

@@ -57,7 +57,7 @@ def taylor_gain(cg: ChannelGraph, space: WidthSpace, scores: np.ndarray) -> Call
 def knapsack_widths(
     cg: ChannelGraph,
     space: WidthSpace,
-    gain: Callable[[int, int, int], float] | np.ndarray,
+    gain: Callable[[int, int, int], float],
     predict: Callable[[dict[int, int]], float],
     budget: float,
     start: dict[int, int] | None = None,
@@ -66,9 +66,7 @@ def knapsack_widths(
     cost, until no move fits under `budget`. A move takes a group from its width to any wider allowed one, not
     only the next step: a curve that is not concave (a residual branch at 4 channels may lose more than the
     branch removed; an NCHWc block boundary makes one step cost more than two) would stall a one-step greedy.
-    `gain(group, from, to)` (`taylor_gain`, `sensitivity.curve_gain`); per-bundle scores are taken as Taylor's."""
-    if isinstance(gain, np.ndarray):
-        gain = taylor_gain(cg, space, gain)
+    `gain(group, from, to)`: `taylor_gain` or `sensitivity.curve_gain`."""
     options = {g.id: g.options() for g in space}
     widths = dict(start) if start is not None else space.smallest()
     cost = predict(widths)

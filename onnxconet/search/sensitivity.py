@@ -46,17 +46,14 @@ def loss_curves(
     full = space.full()
     cuts = [(g.id, w) for g in space for w in g.options()]
     curves: Curves = {g.id: {} for g in space}
-    whole = None
+    whole = _loss(cg, bank, full, order, calibration, validation, calibration_batches, device)
     for i, (gid, w) in enumerate(cuts):
-        if w == full[gid]:
-            if whole is None:
-                whole = _loss(cg, bank, full, order, calibration, validation, calibration_batches, device)
-            curves[gid][w] = whole
-        else:
-            widths = {**full, gid: w}
-            curves[gid][w] = _loss(
-                cg, bank, widths, order, calibration, validation, calibration_batches, device
-            )
+        widths = {**full, gid: w}
+        curves[gid][w] = (
+            whole
+            if w == full[gid]
+            else _loss(cg, bank, widths, order, calibration, validation, calibration_batches, device)
+        )
         if progress is not None:
             progress(i + 1, len(cuts))
     return curves

@@ -21,7 +21,7 @@ from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.evaluate import Evaluator
 from onnxconet.search.judge import CONFIRM_MARGIN
-from onnxconet.search.knapsack import knapsack_widths, taylor_scores
+from onnxconet.search.knapsack import knapsack_widths, taylor_gain, taylor_scores
 from onnxconet.search.ranks import Ranks
 from onnxconet.search.sensitivity import CURVES, curve_gain, load_curves, loss_curves, save_curves
 from onnxconet.space import WidthSpace
@@ -215,7 +215,8 @@ CURVE_IMAGES = 2048
 
 
 def importance(ctx, space: WidthSpace):
-    """The knapsack's gain: per-bundle Taylor scores, or `sensitivity.curve_gain` of the measured loss curves."""
+    """The knapsack's gain: `taylor_gain` of the Taylor scores, or `sensitivity.curve_gain` of the measured loss
+    curves."""
     # Held-out data, in a fixed order (no shared RNG): a teacher that fits its training set has a near-zero
     # training loss (0.0055 per batch on Fashion-MNIST's 20k subset), so gradients there rest on a few samples;
     # on the validation split the loss is ~45x larger and the per-group sums 7-15x (docs/measurements.md,
@@ -224,7 +225,7 @@ def importance(ctx, space: WidthSpace):
     val = DataLoader(ctx.loaders.val.dataset, batch_size=bs)
     if ctx.cfg.importance == "taylor":
         ctx.stage("scoring channels by Taylor importance (validation split) for the latency-saliency widths")
-        return taylor_scores(ctx.cg, ctx.teacher, val)
+        return taylor_gain(ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, val))
     path = ctx.out / CURVES
     curves = load_curves(path, ctx.cg, space) if ctx.cfg.resume else None
     if curves is not None:
