@@ -186,6 +186,32 @@ def test_expected_latency_is_the_exact_expectation_and_differentiable(which, req
         pred.expected_latency({groups[0].id: torch.ones(2)}, options)
 
 
+def test_expected_latency_is_exact_with_branches_that_may_go(r20):
+    """With width 0 among the options, a removed branch's share depends on the other groups' widths (`_Quad.Z`);
+    the expectation over independent groups stays the exact sum over every combination."""
+    cg = r20.graph
+    f = LatencyFeatures(cg)
+    space = WidthSpace(cg, align=4, depth=True)
+    probes = probe_widths(space, 12, seed=1)
+    pred = LatencyPredictor.fit(f, probes, synthetic(f, probes, noise=0.03), 4.0)
+    assert pred._total.Z.any()
+    branch = min(cg.removable)
+    stream = next(g.id for g in space if g.id not in cg.removable)  # carries the residual path
+    groups = [space.groups[branch], space.groups[stream], space.groups[max(cg.removable)]]
+    options = {
+        g.id: [0 if g.id in cg.removable else g.lo, (g.lo + g.hi) // 2 // g.step * g.step, g.hi]
+        for g in groups
+    }
+    probs = {g.id: torch.softmax(torch.randn(3), 0) for g in groups}
+    brute = 0.0
+    for combo in itertools.product(range(3), repeat=3):
+        w = {g.id: options[g.id][i] for g, i in zip(groups, combo, strict=True)}
+        brute += np.prod(
+            [float(probs[g.id][i]) for g, i in zip(groups, combo, strict=True)]
+        ) * pred.predict_ms(w)
+    assert float(pred.expected_latency(probs, options)) == pytest.approx(brute, rel=1e-5)
+
+
 def test_measure_candidate_and_its_cache(tiny, tmp_path):
     cg = tiny.graph
     cache = LatencyCache(tmp_path / "lat.jsonl")

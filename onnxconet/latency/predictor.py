@@ -25,6 +25,11 @@ reference's median. Because every n_g, c and θ is non-negative, the prediction 
 non-decreasing in each group's width** by construction, and it is a quadratic form in ρ: after the fit
 it collapses to ``t0 + l·ρ + ρᵀQρ`` (microseconds per prediction; JSON-serializable).
 
+A residual branch removed whole (a group at width 0, `graph.branches`) takes its nodes with it: their launches
+and also the data its first conv read and its last conv and BatchNorm wrote on the residual stream, which do not
+depend on the removed group's width. Each feature carries that as Σ_g [ρ_g = 0] (z_g + Z_g·ρ) (`_Quad`), so a
+feature at widths with branches removed equals the same feature read from the pruned file.
+
 Differentiable path (`expected_latency`, for FBNetV2-style channel masking): with independent per-group
 width distributions p_g over options c_{g,i}, the expectation of the quadratic form is exact from the first
 two moments per group, m_g = Σ_i p_{g,i} ρ_{g,i} and s_g = Σ_i p_{g,i} ρ_{g,i}²:
@@ -98,17 +103,22 @@ class _Affine:
 
 @dataclass
 class _Quad:
-    """c + l·ρ + ρᵀQρ + z·[ρ = 0] (Q dense, G×G; z: what a group at width 0 changes beyond its channels, the
-    nodes of a removed branch)."""
+    """c + l·ρ + ρᵀQρ + Σ_g [ρ_g = 0] (z_g + Z_g·ρ) (Q, Z dense, G×G). The last term is what a group at width 0
+    removes beyond its channels: the nodes of its residual branch (`graph.branches`) go whole, with their
+    launches (z) and the data they read and write on the stream the branch leaves (Z: linear in the other
+    groups' widths; a removed layer's products all hold the removed group, so they vanish by themselves)."""
 
     c: float
     l: np.ndarray  # noqa: E741 - the usual name of a linear term
     Q: np.ndarray
     z: np.ndarray | None = None
+    Z: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.z is None:
             self.z = np.zeros(len(self.l))
+        if self.Z is None:
+            self.Z = np.zeros_like(self.Q)
 
     @classmethod
     def zero(cls, g: int) -> _Quad:
@@ -125,34 +135,51 @@ class _Quad:
         if len(ia) and len(ib):
             self.Q[np.ix_(ia, ib)] += s * np.outer(a.n[ia], b.n[ib])
 
+    def remove_with(self, col: int, q: _Quad) -> None:
+        """`q` (one node's share, already added) is gone when group `col` is at width 0."""
+        self.z[col] -= q.c
+        self.Z[col] -= q.l
+
     def at_full(self) -> float:
         return float(self.c + self.l.sum() + self.Q.sum())
 
     def scaled(self, s: float) -> _Quad:
-        return _Quad(self.c * s, self.l * s, self.Q * s, self.z * s)
+        return _Quad(self.c * s, self.l * s, self.Q * s, self.z * s, self.Z * s)
 
     def add(self, q: _Quad, s: float = 1.0) -> None:
         self.c += s * q.c
         self.l += s * q.l
         self.Q += s * q.Q
         self.z += s * q.z
+        self.Z += s * q.Z
 
     def __call__(self, R: np.ndarray) -> np.ndarray:
         """Values at the rows of R (N×G relative widths)."""
-        return self.c + R @ self.l + np.einsum("ng,gh,nh->n", R, self.Q, R) + (R == 0) @ self.z
+        zero = (R == 0).astype(R.dtype)
+        quad = np.einsum("ng,gh,nh->n", R, self.Q, R)
+        return self.c + R @ self.l + quad + zero @ self.z + np.einsum("ng,gh,nh->n", zero, self.Z, R)
 
     def to_json(self) -> dict:
         i, j = np.nonzero(self.Q)
         d = {"c": self.c, "l": self.l.tolist(), "Q": [i.tolist(), j.tolist(), self.Q[i, j].tolist()]}
-        return d | ({"z": self.z.tolist()} if self.z.any() else {})
+        zi, zj = np.nonzero(self.Z)
+        return (
+            d
+            | ({"z": self.z.tolist()} if self.z.any() else {})
+            | ({"Z": [zi.tolist(), zj.tolist(), self.Z[zi, zj].tolist()]} if len(zi) else {})
+        )
 
     @classmethod
     def from_json(cls, d: Mapping, g: int) -> _Quad:
-        Q = np.zeros((g, g))
-        i, j, v = d["Q"]
-        Q[np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)] = v
+        def dense(key: str) -> np.ndarray:
+            M = np.zeros((g, g))
+            if key in d:
+                i, j, v = d[key]
+                M[np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)] = v
+            return M
+
         z = np.asarray(d["z"], dtype=np.float64) if "z" in d else None
-        return cls(float(d["c"]), np.asarray(d["l"], dtype=np.float64), Q, z)
+        return cls(float(d["c"]), np.asarray(d["l"], dtype=np.float64), dense("Q"), z, dense("Z"))
 
 
 # --------------------------------------------------------------------------------------- features
@@ -193,19 +220,30 @@ class LatencyFeatures:
         raw["mem"] = _Quad.zero(G)
         self.layers: list[LayerInfo] = []
         g = cg.graph
+        # the nodes that go with a removed branch (graph.branches), by the column of the group whose width 0
+        # removes them (a node in two branches is charged to the first)
+        removed_with: dict[str, int] = {}
+        for gid, names in cg.removable.items():
+            for name in names if gid in self._col else ():
+                removed_with.setdefault(name, self._col[gid])
         for node in g.nodes:
+            col = removed_with.get(node.name)
+            into = raw if col is None else {}  # a removable node's share, added and gated below
             if node.op in COMPUTE_OPS:
-                self._add_layer(node, raw)
+                self._add_layer(node, into)
             elif node.op not in _NO_COST and node.outputs and node.outputs[0]:
                 a = self._activation(node.outputs[0])
                 if a is not None:
-                    raw["ew" if node.op in _FUSABLE else "mem"].add_affine(a)
-        # nodes: every costed node's fixed share (its launch), gone with a removed branch (graph.branches)
+                    into.setdefault("ew" if node.op in _FUSABLE else "mem", _Quad.zero(G)).add_affine(a)
+            if col is not None:
+                for name, q in into.items():
+                    raw[name].add(q)
+                    raw[name].remove_with(col, q)
+        # nodes: every costed node's fixed share (its launch), gone with a removed branch
         costed = {n.name for n in g.nodes if n.op not in _NO_COST}
         nodes = _Quad(float(len(costed)), np.zeros(G), np.zeros((G, G)))
-        for gid, names in cg.removable.items():
-            if gid in self._col:
-                nodes.z[self._col[gid]] = -float(len(costed.intersection(names)))
+        for name in costed.intersection(removed_with):
+            nodes.z[removed_with[name]] -= 1.0
         if nodes.z.any():
             raw["nodes"] = nodes
         self.names: list[str] = []
@@ -284,12 +322,13 @@ class LatencyFeatures:
         if positions is None:
             log.debug("latency features: %s has no static shape; skipped", node.describe())
             return
-        raw[f"{cls}.macs"].add_product(d0, d1, positions * K)
-        raw[f"{cls}.weight"].add_product(d0, d1, K)
+        G = len(self.gids)
+        raw.setdefault(f"{cls}.macs", _Quad.zero(G)).add_product(d0, d1, positions * K)
+        raw.setdefault(f"{cls}.weight", _Quad.zero(G)).add_product(d0, d1, K)
         for name in (node.inputs[0], node.outputs[0]):
             a = self._tensor_elems(name)
             if a is not None:
-                raw[f"{cls}.act"].add_affine(a)
+                raw.setdefault(f"{cls}.act", _Quad.zero(G)).add_affine(a)
         touched = tuple(sorted({self.gids[i] for i in np.nonzero(d0.n + d1.n)[0].tolist()}))
         macs = positions * K * (d0.c + d0.n.sum()) * (d1.c + d1.n.sum())
         self.layers.append(LayerInfo(node.name, node.op, cls, macs, touched))
@@ -533,12 +572,14 @@ class LatencyPredictor:
         if key not in self._torch_cache:
             Q = torch.as_tensor(self._total.Q, dtype=dtype, device=device)
             diag = torch.diagonal(Q).clone()
+            Z = torch.as_tensor(self._total.Z, dtype=dtype, device=device)
             self._torch_cache[key] = (
                 torch.as_tensor(self._total.l, dtype=dtype, device=device),
                 Q - torch.diag(diag),
                 diag,
+                Z - torch.diag(torch.diagonal(Z)),  # [ρ_g = 0] ρ_g is 0
             )
-        lin, Q_off, Q_diag = self._torch_cache[key]
+        lin, Q_off, Q_diag, Z_off = self._torch_cache[key]
         base = f.rel([widths or {}])[0]
         m_parts, s_parts, z_parts = [], [], []
         idx = []
@@ -560,7 +601,7 @@ class LatencyPredictor:
             idx.append(col)
         m = torch.as_tensor(base, dtype=dtype, device=device)
         s = m * m
-        z = (m == 0).to(dtype)  # P(width 0): a removed branch's nodes (`_Quad.z`)
+        z = (m == 0).to(dtype)  # P(width 0): a removed branch's nodes (`_Quad.z`, `_Quad.Z`)
         if idx:
             index = torch.as_tensor(idx, dtype=torch.long, device=device)
             m = m.index_put((index,), torch.stack(m_parts))
@@ -569,6 +610,8 @@ class LatencyPredictor:
         ratio = self._total.c + lin @ m + m @ Q_off @ m + Q_diag @ s
         if self._total.z.any():
             ratio = ratio + torch.as_tensor(self._total.z, dtype=dtype, device=device) @ z
+        if self._total.Z.any():  # E[[ρ_g = 0] ρ_h] = P(ρ_g = 0) E[ρ_h] for independent groups g ≠ h
+            ratio = ratio + z @ Z_off @ m
         return ratio * self.reference_ms if unit == "ms" else ratio
 
     # ---- serialization
