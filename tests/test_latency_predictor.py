@@ -233,6 +233,11 @@ def test_measure_candidate_and_its_cache(tiny, tmp_path):
     assert r["flops"] == count_flops(cg, cg.keep_mask(w)) and r["flops_ratio"] < 1
     assert r["ratio_p10"] <= r["ratio"] <= r["ratio_p90"]
     assert r["slice_seconds"] < 5
+    if r["disturbed"]:  # a loaded machine (another job on the cores): such a measurement is never kept
+        assert len(LatencyCache(cache.path)) == 0
+        r = measure_candidate(cg, w, tiny.onnx_model, CPU1, cache, min_rounds=3, max_seconds=2.0)
+        if r["disturbed"]:
+            pytest.skip("every measurement disturbed: the cores are busy")
     assert len(LatencyCache(cache.path)) == 3  # candidate, reference beside it, ratio
     again = measure_candidate(cg, w, tiny.onnx_model, CPU1, LatencyCache(cache.path), **budget)
     assert again["cached"] and again["ratio"] == r["ratio"] and again["latency_ms"] == r["latency_ms"]
