@@ -114,7 +114,7 @@ def test_importance_is_checked(tmp_path, npz_data, strategy, start, ok):
     else:
         with pytest.raises(OnnxconetError, match="--importance loss ranks channels for the latency saliency"):
             cfg.check()
-    with pytest.raises(OnnxconetError, match="--importance 'x' is not taylor or loss"):
+    with pytest.raises(OnnxconetError, match="--importance 'x' is not taylor, loss or path"):
         search_cfg(tmp_path, npz_data, importance="x").check()
 
 
@@ -173,3 +173,103 @@ def test_importance_loss_end_to_end(tmp_path, npz_data):
     assert widths == knapsack_widths(cg, space, curve_gain(curves), flops, 0.6)
     header = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
     assert header["config"]["importance"] == "loss"
+
+
+def _path_setup():
+    torch.manual_seed(0)
+    model = TwoConv().eval()
+    cg = ChannelGraph(export_onnx(model, (1, 1, 8, 8)))
+    space = WidthSpace(cg, min_ratio=0.25, align=1)
+    xs = [torch.randn(16, 1, 8, 8) for _ in range(4)]
+    with torch.no_grad():
+        data = [(x, model(x).argmax(dim=1)) for x in xs]
+    return model, cg, space, data[:2], data[2:]
+
+
+def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
+    """Oracle: at every step the path takes, among each group's candidate (its widest width saving at least
+    `step` of the predicted cost, else its next width), the one with the least measured loss per cost saved,
+    every loss measured with the cuts before applied (recomputed here with `_loss` directly); the predicted cost
+    falls at every step; `place` gives the first point within a budget, further along for a lower one."""
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.sensitivity import LossPath, _loss
+
+    model, cg, space, cal, val = _path_setup()
+    predict = CostModel(cg, space, "flops").predict
+    bank = WeightBank(model)
+    walk = LossPath(cg, space, bank, cal, val, predict, step=0.1)
+    order = bank.scores(cg)
+    while True:
+        widths, cost, loss = walk.points[-1]
+        assert loss == pytest.approx(_loss(cg, bank, widths, order, cal, val, 10, None), rel=1e-6)
+        expected, best = None, float("inf")
+        for g in space:
+            narrower = [o for o in g.options() if o < widths[g.id]][::-1]
+            if not narrower:
+                continue
+            to = next((o for o in narrower if cost - predict({**widths, g.id: o}) >= 0.1 * cost), narrower[0])
+            cand = {**widths, g.id: to}
+            score = (_loss(cg, bank, cand, order, cal, val, 10, None) - loss) / (cost - predict(cand))
+            if score < best:
+                expected, best = cand, score
+        if not walk.extend():
+            assert expected is None
+            break
+        assert walk.points[-1][0] == expected and walk.points[-1][1] < cost
+    assert walk.points[-1][0] == space.smallest() and len(walk.points) > 3
+    costs = [c for _, c, _ in walk.points]
+    for b in (0.9, 0.6, 0.3):
+        i = next(i for i, c in enumerate(costs) if c <= b)
+        assert walk.place(b) == walk.points[i][0]
+    assert walk.place(0.0) == space.smallest()  # below the smallest: the path's end
+
+
+def test_loss_path_grows_on_demand_and_resumes_from_its_file(tiny_graph, npz_data, tmp_path):
+    """--importance path: the placer walks only as far as the budget asks and saves every step; --resume
+    continues from the saved steps without measuring them again; a file of other widths is walked afresh."""
+    from onnxconet.search import setup
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.sensitivity import PATH, LossPath
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    ctx = _setup_ctx(tiny_graph, npz_data, strategy="knapsack", importance="path", out=tmp_path)
+    place = setup.saliency_placer(ctx, space, cost)
+    high = place(0.8)
+    saved = LossPath.saved_points(tmp_path / PATH, tiny_graph, space, setup.PATH_STEP)
+    assert saved[-1][0] == high and cost.predict(high) <= 0.8
+    assert all(cost.predict(w) > 0.8 for w, _, _ in saved[:-1])  # it stopped at the first point within
+    steps = [d["step"] for e, d in ctx.events if e == "path"]
+    assert steps == list(range(1, len(saved)))
+    low = place(0.4)
+    longer = LossPath.saved_points(tmp_path / PATH, tiny_graph, space, setup.PATH_STEP)
+    assert len(longer) > len(saved) and longer[: len(saved)] == saved and longer[-1][0] == low
+    ctx.cfg.resume, ctx.events[:] = True, []
+    again = setup.saliency_placer(ctx, space, cost)
+    assert again(0.4) == low and again(0.8) == high
+    assert not [e for e, _ in ctx.events if e == "path"]  # nothing measured again
+    other = WidthSpace(tiny_graph, min_ratio=0.5, align=1)
+    assert LossPath.saved_points(tmp_path / PATH, tiny_graph, other, setup.PATH_STEP) is None
+
+
+def test_importance_path_end_to_end(tmp_path, npz_data):
+    """`search --strategy knapsack --importance path` on a FLOPs budget: the trial trains the first point of the
+    saved path within the budget."""
+    from onnxconet.commands.search import run_search
+    from onnxconet.prepare import prepare
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.sensitivity import PATH, LossPath
+    from onnxconet.search.setup import PATH_STEP
+    from tests.conftest import MIX
+
+    cfg = search_cfg(
+        tmp_path, npz_data, model=MIX, strategy="knapsack", importance="path", trials=1, final_epochs=0, align=1,
+    )  # fmt: skip
+    res = run_search(cfg).to_json()
+    assert res["config"]["importance"] == "path"
+    cg = prepare(MIX).graph
+    space = WidthSpace(cg, min_ratio=0.25, align=1)
+    points = LossPath.saved_points(tmp_path / "run" / PATH, cg, space, PATH_STEP)
+    flops = CostModel(cg, space, "flops").predict
+    first = next(w for w, _, _ in points if flops(w) <= 0.6)
+    assert {int(k): v for k, v in res["trials"][0]["widths"].items()} == first == points[-1][0]

@@ -16,7 +16,8 @@ Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
   on the budget, the budget they leave filled by latency saliency, placed on the measured cost, l1's protocol),
   knapsack:smallest (HALP's own fill from every group's minimum), a "+depth" suffix on a library strategy
   (knapsack:smallest+depth: residual branches may be removed, search --depth), a "+loss" suffix (search
-  --importance loss: the knapsack's importance is each group's measured validation loss curve), dmasking, l1 (uniform widths, top-L1 channels), random (best of
+  --importance loss: the knapsack's importance is each group's measured validation loss curve; +path: --importance
+  path, the widths walked down from the whole network one measured cut at a time), dmasking, l1 (uniform widths, top-L1 channels), random (best of
   --trials random widths), scratch (uniform widths re-initialized), tp-magnitude / tp-groupnorm (Torch-Pruning,
   global pruning, its ratio bisected onto the budget as deployed, then fine-tuned the same epochs), and
   winner-scratch (the default strategy's shipped widths trained from re-initialized weights: Liu et al. 2019).
@@ -80,10 +81,14 @@ def search_config(
     args, model: str, budget: str, strategy: str, seed: int, weights: str, out: Path
 ) -> SearchConfig:
     """The library run of a cell: equal total epochs (the uniform baselines fine-tune what the others search)."""
-    strategy, *flags = strategy.split("+")  # knapsack+depth = knapsack --depth; +loss = --importance loss
-    unknown = set(flags) - {"depth", "loss"}
+    # knapsack+depth = knapsack --depth; +loss = --importance loss; +path = --importance path
+    strategy, *flags = strategy.split("+")
+    unknown = set(flags) - {"depth", "loss", "path"}
     if unknown:
-        raise SystemExit(f"bench_search: unknown strategy suffix +{' +'.join(sorted(unknown))}; use +depth or +loss")
+        raise SystemExit(
+            f"bench_search: unknown strategy suffix +{' +'.join(sorted(unknown))}; use +depth, +loss or +path"
+        )
+    importance = next((f for f in ("path", "loss") if f in flags), "taylor")
     strategy, _, start = strategy.partition(":")  # anneal:knapsack = anneal --start knapsack
     # the uniform baselines use a few trials to put their widths on the budget *as measured* (the cost model's
     # correction): with one trial, l1 at 0.3 shipped the predicted-uniform widths that measured 0.322
@@ -93,7 +98,7 @@ def search_config(
         model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
         strategy=strategy, start=start or "uniform", budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
         final_epochs=args.final_epochs + extra, probes=args.probes, threads=args.threads, out=str(out),
-        seed=seed, align=args.align, depth="depth" in flags, importance="loss" if "loss" in flags else "taylor",
+        seed=seed, align=args.align, depth="depth" in flags, importance=importance,
         resume=(out / "history.jsonl").exists(),
     )  # fmt: skip
 

@@ -50,6 +50,12 @@ def _renderer(progress: Progress, task_id):
             )
         elif event == "cuts":
             progress.update(task_id, description=f"loss curves: cut {data['done']}/{data['total']}")
+        elif event == "path":
+            progress.update(
+                task_id,
+                description=f"loss path: step {data['step']}, predicted {data['predicted']:.3f} "
+                f"({data['evaluations']} cuts measured)",
+            )
         elif event == "trial_end":
             r = data["record"]
             progress.advance(task_id)
@@ -119,7 +125,10 @@ def search(
             help="What the latency saliency (knapsack, anneal --start knapsack) keeps per unit of latency: taylor "
             "(first-order Taylor of the original on the validation split, channel by channel) or loss (each "
             "group's validation loss measured with it cut to each of its widths, the others whole; ~2.5 s per "
-            "width for ResNet-20 on 2 cores, before the first trial; saved in the run directory for --resume).",
+            "width for ResNet-20 on 2 cores, before the first trial; saved in the run directory for --resume) or path "
+            "(from the whole network, one group cut per step, the cut that loses the least validation loss per "
+            "predicted latency saved, every cut measured where the steps before left the network: interactions "
+            "count; the knapsack's --start does not apply; also saved for --resume).",
         ),
     ] = "taylor",
     budget: Annotated[

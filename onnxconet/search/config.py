@@ -33,7 +33,8 @@ class SearchConfig:
     start: str = "uniform"
     # the latency saliency's importance (knapsack, anneal --start knapsack): "taylor" (first-order Taylor of the
     # original on the validation split, per channel) or "loss" (each group's validation loss measured at each of
-    # its widths: search/sensitivity.py)
+    # its widths: search/sensitivity.py) or "path" (NetAdapt-like backward elimination on measured loss: the
+    # knapsack's `start` does not apply, the path starts from the whole network)
     importance: str = "taylor"
     budget: str = "0.5"
     budget_on: str = "latency"
@@ -105,8 +106,8 @@ class SearchConfig:
                 else "; it sets anneal's and knapsack's first widths"
             )
             raise OnnxconetError(f"--start {self.start!r} does not apply to --strategy {self.strategy}{hint}")
-        if self.importance not in ("taylor", "loss"):
-            raise OnnxconetError(f"--importance {self.importance!r} is not taylor or loss")
+        if self.importance not in ("taylor", "loss", "path"):
+            raise OnnxconetError(f"--importance {self.importance!r} is not taylor, loss or path")
         if self.importance != "taylor" and not (
             self.strategy == "knapsack" or (self.strategy == "anneal" and self.start == "knapsack")
         ):

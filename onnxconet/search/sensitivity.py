@@ -8,6 +8,11 @@ Why measured and not Taylor: first-order Taylor scores one channel at a time at 
 loss of removing many channels, or a whole residual branch, is a sum of slopes; on Fashion-MNIST's ResNet-20 the
 loss measured with each branch removed ranked the branches differently from Taylor's sums (layer3.1 first,
 layer3.0 third; Taylor put layer3.0 first and layer1.0 sixth: docs/measurements.md, "Depth at 0.5").
+
+The curves ignore interactions: each cut is measured with the other groups whole. `LossPath` measures every cut in
+the network the cuts before it left: backward elimination on measured loss and predicted latency (NetAdapt: Yang
+et al., ECCV 2018, without its per-step fine-tuning). On ResNet-20 at 0.3 the curves scored each first-stage
+branch as cheap to remove alone, and the fill removed all three, leaving the 28×28 stage a single conv.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from onnxconet.train.loop import evaluate, recalibrate_bn
 Curves = dict[int, dict[int, float]]
 CURVES = "loss_curves.json"  # in the run directory: what the placement used, and what --resume reuses
 FORMAT = "onnxconet-loss-curves/1"
+PATH = "loss_path.json"
+PATH_FORMAT = "onnxconet-loss-path/1"
 
 
 def loss_curves(
@@ -89,3 +96,109 @@ def load_curves(path: Path, cg: ChannelGraph, space: WidthSpace) -> Curves | Non
     if curves.keys() != {g.id for g in space} or any(set(curves[g.id]) != set(g.options()) for g in space):
         return None
     return curves
+
+
+class LossPath:
+    """Widths from whole to narrow, one measured step at a time: each step cuts the one group whose cut costs the
+    least validation loss per predicted latency saved, every candidate measured (BatchNorm re-estimated, as the
+    curves) in the network as the steps before left it. A group's candidate is its widest allowed width that
+    saves at least `step` of the current predicted cost (its next width, 0 for a removable branch included, when
+    none does). The path grows on demand: `place(budget)` extends it until a point is predicted within `budget`
+    and returns the first such point, so placements at lower targets are further along one path (the deployed
+    steering's response is monotone along it). `points`: [(widths, predicted cost when taken, loss)]."""
+
+    def __init__(
+        self,
+        cg: ChannelGraph,
+        space: WidthSpace,
+        bank: WeightBank,
+        calibration: Iterable,
+        validation: Iterable,
+        predict: Callable[[dict[int, int]], float],
+        *,
+        step: float = 0.05,
+        calibration_batches: int = 10,
+        device=None,
+        progress: Callable[[int, float], None] | None = None,
+        points: list | None = None,
+    ) -> None:
+        self.cg, self.space, self.bank, self.predict, self.step = cg, space, bank, predict, step
+        self.calibration, self.validation = calibration, validation
+        self.batches, self.device, self.progress = calibration_batches, device, progress
+        self.order = bank.scores(cg)
+        self.evaluations = 0
+        self.points = points or []
+        if not self.points:
+            full = space.full()
+            self.points.append((full, predict(full), self._loss(full)))
+
+    def _loss(self, widths: dict[int, int]) -> float:
+        self.evaluations += 1
+        return _loss(self.cg, self.bank, widths, self.order, self.calibration, self.validation, self.batches,
+                     self.device)  # fmt: skip
+
+    def _candidate(self, widths: dict[int, int], cost: float, gid: int) -> dict[int, int] | None:
+        narrower = [o for o in self.space.groups[gid].options() if o < widths[gid]][::-1]  # widest first
+        if not narrower:
+            return None
+        for o in narrower:
+            cand = {**widths, gid: o}
+            if cost - self.predict(cand) >= self.step * cost:
+                return cand
+        return {**widths, gid: narrower[0]}
+
+    def extend(self) -> bool:
+        """One more step; False when every group is at its narrowest."""
+        widths, cost, loss = self.points[-1]
+        best, best_score = None, float("inf")
+        for g in self.space:
+            cand = self._candidate(widths, cost, g.id)
+            if cand is None:
+                continue
+            saved = cost - self.predict(cand)
+            if saved <= 0:  # the predictor sees no saving: such a cut only loses accuracy
+                continue
+            c_loss = self._loss(cand)
+            score = (c_loss - loss) / saved
+            if score < best_score:
+                best, best_score = (cand, cost - saved, c_loss), score
+        if best is None:
+            return False
+        self.points.append(best)
+        if self.progress is not None:
+            self.progress(len(self.points) - 1, best[1])
+        return True
+
+    def place(self, budget: float) -> dict[int, int]:
+        """The first widths on the path predicted within `budget` (the last point when none can be)."""
+        i = 0
+        while True:
+            while i < len(self.points):
+                if self.predict(self.points[i][0]) <= budget:
+                    return dict(self.points[i][0])
+                i += 1
+            if not self.extend():
+                return dict(self.points[-1][0])
+
+    def save(self, path: Path) -> None:
+        doc = {"format": PATH_FORMAT, "fingerprint": self.cg.fingerprint(), "step": self.step,
+               "points": [{"widths": {str(k): v for k, v in w.items()}, "predicted": c, "loss": x}
+                          for w, c, x in self.points]}  # fmt: skip
+        atomic_write(path, json.dumps(doc, indent=1))
+
+    @staticmethod
+    def saved_points(path: Path, cg: ChannelGraph, space: WidthSpace, step: float) -> list | None:
+        """The points saved at `path` when they are of this graph, step and space, else None."""
+        try:
+            doc = json.loads(Path(path).read_text())
+            if doc.get("format") != PATH_FORMAT or doc.get("fingerprint") != cg.fingerprint():
+                return None
+            if doc.get("step") != step:
+                return None
+            points = [({int(k): int(v) for k, v in p["widths"].items()}, float(p["predicted"]), float(p["loss"]))
+                      for p in doc["points"]]  # fmt: skip
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return None
+        if not points or any(not space.contains(w) for w, _, _ in points):
+            return None
+        return points

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from functools import partial
 from itertools import islice
 
@@ -23,7 +24,15 @@ from onnxconet.search.evaluate import Evaluator
 from onnxconet.search.judge import CONFIRM_MARGIN
 from onnxconet.search.knapsack import knapsack_widths, taylor_gain, taylor_scores
 from onnxconet.search.ranks import Ranks
-from onnxconet.search.sensitivity import CURVES, curve_gain, load_curves, loss_curves, save_curves
+from onnxconet.search.sensitivity import (
+    CURVES,
+    PATH,
+    LossPath,
+    curve_gain,
+    load_curves,
+    loss_curves,
+    save_curves,
+)  # fmt: skip
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.onnx import slice_onnx
@@ -203,6 +212,8 @@ def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool 
     call (so a refitted cost model places them again). `from_uniform`: the fill starts from the uniform widths on
     the budget (every group keeps what l1 gives it; the budget the uniform grid leaves goes where saliency per
     latency is highest) instead of every group's minimum."""
+    if ctx.cfg.importance == "path":
+        return loss_path(ctx, space, cost.predict)
     fill = partial(knapsack_widths, ctx.cg, space, importance(ctx, space), cost.predict)
     if not from_uniform:
         return fill
@@ -212,6 +223,9 @@ def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool 
 # the loss curves read at most this many validation images per cut (the same ones for every cut: a paired
 # comparison); ResNet-20 on Fashion-MNIST (117 cuts with --depth --align 4) took ~5 min on 2 cores
 CURVE_IMAGES = 2048
+# --importance path: each step saves at least this share of the predicted cost where it stands (~25 steps from
+# the whole ResNet-20 to 0.3, ~12 cuts measured per step)
+PATH_STEP = 0.05
 
 
 def importance(ctx, space: WidthSpace):
@@ -233,18 +247,46 @@ def importance(ctx, space: WidthSpace):
         return curve_gain(curves)
     cuts = sum(len(g.options()) for g in space)
     ctx.stage(f"measuring each group's validation loss at each of its widths ({cuts} cuts of the original)")
-    shuffled = DataLoader(
-        ctx.loaders.train.dataset, batch_size=bs, shuffle=True,
-        generator=torch.Generator().manual_seed(ctx.cfg.seed),
-    )  # fmt: skip
-    calibration = list(islice(shuffled, 10))  # the same BatchNorm batches for every cut
-    validation = list(islice(val, max(1, CURVE_IMAGES // bs)))
     curves = loss_curves(
-        ctx.cg, space, WeightBank(ctx.teacher), calibration, validation, device=ctx.cfg.device,
+        ctx.cg, space, WeightBank(ctx.teacher), *_loss_batches(ctx), device=ctx.cfg.device,
         progress=lambda done, total: ctx.emit("cuts", done=done, total=total),
     )  # fmt: skip
     save_curves(path, curves, ctx.cg)
     return curve_gain(curves)
+
+
+def _loss_batches(ctx) -> tuple[list, list]:
+    """The measured losses' data: 10 shuffled training batches (fixed by the seed) re-estimate BatchNorm for every
+    cut, and the validation split's first CURVE_IMAGES images score it: the same for every cut (paired)."""
+    bs = ctx.cfg.batch_size
+    shuffled = DataLoader(
+        ctx.loaders.train.dataset, batch_size=bs, shuffle=True,
+        generator=torch.Generator().manual_seed(ctx.cfg.seed),
+    )  # fmt: skip
+    val = DataLoader(ctx.loaders.val.dataset, batch_size=bs)
+    return list(islice(shuffled, 10)), list(islice(val, max(1, CURVE_IMAGES // bs)))
+
+
+def loss_path(ctx, space: WidthSpace, predict) -> Callable[[float], dict[int, int]]:
+    """`--importance path`'s placer: `sensitivity.LossPath` on the teacher, saved to the run directory after every
+    step (restored on --resume when it is of this graph and space)."""
+    file = ctx.out / PATH
+    points = LossPath.saved_points(file, ctx.cg, space, PATH_STEP) if ctx.cfg.resume else None
+    ctx.stage(
+        f"loss path restored from {file} ({len(points) - 1} steps)" if points
+        else "walking down from the whole network, one measured cut per step (--importance path)"
+    )  # fmt: skip
+
+    def stepped(i: int, cost: float) -> None:
+        walk.save(file)
+        ctx.emit("path", step=i, predicted=cost, evaluations=walk.evaluations)
+
+    walk = LossPath(
+        ctx.cg, space, WeightBank(ctx.teacher), *_loss_batches(ctx), predict, step=PATH_STEP,
+        device=ctx.cfg.device, points=points, progress=stepped,
+    )  # fmt: skip
+    walk.save(file)
+    return walk.place
 
 
 def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
