@@ -4,6 +4,7 @@ placer reads the data it says."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,7 +198,7 @@ def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
     model, cg, space, cal, val = _path_setup()
     predict = CostModel(cg, space, "flops").predict
     bank = WeightBank(model)
-    walk = LossPath(cg, space, bank, cal, val, predict, step=0.1)
+    walk = LossPath(cg, space, bank, cal, val, predict, step=0.25)
     order = bank.scores(cg)
     while True:
         widths, cost, loss = walk.points[-1]
@@ -207,7 +208,7 @@ def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
             narrower = [o for o in g.options() if o < widths[g.id]][::-1]
             if not narrower:
                 continue
-            to = next((o for o in narrower if cost - predict({**widths, g.id: o}) >= 0.1 * cost), narrower[0])
+            to = next((o for o in narrower if cost - predict({**widths, g.id: o}) >= 0.25 * cost), narrower[0])
             cand = {**widths, g.id: to}
             score = (_loss(cg, bank, cand, order, cal, val, 10, None) - loss) / (cost - predict(cand))
             if score < best:
@@ -218,10 +219,21 @@ def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
         assert walk.points[-1][0] == expected and walk.points[-1][1] < cost
     assert walk.points[-1][0] == space.smallest() and len(walk.points) > 3
     costs = [c for _, c, _ in walk.points]
-    for b in (0.9, 0.6, 0.3):
-        i = next(i for i, c in enumerate(costs) if c <= b)
-        assert walk.place(b) == walk.points[i][0]
+    for i, c in enumerate(costs):
+        assert walk.place(c) == walk.points[i][0]  # at the points' own costs
     assert walk.place(0.0) == space.smallest()  # below the smallest: the path's end
+    # between two points the last step is undone as far as the budget allows: the widest width in between
+    i, gid, between = next(
+        (i, g, [o for o in space.groups[g].options() if walk.points[i][0][g] < o < walk.points[i - 1][0][g]])
+        for i in range(1, len(costs)) for g in walk.points[i][0]
+        if walk.points[i][0][g] < walk.points[i - 1][0][g] - space.groups[g].step
+    )  # fmt: skip
+    assert between
+    mid = {**walk.points[i][0], gid: between[-1]}
+    assert costs[i] < predict(mid) < costs[i - 1]
+    assert walk.place(predict(mid)) == mid
+    assert walk.place((predict(mid) + costs[i - 1]) / 2) == mid
+    assert walk.place(np.nextafter(predict(mid), 0)) != mid
 
 
 def test_loss_path_grows_on_demand_and_resumes_from_its_file(tiny_graph, npz_data, tmp_path):
