@@ -208,7 +208,9 @@ def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
             narrower = [o for o in g.options() if o < widths[g.id]][::-1]
             if not narrower:
                 continue
-            to = next((o for o in narrower if cost - predict({**widths, g.id: o}) >= 0.25 * cost), narrower[0])
+            to = next(
+                (o for o in narrower if cost - predict({**widths, g.id: o}) >= 0.25 * cost), narrower[0]
+            )
             cand = {**widths, g.id: to}
             score = (_loss(cg, bank, cand, order, cal, val, 10, None) - loss) / (cost - predict(cand))
             if score < best:
