@@ -191,6 +191,8 @@ def deployed_placement(
             t = (under + over) / 2
         elif known is not None:  # the same widths again, nothing bracketed: the grid gets no closer
             break
+        elif ratio <= target:  # from the target: the placement may sit well under it (a coarse placer) and
+            t = t * target / ratio  # its own prediction, scaled, stepped back onto the same widths
         else:
             t = predict(widths) * target / ratio
     within = [x for x in tried if x["ratio"] <= target]
