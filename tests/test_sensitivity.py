@@ -224,18 +224,22 @@ def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
     for i, c in enumerate(costs):
         assert walk.place(c) == walk.points[i][0]  # at the points' own costs
     assert walk.place(0.0) == space.smallest()  # below the smallest: the path's end
-    # between two points the last step is undone as far as the budget allows: the widest width in between
-    i, gid, between = next(
-        (i, g, [o for o in space.groups[g].options() if walk.points[i][0][g] < o < walk.points[i - 1][0][g]])
-        for i in range(1, len(costs)) for g in walk.points[i][0]
-        if walk.points[i][0][g] < walk.points[i - 1][0][g] - space.groups[g].step
-    )  # fmt: skip
-    assert between
-    mid = {**walk.points[i][0], gid: between[-1]}
-    assert costs[i] < predict(mid) < costs[i - 1]
-    assert walk.place(predict(mid)) == mid
-    assert walk.place((predict(mid) + costs[i - 1]) / 2) == mid
-    assert walk.place(np.nextafter(predict(mid), 0)) != mid
+    # between two points the steps that led there are undone, the last first, as far as the budget allows: the
+    # result fits, starts from the first point within, and no step's cut group can go wider and still fit
+    for b in np.linspace(costs[-1], costs[0], 23)[1:-1]:
+        _assert_refilled(walk.points, walk.place(b), b, predict, space)
+
+
+def _assert_refilled(points, got, budget, predict, space):
+    """`got` fits `budget`, starts from the path's first point within it, and no cut of the steps that led there
+    can be undone any further within the budget."""
+    i = next(i for i, (w, _, _) in enumerate(points) if predict(w) <= budget)
+    assert predict(got) <= budget and all(points[i][0][g] <= got[g] for g in got)
+    for k in range(1, i + 1):
+        before, after = points[k - 1][0], points[k][0]
+        gid = next(g for g in after if after[g] != before[g])
+        wider = [o for o in space.groups[gid].options() if got[gid] < o <= before[gid]]
+        assert all(predict({**got, gid: o}) > budget for o in wider), (budget, k)
 
 
 def test_loss_path_grows_on_demand_and_resumes_from_its_file(tiny_graph, npz_data, tmp_path):
@@ -251,13 +255,14 @@ def test_loss_path_grows_on_demand_and_resumes_from_its_file(tiny_graph, npz_dat
     place = setup.saliency_placer(ctx, space, cost)
     high = place(0.8)
     saved = LossPath.saved_points(tmp_path / PATH, tiny_graph, space, setup.PATH_STEP)
-    assert saved[-1][0] == high and cost.predict(high) <= 0.8
+    _assert_refilled(saved, high, 0.8, cost.predict, space)
     assert all(cost.predict(w) > 0.8 for w, _, _ in saved[:-1])  # it stopped at the first point within
     steps = [d["step"] for e, d in ctx.events if e == "path"]
     assert steps == list(range(1, len(saved)))
     low = place(0.4)
     longer = LossPath.saved_points(tmp_path / PATH, tiny_graph, space, setup.PATH_STEP)
-    assert len(longer) > len(saved) and longer[: len(saved)] == saved and longer[-1][0] == low
+    assert len(longer) > len(saved) and longer[: len(saved)] == saved
+    _assert_refilled(longer, low, 0.4, cost.predict, space)
     ctx.cfg.resume, ctx.events[:] = True, []
     again = setup.saliency_placer(ctx, space, cost)
     assert again(0.4) == low and again(0.8) == high
@@ -268,7 +273,7 @@ def test_loss_path_grows_on_demand_and_resumes_from_its_file(tiny_graph, npz_dat
 
 def test_importance_path_end_to_end(tmp_path, npz_data):
     """`search --strategy knapsack --importance path` on a FLOPs budget: the trial trains the first point of the
-    saved path within the budget."""
+    saved path within the budget, refilled."""
     from onnxconet.commands.search import run_search
     from onnxconet.prepare import prepare
     from onnxconet.search.cost import CostModel
@@ -285,5 +290,5 @@ def test_importance_path_end_to_end(tmp_path, npz_data):
     space = WidthSpace(cg, min_ratio=0.25, align=1)
     points = LossPath.saved_points(tmp_path / "run" / PATH, cg, space, PATH_STEP)
     flops = CostModel(cg, space, "flops").predict
-    first = next(w for w, _, _ in points if flops(w) <= 0.6)
-    assert {int(k): v for k, v in res["trials"][0]["widths"].items()} == first == points[-1][0]
+    assert flops(points[-1][0]) <= 0.6 < flops(points[-2][0])  # walked as far as the budget asked
+    _assert_refilled(points, {int(k): v for k, v in res["trials"][0]["widths"].items()}, 0.6, flops, space)
