@@ -193,12 +193,12 @@ def test_loss_path_measures_each_cut_where_the_steps_before_left_it():
     every loss measured with the cuts before applied (recomputed here with `_loss` directly); the predicted cost
     falls at every step; `place` gives the first point within a budget, further along for a lower one."""
     from onnxconet.search.cost import CostModel
-    from onnxconet.search.sensitivity import LossPath, _loss
+    from onnxconet.search.sensitivity import LossPath, _loss, cut_loss
 
     model, cg, space, cal, val = _path_setup()
     predict = CostModel(cg, space, "flops").predict
     bank = WeightBank(model)
-    walk = LossPath(cg, space, bank, cal, val, predict, step=0.25)
+    walk = LossPath(space, cut_loss(cg, bank, cal, val), predict, step=0.25)
     order = bank.scores(cg)
     while True:
         widths, cost, loss = walk.points[-1]

@@ -98,6 +98,20 @@ def load_curves(path: Path, cg: ChannelGraph, space: WidthSpace) -> Curves | Non
     return curves
 
 
+def cut_loss(
+    cg: ChannelGraph,
+    bank: WeightBank,
+    calibration: Iterable,
+    validation: Iterable,
+    *,
+    calibration_batches: int = 10,
+    device=None,
+) -> Callable[[dict[int, int]], float]:
+    """widths -> the validation loss of the cut (as `loss_curves` measures each cut)."""
+    order = bank.scores(cg)
+    return lambda widths: _loss(cg, bank, widths, order, calibration, validation, calibration_batches, device)
+
+
 class LossPath:
     """Widths from whole to narrow, one measured step at a time: each step cuts the one group whose cut costs the
     least validation loss per predicted latency saved, every candidate measured (BatchNorm re-estimated, as the
@@ -109,23 +123,16 @@ class LossPath:
 
     def __init__(
         self,
-        cg: ChannelGraph,
         space: WidthSpace,
-        bank: WeightBank,
-        calibration: Iterable,
-        validation: Iterable,
+        loss: Callable[[dict[int, int]], float],
         predict: Callable[[dict[int, int]], float],
         *,
         step: float = 0.05,
-        calibration_batches: int = 10,
-        device=None,
         progress: Callable[[int, float], None] | None = None,
         points: list | None = None,
     ) -> None:
-        self.cg, self.space, self.bank, self.predict, self.step = cg, space, bank, predict, step
-        self.calibration, self.validation = calibration, validation
-        self.batches, self.device, self.progress = calibration_batches, device, progress
-        self.order = bank.scores(cg)
+        """`loss(widths)`: the measured loss of a cut (`cut_loss`); `points`: a saved path to continue."""
+        self.space, self.loss, self.predict, self.step, self.progress = space, loss, predict, step, progress
         self.evaluations = 0
         self.points = points or []
         if not self.points:
@@ -134,8 +141,7 @@ class LossPath:
 
     def _loss(self, widths: dict[int, int]) -> float:
         self.evaluations += 1
-        return _loss(self.cg, self.bank, widths, self.order, self.calibration, self.validation, self.batches,
-                     self.device)  # fmt: skip
+        return self.loss(widths)
 
     def _candidate(self, widths: dict[int, int], cost: float, gid: int) -> dict[int, int] | None:
         narrower = [o for o in self.space.groups[gid].options() if o < widths[gid]][::-1]  # widest first
@@ -198,8 +204,8 @@ class LossPath:
             )
         return widths
 
-    def save(self, path: Path) -> None:
-        doc = {"format": PATH_FORMAT, "fingerprint": self.cg.fingerprint(), "step": self.step,
+    def save(self, path: Path, cg: ChannelGraph) -> None:
+        doc = {"format": PATH_FORMAT, "fingerprint": cg.fingerprint(), "step": self.step,
                "points": [{"widths": {str(k): v for k, v in w.items()}, "predicted": c, "loss": x}
                           for w, c, x in self.points]}  # fmt: skip
         atomic_write(path, json.dumps(doc, indent=1))

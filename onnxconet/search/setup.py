@@ -29,6 +29,7 @@ from onnxconet.search.sensitivity import (
     PATH,
     LossPath,
     curve_gain,
+    cut_loss,
     load_curves,
     loss_curves,
     save_curves,
@@ -280,14 +281,12 @@ def loss_path(ctx, space: WidthSpace, predict) -> Callable[[float], dict[int, in
     )  # fmt: skip
 
     def stepped(i: int, cost: float) -> None:
-        walk.save(file)
+        walk.save(file, ctx.cg)
         ctx.emit("path", step=i, predicted=cost, evaluations=walk.evaluations)
 
-    walk = LossPath(
-        ctx.cg, space, WeightBank(ctx.teacher), *_loss_batches(ctx), predict, step=PATH_STEP,
-        device=ctx.cfg.device, points=points, progress=stepped,
-    )  # fmt: skip
-    walk.save(file)
+    loss = cut_loss(ctx.cg, WeightBank(ctx.teacher), *_loss_batches(ctx), device=ctx.cfg.device)
+    walk = LossPath(space, loss, predict, step=PATH_STEP, points=points, progress=stepped)
+    walk.save(file, ctx.cg)
     return walk.place
 
 
