@@ -312,9 +312,10 @@ def test_knapsack_strategy_keeps_its_widths_until_a_trial_measures_over_the_budg
     assert placed == [0.485] and again != first and s.ask() == again and placed == [0.485]
 
 
-def test_knapsack_is_placed_as_deployed_under_the_confirmation_margin(tiny_graph, npz_data):
-    """--strategy knapsack measures its placement as deployed (what decides what ships) and places it under the
-    margin the final confirmation accepts (CONFIRM_MARGIN x budget); its first trial trains those widths."""
+def test_knapsack_is_placed_as_deployed_within_the_budget(tiny_graph, npz_data):
+    """--strategy knapsack measures its placement as deployed (what decides what ships) and places it within the
+    budget (a figure without a CI taken at its word; `judge.fits`); its first trial trains those widths, and a
+    trial over in-loop is placed again under the confirmation margin (CONFIRM_MARGIN x budget)."""
     from types import SimpleNamespace
 
     from onnxconet.search.cost import CostModel
@@ -336,16 +337,18 @@ def test_knapsack_is_placed_as_deployed_under_the_confirmation_margin(tiny_graph
     judge = SimpleNamespace(deployed=deployed, measure=in_loop)
     ctx = _setup_ctx(tiny_graph, npz_data, judge, strategy="knapsack", budget_on="latency")
     strategy = make_strategy(ctx, space, cost)
-    target = 0.6 * CONFIRM_MARGIN
-    # placed on the prediction, measured over, placed again
-    assert len(measured) >= 2 and measured[0] > target
+    budget = 0.6
+    # placed on the prediction (aimed inside the window under the budget), measured over, placed again
+    assert len(measured) >= 2 and measured[0] > budget
     placement = strategy.summary()["placement"]
     assert [p["ratio"] for p in placement] == pytest.approx(measured, abs=1e-4)  # recorded for result.json
+    assert [p["fits"] for p in placement] == [r <= budget for r in measured]
     # the secant step
-    assert placement[1]["target"] < placement[0]["target"] == pytest.approx(target, abs=1e-4)
-    chosen = max(r for r in measured if r <= target)  # the widest that measured within the target
+    assert placement[1]["target"] < placement[0]["target"] < budget
+    chosen = max(r for r in measured if r <= budget)  # the widest that measured within the budget
     w = strategy.ask()
-    assert 1.2 * flops(w) == pytest.approx(chosen, abs=1e-4) and strategy.target == pytest.approx(target)
+    assert 1.2 * flops(w) == pytest.approx(chosen, abs=1e-4)
+    assert strategy.target == pytest.approx(budget * CONFIRM_MARGIN)
     assert cost.observed == []  # the placer's target was steered; the cost model is left as calibrated
 
 
@@ -425,3 +428,84 @@ def test_deployed_placement_steps_past_a_placer_that_leaves_its_target_unused(ti
     ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
     widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
     assert widths == grid[2] and len(tried) <= 5
+
+
+def test_fits_leaves_room_for_measuring_the_file_again():
+    """`judge.fits`: the ratio plus twice the upper half of its CI within the budget; a figure without a CI at
+    its word."""
+    from types import SimpleNamespace
+
+    from onnxconet.search.judge import fits
+
+    def stats(ratio, hi):
+        return SimpleNamespace(ratio=ratio, ratio_ci=[ratio - 0.001, hi])
+
+    assert fits(stats(0.295, 0.2965), 0.3)  # 0.295 + 2 x 0.0015 = 0.298
+    assert not fits(stats(0.298, 0.2995), 0.3)  # 0.298 + 0.003 = 0.301
+    assert not fits(stats(0.2905, 0.2955), 0.3)  # a wide CI: 0.2905 + 0.010
+    assert fits(SimpleNamespace(ratio=0.2999), 0.3) and not fits(SimpleNamespace(ratio=0.3001), 0.3)
+
+
+def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tiny_graph):
+    """With measurements that carry a CI, the placement kept is the widest whose ratio leaves room for its
+    spread (`judge.fits`), not the widest whose figure alone is under the budget; each record says whether it
+    fit."""
+    from types import SimpleNamespace
+
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.setup import deployed_placement
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    of_model = _flops_ratio(tiny_graph)[1]
+    half = 0.04  # a noisy deployment: each figure's CI reaches 0.04 above it
+
+    def deployed(model):
+        r = of_model(model)
+        return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half])
+
+    ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
+    place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
+    widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
+    assert [x["fits"] for x in tried] == [x["ratio"] + 2 * half <= 0.5 for x in tried]
+    assert any(x["fits"] for x in tried)
+    kept = cost.predict(widths)
+    assert kept == pytest.approx(max(x["ratio"] for x in tried if x["fits"]), abs=1e-4)
+    assert kept + 2 * half <= 0.5  # room for the final check's own measurement
+    # the widest the grid allows with that room (checked over a fine sweep of the placer's target)
+    sweep = {cost.predict(place(0.3 + 0.002 * k)) for k in range(150)}
+    assert kept == pytest.approx(max(r for r in sweep if r + 2 * half <= 0.5), abs=1e-4)
+    assert any(not x["fits"] and x["ratio"] <= 0.5 for x in tried)  # under the budget, refused for the room
+
+
+def test_a_trial_of_widths_measured_as_deployed_is_judged_by_that_figure(tiny_graph, npz_data):
+    """The knapsack's placement, measured as deployed within the budget, is not undone by its trial's rougher
+    in-loop measurement: the trial's budgeted ratio is the deployed figure (`latency_ratio` keeps the in-loop
+    one); other widths keep their in-loop figure."""
+    from types import SimpleNamespace
+
+    from onnxconet.search.base import Objective, widths_key
+    from onnxconet.search.baselines import KnapsackStrategy
+    from onnxconet.search.evaluate import Evaluator
+    from onnxconet.surgery.inherit import WeightBank
+    from onnxconet.train.loop import TrainConfig
+
+    ctx = _setup_ctx(tiny_graph, npz_data)
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    placed, other = space.smallest(), space.full()
+    placement = [
+        {"target": 0.3, "ratio": 0.29, "fits": True, "widths": {str(k): v for k, v in placed.items()}},
+        {"target": 0.32, "ratio": 0.305, "fits": False, "widths": {str(k): v for k, v in other.items()}},
+    ]
+    strategy = KnapsackStrategy(space, Objective(0.3, 10.0), None, None, widths=placed, placement=placement)
+    assert strategy.as_deployed() == {widths_key(placed): 0.29}  # what did not fit is not taken
+    evaluator = Evaluator(
+        cg=tiny_graph, bank=WeightBank(ctx.teacher), teacher=ctx.teacher, train_loader=ctx.loaders.train,
+        val_loader=ctx.loaders.val, train_cfg=TrainConfig(epochs=0), metric="none",
+        judge=SimpleNamespace(measure=lambda model: (0.302, 1.0)), as_deployed=strategy.as_deployed(),
+    )  # fmt: skip
+    trial = evaluator.run(0, placed)[0]
+    assert (trial.ratio, trial.latency_ratio) == (0.29, 0.302)
+    assert strategy.objective.feasible(trial)
+    trial = evaluator.run(1, other)[0]
+    assert (trial.ratio, trial.latency_ratio) == (0.302, 0.302)

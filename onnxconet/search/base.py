@@ -153,6 +153,16 @@ class Strategy:
         """The widths the search started from, or None when it has no such start."""
         return None
 
+    def as_deployed(self) -> dict[tuple, float]:
+        """{`widths_key(widths)`: latency ratio} for widths the strategy measured as deployed before training,
+        within the budget: their trials are judged by that figure (`Evaluator.as_deployed`). Default: none."""
+        return {}
+
     def summary(self) -> dict[str, Any]:
         """Extra entries for result.json."""
         return {}
+
+
+def widths_key(widths: dict[int, int]) -> tuple:
+    """A hashable key of a width configuration."""
+    return tuple(sorted((int(g), int(w)) for g, w in widths.items()))

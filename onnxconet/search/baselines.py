@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnxconet.search.base import Objective, Strategy, Trial
+from onnxconet.search.base import Objective, Strategy, Trial, widths_key
 from onnxconet.search.cost import CostModel
 from onnxconet.space import WidthSpace
 
@@ -93,6 +93,13 @@ class KnapsackStrategy(L1Strategy):
     def summary(self) -> dict:
         """result.json's record of the placement measured as deployed (`search/setup.py: deployed_placement`)."""
         return {"placement": self.placement} if self.placement else {}
+
+    def as_deployed(self) -> dict[tuple, float]:
+        return {
+            widths_key({int(g): w for g, w in p["widths"].items()}): p["ratio"]
+            for p in self.placement
+            if p.get("fits")
+        }
 
     def ask(self) -> dict[int, int]:
         if self.widths is None:

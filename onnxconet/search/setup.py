@@ -21,7 +21,7 @@ from onnxconet.search.calibration import PREDICTOR, calibrated_predictor
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.evaluate import Evaluator
-from onnxconet.search.judge import CONFIRM_MARGIN
+from onnxconet.search.judge import CONFIRM_MARGIN, fits, room
 from onnxconet.search.knapsack import knapsack_widths, taylor_gain, taylor_scores
 from onnxconet.search.ranks import Ranks
 from onnxconet.search.sensitivity import (
@@ -119,9 +119,10 @@ def make_strategy(
         place = saliency_placer(ctx, space, cost, from_uniform=cfg.start == "uniform")
         if joining or cfg.budget_on != "latency":
             return KnapsackStrategy(space, objective, cost, place, seed=cfg.seed)
-        # placed where the final confirmation accepts it, as deployed (see `deployed_placement`)
+        # placed within the budget as deployed, with room for the final check (see `deployed_placement`); placed
+        # again in-loop (after a trial measured over) under the fixed confirmation margin
+        widths, placement = deployed_placement(ctx, place, cost.predict, ctx.budget.ratio)
         target = ctx.budget.ratio * CONFIRM_MARGIN
-        widths, placement = deployed_placement(ctx, place, cost.predict, target)
         return KnapsackStrategy(space, objective, cost, place, cfg.seed, widths, target, placement)
     kinds = {"random": RandomStrategy, "scratch": ScratchStrategy, "l1": L1Strategy}
     return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
@@ -159,30 +160,36 @@ def measured_placement(ctx, place, cost: CostModel, tries: int) -> dict[int, int
 
 
 def deployed_placement(
-    ctx, place, predict, target: float, tries: int = 5, tolerance: float = 0.03
+    ctx, place, predict, budget: float, tries: int = 5, tolerance: float = 0.03
 ) -> tuple[dict[int, int], list[dict]]:
     """`place(t)`, its own target t steered until the widths measure *as deployed* (each file alone in its own
-    processes: what decides what ships) within `tolerance` under `target`: secant steps (t = predict(widths) *
-    target / measured) until one placement measured under and one over, then bisection between them (the
-    response jumps where the uniform grid does: on Fashion-MNIST at 0.5, secant steps alone went 0.43, 0.63,
-    0.35, 0.59, 0.37). At most `tries` measurements; the widest that measured within `target` is kept (else
-    the lowest). The cost model is left as calibrated: steering the placer's own target does not compound with
-    a refit (placed again on a model refitted with one deployed figure, the knapsack shrank to 0.37 of 0.5).
-    Returns (widths, [{"target", "ratio", "widths"} per measurement])."""
-    t, tried, under, over = target, [], None, None
+    processes: what decides what ships) within `budget` with room for measuring them again (`judge.fits`) and
+    within `tolerance` under that limit: secant steps (t scaled by aim / measured, the aim inside that window,
+    which the last measurement's spread sets) until one
+    placement fit and one did not, then bisection between them (the response jumps where the uniform grid does:
+    on Fashion-MNIST at 0.5, secant steps alone went 0.43, 0.63, 0.35, 0.59, 0.37). At most `tries`
+    measurements; the widest that fit is kept (else the lowest). The cost model is left as calibrated: steering
+    the placer's own target does not compound with a refit (placed again on a model refitted with one deployed
+    figure, the knapsack shrank to 0.37 of 0.5).
+    Returns (widths, [{"target", "ratio", "fits", "widths"} per measurement])."""
+    t, tried, under, over = budget * (1 - tolerance / 2), [], None, None
     for _ in range(3 * tries):  # (placements already measured cost nothing)
         widths = place(t)
         known = next((x for x in tried if x["widths"] == widths), None)
         if known is None:
             if len(tried) >= tries:
                 break
-            ratio = ctx.judge.deployed(slice_onnx(ctx.cg, ctx.cg.keep_mask(widths))).ratio
-            tried.append({"target": t, "ratio": ratio, "widths": widths})
-            log.info("placement at %.3f measured %.3f as deployed (aiming at %.3f)", t, ratio, target)
-        ratio = (known or tried[-1])["ratio"]
-        if target * (1 - tolerance) <= ratio <= target:
+            stats = ctx.judge.deployed(slice_onnx(ctx.cg, ctx.cg.keep_mask(widths)))
+            x = {"target": t, "ratio": stats.ratio, "fits": fits(stats, budget), "widths": widths}
+            tried.append(x | {"limit": budget - room(stats)})
+            log.info("placement at %.3f measured %.3f as deployed (budget %.3f)", t, stats.ratio, budget)
+        x = known or tried[-1]
+        ratio, ok = x["ratio"], x["fits"]
+        # the window: within `tolerance` under the limit this measurement's spread leaves under the budget
+        aim = x["limit"] * (1 - tolerance / 2)
+        if ok and ratio >= x["limit"] * (1 - tolerance):
             break
-        if ratio <= target:
+        if ok:
             under = t if under is None else max(under, t)
         else:
             over = t if over is None else min(over, t)
@@ -192,16 +199,17 @@ def deployed_placement(
             t = (under + over) / 2
         elif known is not None:  # the same widths again, nothing bracketed: the grid gets no closer
             break
-        elif ratio <= target:  # from the target: the placement may sit well under it (a coarse placer) and
-            t = t * target / ratio  # its own prediction, scaled, stepped back onto the same widths
+        elif ok:  # from the target: the placement may sit well under it (a coarse placer) and
+            t = t * aim / ratio  # its own prediction, scaled, stepped back onto the same widths
         else:
-            t = predict(widths) * target / ratio
-    within = [x for x in tried if x["ratio"] <= target]
+            t = predict(widths) * aim / ratio
+    within = [x for x in tried if x["fits"]]
     chosen = max(within, key=lambda x: x["ratio"]) if within else min(tried, key=lambda x: x["ratio"])
     record = [
         {
             "target": round(x["target"], 4),
             "ratio": round(x["ratio"], 4),
+            "fits": x["fits"],
             "widths": {str(k): v for k, v in x["widths"].items()},
         }
         for x in tried
@@ -308,6 +316,7 @@ def make_evaluator(ctx, strategy: Strategy) -> Evaluator:
         device=cfg.device,
         metric="qc" if cfg.strategy == "anneal" else "none",
         progress=ctx.train_progress,
+        as_deployed=strategy.as_deployed(),
         same_batches=cfg.final_from == "original",
         ranks=Ranks(cfg.nproc_per_trial, ctx.prep.loaded, cfg.torch_threads)
         if cfg.nproc_per_trial > 1
