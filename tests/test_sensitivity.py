@@ -12,7 +12,7 @@ from onnxconet.errors import OnnxconetError
 from onnxconet.graph.export import export_onnx
 from onnxconet.graph.groups import ChannelGraph
 from onnxconet.search.knapsack import knapsack_widths
-from onnxconet.search.sensitivity import curve_gain, loss_curves
+from onnxconet.search.sensitivity import curve_gain, cut_loss, loss_curves
 from onnxconet.space import WidthSpace
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.train.loop import recalibrate_bn
@@ -37,7 +37,7 @@ def test_cutting_dead_channels_costs_no_loss_and_live_ones_do():
     recalibrate_bn(model, [(x, None) for x in xs[:2]], batches=2)  # the statistics every cut re-estimates
     with torch.no_grad():
         data = [(x, model(x).argmax(dim=1)) for x in xs]
-    curves = loss_curves(cg, space, WeightBank(model), data[:2], data[2:])
+    curves = loss_curves(space, cut_loss(cg, WeightBank(model), data[:2], data[2:]))
     curve = curves[group.id]
     assert set(curve) == set(group.options()) and set(curves) == {g.id for g in space}
     assert curve[3] == pytest.approx(curve[4], rel=1e-5, abs=1e-6)
@@ -81,12 +81,16 @@ def test_loss_importance_places_from_the_measured_curves(tiny_graph, npz_data, m
     ctx = _setup_ctx(tiny_graph, npz_data, strategy="knapsack", importance="loss", out=tmp_path)
     seen = {}
 
-    def spy(cg, sp, bank, calibration, validation, **kw):
+    def spy_loss(cg, bank, calibration, validation, **kw):
         seen.update(calibration=calibration, validation=validation)
-        seen["curves"] = loss_curves(cg, sp, bank, calibration, validation, **kw)
+        return cut_loss(cg, bank, calibration, validation, **kw)
+
+    def spy_curves(sp, loss, **kw):
+        seen["curves"] = loss_curves(sp, loss, **kw)
         return seen["curves"]
 
-    monkeypatch.setattr(setup, "loss_curves", spy)
+    monkeypatch.setattr(setup, "cut_loss", spy_loss)
+    monkeypatch.setattr(setup, "loss_curves", spy_curves)
     budget = 0.45
     widths = setup.saliency_placer(ctx, space, cost)(budget)
     val = [x for x, _ in DataLoader(ctx.loaders.val.dataset, batch_size=32)]

@@ -35,32 +35,20 @@ PATH_FORMAT = "onnxconet-loss-path/1"
 
 
 def loss_curves(
-    cg: ChannelGraph,
     space: WidthSpace,
-    bank: WeightBank,
-    calibration: Iterable,
-    validation: Iterable,
+    loss: Callable[[dict[int, int]], float],
     *,
-    calibration_batches: int = 10,
-    device=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Curves:
     """{group id: {width: mean validation cross-entropy}} for every allowed width of every group in `space`, the
-    other groups whole. `calibration` feeds the BatchNorm re-estimation (`calibration_batches` batches, the
-    same ones for every cut when the loader's order is fixed); `validation` is read whole for each cut.
-    `progress(done, total)` after each cut."""
-    order = bank.scores(cg)
+    other groups whole. `loss(widths)` measures a cut (`cut_loss`: BatchNorm re-estimated on the same calibration
+    batches for every cut, the same validation batches read whole). `progress(done, total)` after each cut."""
     full = space.full()
     cuts = [(g.id, w) for g in space for w in g.options()]
     curves: Curves = {g.id: {} for g in space}
-    whole = _loss(cg, bank, full, order, calibration, validation, calibration_batches, device)
+    whole = loss(full)
     for i, (gid, w) in enumerate(cuts):
-        widths = {**full, gid: w}
-        curves[gid][w] = (
-            whole
-            if w == full[gid]
-            else _loss(cg, bank, widths, order, calibration, validation, calibration_batches, device)
-        )
+        curves[gid][w] = whole if w == full[gid] else loss({**full, gid: w})
         if progress is not None:
             progress(i + 1, len(cuts))
     return curves
@@ -107,7 +95,9 @@ def cut_loss(
     calibration_batches: int = 10,
     device=None,
 ) -> Callable[[dict[int, int]], float]:
-    """widths -> the validation loss of the cut (as `loss_curves` measures each cut)."""
+    """widths -> the validation loss of the cut: `bank` cut to the widths (the bank's channel order), BatchNorm
+    re-estimated on `calibration_batches` of `calibration`, `validation` read whole (what `loss_curves` and
+    `LossPath` measure)."""
     order = bank.scores(cg)
     return lambda widths: _loss(cg, bank, widths, order, calibration, validation, calibration_batches, device)
 

@@ -246,10 +246,9 @@ def importance(ctx, space: WidthSpace):
     # training loss (0.0055 per batch on Fashion-MNIST's 20k subset), so gradients there rest on a few samples;
     # on the validation split the loss is ~45x larger and the per-group sums 7-15x (docs/measurements.md,
     # "Depth at 0.5").
-    bs = ctx.cfg.batch_size
-    val = DataLoader(ctx.loaders.val.dataset, batch_size=bs)
     if ctx.cfg.importance == "taylor":
         ctx.stage("scoring channels by Taylor importance (validation split) for the latency-saliency widths")
+        val = DataLoader(ctx.loaders.val.dataset, batch_size=ctx.cfg.batch_size)
         return taylor_gain(ctx.cg, space, taylor_scores(ctx.cg, ctx.teacher, val))
     path = ctx.out / CURVES
     curves = load_curves(path, ctx.cg, space) if ctx.cfg.resume else None
@@ -258,10 +257,8 @@ def importance(ctx, space: WidthSpace):
         return curve_gain(curves)
     cuts = sum(len(g.options()) for g in space)
     ctx.stage(f"measuring each group's validation loss at each of its widths ({cuts} cuts of the original)")
-    curves = loss_curves(
-        ctx.cg, space, WeightBank(ctx.teacher), *_loss_batches(ctx), device=ctx.cfg.device,
-        progress=lambda done, total: ctx.emit("cuts", done=done, total=total),
-    )  # fmt: skip
+    loss = cut_loss(ctx.cg, WeightBank(ctx.teacher), *_loss_batches(ctx), device=ctx.cfg.device)
+    curves = loss_curves(space, loss, progress=lambda done, total: ctx.emit("cuts", done=done, total=total))
     save_curves(path, curves, ctx.cg)
     return curve_gain(curves)
 
