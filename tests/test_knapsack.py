@@ -468,6 +468,7 @@ def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tin
     place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
     widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
     assert [x["fits"] for x in tried] == [x["ratio"] + 2 * half <= 0.5 for x in tried]
+    assert [x["limit"] for x in tried] == pytest.approx([0.5 - 2 * half] * len(tried), abs=1e-4)
     assert any(x["fits"] for x in tried)
     kept = cost.predict(widths)
     assert kept == pytest.approx(max(x["ratio"] for x in tried if x["fits"]), abs=1e-4)

@@ -171,7 +171,8 @@ def deployed_placement(
     measurements; the widest that fit is kept (else the lowest). The cost model is left as calibrated: steering
     the placer's own target does not compound with a refit (placed again on a model refitted with one deployed
     figure, the knapsack shrank to 0.37 of 0.5).
-    Returns (widths, [{"target", "ratio", "fits", "widths"} per measurement])."""
+    Returns (widths, [{"target", "ratio", "fits", "limit" (the budget less the room), "widths"} per
+    measurement])."""
     t, tried, under, over = budget * (1 - tolerance / 2), [], None, None
     for _ in range(3 * tries):  # (placements already measured cost nothing)
         widths = place(t)
@@ -210,6 +211,7 @@ def deployed_placement(
             "target": round(x["target"], 4),
             "ratio": round(x["ratio"], 4),
             "fits": x["fits"],
+            "limit": round(x["limit"], 4),
             "widths": {str(k): v for k, v in x["widths"].items()},
         }
         for x in tried
