@@ -95,11 +95,7 @@ class KnapsackStrategy(L1Strategy):
         return {"placement": self.placement} if self.placement else {}
 
     def as_deployed(self) -> dict[tuple, float]:
-        return {
-            widths_key({int(g): w for g, w in p["widths"].items()}): p["ratio"]
-            for p in self.placement
-            if p.get("fits")
-        }
+        return {widths_key(p["widths"]): p["ratio"] for p in self.placement if p.get("fits")}
 
     def ask(self) -> dict[int, int]:
         if self.widths is None:

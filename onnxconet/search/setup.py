@@ -165,12 +165,11 @@ def deployed_placement(
     """`place(t)`, its own target t steered until the widths measure *as deployed* (each file alone in its own
     processes: what decides what ships) within `budget` with room for measuring them again (`judge.fits`) and
     within `tolerance` under that limit: secant steps (t scaled by aim / measured, the aim inside that window,
-    which the last measurement's spread sets) until one
-    placement fit and one did not, then bisection between them (the response jumps where the uniform grid does:
-    on Fashion-MNIST at 0.5, secant steps alone went 0.43, 0.63, 0.35, 0.59, 0.37). At most `tries`
-    measurements; the widest that fit is kept (else the lowest). The cost model is left as calibrated: steering
-    the placer's own target does not compound with a refit (placed again on a model refitted with one deployed
-    figure, the knapsack shrank to 0.37 of 0.5).
+    which the last measurement's spread sets) until one placement fit and one did not, then bisection between
+    them (the response jumps where the uniform grid does: on Fashion-MNIST at 0.5, secant steps alone went 0.43,
+    0.63, 0.35, 0.59, 0.37). At most `tries` measurements; the widest that fit is kept (else the lowest). The
+    cost model is left as calibrated: steering the placer's own target does not compound with a refit (placed
+    again on a model refitted with one deployed figure, the knapsack shrank to 0.37 of 0.5).
     Returns (widths, [{"target", "ratio", "fits", "limit" (the budget less the room), "widths"} per
     measurement])."""
     t, tried, under, over = budget * (1 - tolerance / 2), [], None, None
