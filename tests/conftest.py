@@ -24,10 +24,10 @@ RESNET20 = str(ROOT / "models" / "resnet_cifar.py") + ":resnet20"
 
 
 def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
-    """A quick search of the tiny model on `data` (FLOPs budget: no timing noise), into tmp_path/run; `kw`
-    overrides any field."""
+    """A quick search of the tiny model on `data` (FLOPs budget: no timing noise), into tmp_path/run: anneal, whose
+    trials the driver's machinery (history, resume, workers) runs through; `kw` overrides any field."""
     base = dict(
-        model=TINY, data=data, trials=3, epochs_per_trial=1, final_epochs=1, pretrain_epochs=2, batch_size=32,
+        model=TINY, data=data, strategy="anneal", trials=3, epochs_per_trial=1, final_epochs=1, pretrain_epochs=2, batch_size=32,
         budget="0.6", budget_on="flops", provider="cpu", threads=1, latency_seconds=0.2, deployed_pairs=2,
         out=str(tmp_path / "run"), min_ratio=0.25,
     )  # fmt: skip
@@ -36,9 +36,9 @@ def search_cfg(tmp_path, data: str, **kw) -> SearchConfig:
 
 def tiny_search_args(data: str, *extra: str, trials: int = 2, latency_seconds: float = 0.2) -> list[str]:
     """`onnxconet search` arguments (without the command and --out) of a quick search of the tiny model on `data`:
-    a FLOPs budget (no timing noise), one epoch each of pretraining, trial and final fine-tuning."""
+    anneal, a FLOPs budget (no timing noise), one epoch each of pretraining, trial and final fine-tuning."""
     return [
-        TINY, "--data", data, "--trials", str(trials), "--epochs-per-trial", "1", "--final-epochs", "1",
+        TINY, "--data", data, "--strategy", "anneal", "--trials", str(trials), "--epochs-per-trial", "1", "--final-epochs", "1",
         "--pretrain-epochs", "1", "--batch-size", "32", "--budget", "0.6", "--budget-on", "flops",
         "--provider", "cpu", "--threads", "1", "--latency-seconds", str(latency_seconds), "--min-ratio", "0.25",
         "--deployed-pairs", "1",  # FLOPs decide the budget: the deployed figure is reported, not judged
@@ -48,12 +48,13 @@ def tiny_search_args(data: str, *extra: str, trials: int = 2, latency_seconds: f
 
 @contextmanager
 def search_process(out, *extra: str, trials: int = 2):
-    """`python -m onnxconet search` of the built-in default (this checkout's code) into `out`, in its own process
-    group (a terminal's Ctrl-C reaches the whole group); small and fast: a FLOPs budget, no pretraining, 200
+    """`python -m onnxconet search` of the built-in model and data (this checkout's code) into `out`, in its own
+    process group (a terminal's Ctrl-C reaches the whole group); anneal (its trials are what an interrupt and
+    --resume are about); small and fast: a FLOPs budget, no pretraining, 200
     training digits, no final fine-tuning, one pair of processes for the deployed figure. Yields the Popen; on
     the way out the group is killed if still running."""
     args = [
-        sys.executable, "-m", "onnxconet", "search", "--budget-on", "flops", "--budget", "0.6",
+        sys.executable, "-m", "onnxconet", "search", "--strategy", "anneal", "--budget-on", "flops", "--budget", "0.6",
         "--trials", str(trials), "--pretrain-epochs", "0", "--final-epochs", "0", "--train-samples", "200",
         "--provider", "cpu", "--threads", "1", "--latency-seconds", "0.2", "--deployed-pairs", "1",
         "--out", str(out), *extra,

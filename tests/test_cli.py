@@ -154,3 +154,42 @@ def test_prune_freezes_a_group_that_breaks_torch(tmp_path):
     res = json.loads(r.stdout)
     assert res["groups_frozen"] == 1 and res["groups_pruned"] == 1
     assert res["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        # the default: the knapsack as benched (loss path, removable branches, one trial, the epochs moved to the
+        # final fine-tune)
+        ([], dict(strategy="knapsack", importance="path", depth=True, trials=1, final_epochs=15)),
+        (["--strategy", "anneal"], dict(start="uniform", importance="taylor", depth=False, trials=12, final_epochs=4)),
+        (["--strategy", "dmasking"], dict(depth=False, trials=12, final_epochs=4)),
+        (["--strategy", "l1", "--depth"], dict(depth=True, trials=12)),
+        # what the user says wins over the strategy's default
+        (["--no-depth", "--importance", "loss", "--trials", "3", "--final-epochs", "2", "--start", "smallest"],
+         dict(strategy="knapsack", importance="loss", depth=False, trials=3, final_epochs=2, start="smallest")),
+    ],
+)  # fmt: skip
+def test_search_defaults_are_the_strategys(monkeypatch, args, expected):
+    """Options the user leaves out take the strategy's defaults (`config.strategy_defaults`), and the run gets
+    a checked config holding them (recorded in result.json as they were used)."""
+    import onnxconet.commands.search as commands
+
+    seen = []
+
+    def fake_run(cfg, progress=None):
+        cfg.check()
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(commands, "run_search", fake_run)
+    r = CliRunner().invoke(app, ["search", *args])
+    assert r.exit_code == 0, r.output
+    assert {k: getattr(seen[0], k) for k in expected} == expected
+
+
+def test_search_help_names_the_default_strategy():
+    r = CliRunner().invoke(app, ["search", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "knapsack (the default:" in text and "--no-depth" in text

@@ -77,9 +77,9 @@ def _flops_ratio(cg):
 
 
 def _setup_ctx(cg, npz_data, judge=None, budget=0.6, out=None, **cfg):
-    """The slice of a RunContext that search/setup.py's placement reads: config, budget, judge, graph, training
-    batches, the teacher (the tiny model), the run directory `out`, a silent stage() and emit() recording its
-    events in `events`."""
+    """The slice of a RunContext that search/setup.py's placement reads: config (checked: the strategy's defaults
+    filled in, the importance Taylor unless given), budget, judge, graph, training batches, the teacher (the tiny
+    model), the run directory `out`, a silent stage() and emit() recording its events in `events`."""
     from types import SimpleNamespace
 
     from onnxconet.data import load_data, make_loaders
@@ -88,8 +88,10 @@ def _setup_ctx(cg, npz_data, judge=None, budget=0.6, out=None, **cfg):
     from tests.conftest import TINY
 
     train, val, _ = make_loaders(load_data(npz_data, (1, 3, 16, 16), seed=0), 32, 0)
+    config = SearchConfig(**(dict(model=TINY, batch_size=32, importance="taylor") | cfg))
+    config.check()
     ctx = SimpleNamespace(
-        cfg=SearchConfig(model=TINY, batch_size=32, **cfg), budget=Budget("latency", budget), judge=judge, cg=cg,
+        cfg=config, budget=Budget("latency", budget), judge=judge, cg=cg,
         loaders=SimpleNamespace(train=train, val=val), teacher=prepare(TINY).loaded.module,
         stage=lambda text: None, events=[], out=out,
     )  # fmt: skip
@@ -283,7 +285,7 @@ def test_start_measured_over_the_budget_is_placed_again(tiny_graph, npz_data, st
         return measured[-1], 1.0
 
     judge = SimpleNamespace(measure=measure)
-    ctx = _setup_ctx(tiny_graph, npz_data, judge, budget_on="latency", start=start)
+    ctx = _setup_ctx(tiny_graph, npz_data, judge, budget_on="latency", strategy="anneal", start=start)
     w = start_widths(ctx, space, cost)
     assert measured[0] > 0.6 and len(measured) >= 2  # the first start measured over, so it was placed again
     assert measured[-1] <= 0.6 and 1.3 * flops(w) == pytest.approx(measured[-1], rel=1e-6)
@@ -510,3 +512,43 @@ def test_a_trial_of_widths_measured_as_deployed_is_judged_by_that_figure(tiny_gr
     assert strategy.objective.feasible(trial)
     trial = evaluator.run(1, other)[0]
     assert (trial.ratio, trial.latency_ratio) == (0.302, 0.302)
+
+
+def test_a_measurement_too_wide_to_steer_by_is_taken_again(tiny_graph):
+    """A placement's measurement whose CI leaves more than `STEERING_ROOM` of the budget as room (a disturbed one:
+    the digits CNN at 2 threads read 0.527 +- 0.25, its limit -0.008, and the next placement was the smallest
+    widths) is taken again once and the narrower kept; steering then goes by the precise figure. A spread that
+    stays wide is accepted after one repeat."""
+    from types import SimpleNamespace
+
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.setup import STEERING_ROOM, deployed_placement
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    of_model = _flops_ratio(tiny_graph)[1]
+
+    def run(halves):
+        calls = []
+
+        def deployed(model):
+            r = 1.05 * of_model(model)
+            half = halves[min(len(calls), len(halves) - 1)]
+            calls.append(r)
+            return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half])
+
+        ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
+        place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
+        return calls, *deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
+
+    calls, widths, tried = run([0.25, 0.002])  # the first wild, then precise
+    assert calls[0] == calls[1]  # the first placement measured twice
+    assert tried[0]["limit"] == pytest.approx(0.5 - 0.004, abs=1e-4)  # the narrower kept
+    assert all(x["limit"] > 0.49 for x in tried) and len(calls) == len(tried) + 1  # no other repeat
+    kept = 1.05 * cost.predict(widths)
+    sweep = {1.05 * cost.predict(cost.rescale(space.full(), 0.3 + 0.002 * k)) for k in range(150)}
+    assert kept == pytest.approx(max(r for r in sweep if r + 0.004 <= 0.5), abs=1e-4)  # the widest that fits
+
+    wide = 0.6 * STEERING_ROOM * 0.5  # a room of 1.2 x STEERING_ROOM x budget every time: each repeated once
+    calls, widths, tried = run([wide])
+    assert len(calls) == 2 * len(tried) and any(x["fits"] for x in tried)

@@ -40,10 +40,12 @@ def test_default_search_end_to_end(tmp_path):
     model's, and says what it shipped."""
     from onnxconet.commands.search import SearchConfig, run_search
 
-    res = run_search(SearchConfig(out=str(tmp_path / "run"))).to_json()
+    cfg = SearchConfig(out=str(tmp_path / "run"))
+    res = run_search(cfg).to_json()  # checks cfg: the default strategy's settings filled in
     best = res["best"]
     assert best["budget_met"] and best["latency_ratio"] <= res["budget"]["ratio"]
     assert best["shipped"] in ("search", "start")
     assert (tmp_path / "run" / "best.onnx").is_file() and (tmp_path / "run" / "report.md").is_file()
-    assert len([t for t in res["trials"] if t.get("state") == "complete"]) == SearchConfig().trials
+    assert res["config"]["strategy"] == "knapsack" and res["config"]["trials"] == cfg.trials == 1
+    assert len([t for t in res["trials"] if t.get("state") == "complete"]) == cfg.trials
     assert json.loads((tmp_path / "run" / "result.json").read_text())["best"]["widths"] == best["widths"]

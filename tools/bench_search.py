@@ -3,7 +3,7 @@
     pip install -e '.[bench]'                      # torch-pruning, for the tp-* peers
     apt-get install dataset-fashion-mnist          # the real data (Debian)
     python tools/bench_search.py                   # ResNet-20 on Fashion-MNIST, budgets 0.5/0.3, 3 seeds
-    python tools/bench_search.py --budgets 0.3 --strategies anneal,l1,tp-magnitude --seeds 1
+    python tools/bench_search.py --budgets 0.3 --strategies default,l1,tp-magnitude --seeds 1
 
 Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
 - teachers: the model trained once per seed on the whole training split (tools/bench_teacher.py), cached;
@@ -12,7 +12,9 @@ Protocol (docs/measurements.md, "Search on Fashion-MNIST"):
   (--train-samples, stratified) and the same batches; the test set is the full official 10,000 images;
 - the budget is a ratio of the teacher's latency *as deployed* (each file alone in its own process, medians of
   alternated pairs) at --threads; a run whose final file re-measures over the budget counts as missed;
-- strategies: anneal (the default search), anneal:knapsack (anneal --start knapsack), knapsack (the uniform widths
+- strategies: default (what `onnxconet search` runs unless told: its default strategy with that strategy's
+  defaults, config.strategy_defaults; the knapsack on the loss path, --depth, one trial), anneal (CONetV2's metric
+  and simulated annealing), anneal:knapsack (anneal --start knapsack), knapsack (the uniform widths
   on the budget, the budget they leave filled by latency saliency, placed on the measured cost, l1's protocol),
   knapsack:smallest (HALP's own fill from every group's minimum), a "+depth" suffix on a library strategy
   (knapsack:smallest+depth: residual branches may be removed, search --depth), a "+loss" suffix (search
@@ -51,7 +53,7 @@ from onnxconet.graph.groups import ChannelGraph  # noqa: E402
 from onnxconet.graph.stats import count_flops, count_params  # noqa: E402
 from onnxconet.latency.profile import Target, measure_isolated  # noqa: E402
 from onnxconet.prepare import prepare  # noqa: E402
-from onnxconet.search.config import config_json  # noqa: E402
+from onnxconet.search.config import DEFAULT_STRATEGY, config_json, strategy_defaults  # noqa: E402
 from onnxconet.search.setup import reinit_bank  # noqa: E402
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn  # noqa: E402
 
@@ -81,6 +83,16 @@ def search_config(
     args, model: str, budget: str, strategy: str, seed: int, weights: str, out: Path
 ) -> SearchConfig:
     """The library run of a cell: equal total epochs (the uniform baselines fine-tune what the others search)."""
+    # "default": what `onnxconet search` runs unless told, with its strategy's settings, at equal epochs
+    if strategy == "default":
+        trials = strategy_defaults(DEFAULT_STRATEGY)["trials"]
+        return SearchConfig(
+            model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
+            budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
+            final_epochs=total_epochs(args) - trials * args.epochs_per_trial, probes=args.probes,
+            threads=args.threads, out=str(out), seed=seed, align=args.align,
+            resume=(out / "history.jsonl").exists(),
+        )  # fmt: skip
     # knapsack+depth = knapsack --depth; +loss = --importance loss; +path = --importance path
     strategy, *flags = strategy.split("+")
     unknown = set(flags) - {"depth", "loss", "path"}
@@ -190,7 +202,7 @@ def run_cell(args, model: str, budget: str, strategy: str, seed: int, cells: dic
         if cell.get("key") == key:
             print(f"  (reused {path})", flush=True)
             return cell
-    if strategy.partition("+")[0].partition(":")[0] in LIBRARY:
+    if strategy == "default" or strategy.partition("+")[0].partition(":")[0] in LIBRARY:
         result = library_cell(args, model, budget, strategy, seed, weights)
     elif strategy.startswith("tp-"):
         result = tp_cell(args, budget, strategy, seed, weights)
@@ -249,9 +261,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.3,0.5")
     ap.add_argument(
         "--strategies",
-        default="anneal,knapsack,l1,tp-magnitude,tp-groupnorm,random,dmasking,winner-scratch,scratch",
+        default="default,l1,tp-magnitude,tp-groupnorm,random,dmasking,winner-scratch,scratch",
     )
-    ap.add_argument("--default", default="anneal", help="the strategy winner-scratch takes its widths from")
+    ap.add_argument("--default", default="default", help="the strategy winner-scratch takes its widths from")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--epochs-per-trial", type=int, default=1)

@@ -98,28 +98,29 @@ def search(
     pretrained: PretrainedOpt = False,
     input_shape: InputShapeOpt = None,
     strategy: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--strategy",
-            help="anneal (CONetV2 metric + simulated annealing), dmasking (FBNetV2 channel-masking supernet "
-            "with a latency-predictor cost), or the baselines l1 (uniform widths, top-L1 channels of the "
-            "original) | scratch (uniform widths, re-initialized; 'uniform' is its old name) | random | knapsack "
-            "(latency saliency as HALP, placed again on the measured cost after every trial, no moves).",
+            help="knapsack (the default: latency saliency as HALP, here the loss path below with removable "
+            "residual branches, placed on the budget as deployed, one trial, the search's epochs in the final "
+            "fine-tune), anneal (CONetV2 metric + simulated annealing), dmasking (FBNetV2 channel-masking "
+            "supernet with a latency-predictor cost), or the baselines l1 (uniform widths, top-L1 channels of "
+            "the original) | scratch (uniform widths, re-initialized; 'uniform' is its old name) | random.",
         ),
-    ] = "anneal",
+    ] = None,
     start: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--start",
             help="The first widths. anneal: uniform (one factor for every group, what l1 proposes) or knapsack "
             "(latency saliency, as HALP: the channels with the most Taylor importance per predicted latency). "
             "knapsack: uniform (the uniform widths on the budget, the budget they leave spent by latency "
             "saliency) or smallest (HALP's own fill from every group's minimum: on Fashion-MNIST it starved the "
-            "first stages at a 0.5 budget).",
+            "first stages at a 0.5 budget). Default: uniform.",
         ),
-    ] = "uniform",
+    ] = None,
     importance: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--importance",
             help="What the latency saliency (knapsack, anneal --start knapsack) keeps per unit of latency: taylor "
@@ -128,9 +129,10 @@ def search(
             "width for ResNet-20 on 2 cores, before the first trial; saved in the run directory for --resume) or path "
             "(from the whole network, one group cut per step, the cut that loses the least validation loss per "
             "predicted latency saved, every cut measured where the steps before left the network: interactions "
-            "count; the knapsack's --start does not apply; also saved for --resume).",
+            "count; the knapsack's --start does not apply; also saved for --resume). Default: path for knapsack, "
+            "taylor for anneal --start knapsack.",
         ),
-    ] = "taylor",
+    ] = None,
     budget: Annotated[
         str,
         typer.Option(
@@ -185,11 +187,27 @@ def search(
             "final check); up to twice as many are taken while they disagree by more than 10 %.",
         ),
     ] = 4,
-    trials: Annotated[int, typer.Option("--trials", help="Candidates to train and measure.")] = 12,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            "--trials",
+            min=1,
+            help="Candidates to train and measure. Default: 1 for knapsack (its placement is measured as deployed "
+            "before training; more trials train the same widths again), 12 for the others.",
+        ),
+    ] = None,
     epochs_per_trial: Annotated[
         int, typer.Option("--epochs-per-trial", help="Fine-tuning epochs per candidate.")
     ] = 1,
-    final_epochs: Annotated[int, typer.Option("--final-epochs", help="Fine-tuning epochs of the best.")] = 4,
+    final_epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--final-epochs",
+            min=0,
+            help="Fine-tuning epochs of the best. Default: 15 for knapsack (what its one trial leaves of the "
+            "others' 12 trials + 4), 4 for the others.",
+        ),
+    ] = None,
     final_from: Annotated[
         str,
         typer.Option(
@@ -221,13 +239,14 @@ def search(
         ),
     ] = 8,
     depth: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--depth",
+            "--depth/--no-depth",
             help="Let a group whose residual branch can be removed take width 0 (the branch and its nodes "
-            "go; `inspect` marks these groups): at low latency budgets a node's fixed cost decides what fits.",
+            "go; `inspect` marks these groups): at low latency budgets a node's fixed cost decides what fits. "
+            "Default: on for knapsack, off for the others (dmasking cannot yet).",
         ),
-    ] = False,
+    ] = None,
     resolutions: Annotated[
         str | None,
         typer.Option(

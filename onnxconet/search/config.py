@@ -14,6 +14,19 @@ from onnxconet.search.study import redact
 STRATEGY_NAMES = ("anneal", "dmasking", "random", "l1", "scratch", "knapsack")
 ALIASES = {"uniform": "scratch"}
 DEFAULT_MODEL = "models/digits_cnn.py:digits_cnn"
+# the strategy a run gets unless told: the one that beat uniform pruning and Torch-Pruning at equal latency as
+# deployed on Fashion-MNIST (docs/measurements.md); STRATEGY_DEFAULTS gives its settings
+DEFAULT_STRATEGY = "knapsack"
+# what a SearchConfig field left None means, by strategy (SearchConfig.check fills them in). The knapsack's are the
+# benched ones: the loss path's placement with removable residual branches, measured as deployed before its one
+# trial (a second trial would train the same widths again), the search's epochs moved to the final fine-tune
+COMMON_DEFAULTS = dict(start="uniform", importance="taylor", depth=False, trials=12, final_epochs=4)
+STRATEGY_DEFAULTS = {"knapsack": dict(importance="path", depth=True, trials=1, final_epochs=15)}
+
+
+def strategy_defaults(strategy: str) -> dict:
+    """The settings `strategy` runs with where the config leaves them None."""
+    return COMMON_DEFAULTS | STRATEGY_DEFAULTS.get(ALIASES.get(strategy, strategy), {})
 
 
 @dataclass
@@ -25,24 +38,25 @@ class SearchConfig:
     train_samples: int | None = None  # a stratified subset of the training split (data.load_data)
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
-    strategy: str = "anneal"
+    strategy: str | None = DEFAULT_STRATEGY
+    # None in strategy: DEFAULT_STRATEGY; in start, importance, depth, trials and final_epochs: the strategy's default (strategy_defaults)
     # the first widths. anneal: "uniform" (every group scaled by one factor onto the budget: what l1 proposes) or
     # "knapsack" (latency saliency: the most Taylor importance per predicted latency; search/knapsack.py).
     # knapsack: where its greedy fill starts, "uniform" (the uniform widths on the budget, then the budget left
     # spent by latency saliency) or "smallest" (HALP's own: every group at its minimum)
-    start: str = "uniform"
+    start: str | None = None
     # the latency saliency's importance (knapsack, anneal --start knapsack): "taylor" (first-order Taylor of the
     # original on the validation split, per channel) or "loss" (each group's validation loss measured at each of
     # its widths: search/sensitivity.py) or "path" (NetAdapt-like backward elimination on measured loss: the
     # knapsack's `start` does not apply, the path starts from the whole network)
-    importance: str = "taylor"
+    importance: str | None = None
     budget: str = "0.5"
     budget_on: str = "latency"
     provider: str = "auto"
     threads: int = 0
-    trials: int = 12
+    trials: int | None = None
     epochs_per_trial: int = 1
-    final_epochs: int = 4
+    final_epochs: int | None = None
     # where the best widths' final fine-tuning starts: "trial" = the best trial's fine-tuned weights (what the
     # search already trained), "original" = cut afresh from the original (or, for `uniform`, from its
     # re-initialized weights): every strategy's widths then get the same training, as when CONetV2 and
@@ -57,7 +71,7 @@ class SearchConfig:
     min_ratio: float = 0.125
     align: int = 8
     # groups whose residual branch can be removed may take width 0 (graph/branches.py): depth as a width
-    depth: bool = False
+    depth: bool | None = None
     penalty: float = 1.0
     latency_seconds: float = 2.0
     # process pairs of a measurement as deployed (reachability, the choice of the trial to finish, the final
@@ -90,9 +104,12 @@ class SearchConfig:
         return self.workers > 1 or self.storage is not None
 
     def check(self) -> None:
-        self.strategy = ALIASES.get(self.strategy, self.strategy)
+        self.strategy = ALIASES.get(self.strategy, self.strategy) or DEFAULT_STRATEGY
         if self.strategy not in STRATEGY_NAMES:
             raise OnnxconetError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGY_NAMES)}")
+        for key, value in strategy_defaults(self.strategy).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.budget_on not in ("latency", "flops", "params"):
             raise OnnxconetError(f"--budget-on {self.budget_on!r} is not latency, flops or params")
         if self.trials < 1:
