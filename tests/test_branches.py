@@ -182,15 +182,15 @@ def test_predictor_features_at_width_zero_are_those_of_the_file_without_the_bran
 
 def test_search_with_depth_reaches_a_budget_only_a_removed_branch_meets(tmp_path, npz_data):
     """tiny_res at --align 8: the 8-channel stem group stays whole, the 12-channel branch group goes down to 3
-    (0.33 of the MACs); removing the branch leaves the stem (0.11). A 0.2 budget is refused without --depth and
-    met with it, by shipping the branch at 0 in a file that has no conv of it."""
+    (0.33 of the MACs); removing the branch leaves the stem (0.11). A 0.2 budget is refused with --no-depth and
+    met with --depth (the knapsack's default), by shipping the branch at 0 in a file that has no conv of it."""
     from onnxconet.commands.search import run_search
     from onnxconet.errors import BudgetError
     from tests.conftest import search_cfg
 
     base = dict(strategy="knapsack", start="smallest", budget="0.2", trials=1, final_epochs=0, min_ratio=0.25)
     with pytest.raises(BudgetError, match="out of reach"):
-        run_search(search_cfg(tmp_path / "plain", npz_data, **base))
+        run_search(search_cfg(tmp_path / "plain", npz_data, depth=False, **base))
     res = run_search(search_cfg(tmp_path / "deep", npz_data, depth=True, **base)).to_json()
     best = res["best"]
     assert best["budget_met"] and best["flops_ratio"] <= 0.2
