@@ -499,3 +499,24 @@ def test_best_onnx_that_differs_from_torch_is_not_written(tmp_path, npz_data, mo
     assert (out / "history.jsonl").is_file() and (out / "best_candidate.pt").is_file()
     lines = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
     assert [r["trial"] for r in lines if r["kind"] == "trial"] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"importance": "taylor"}, {"importance": "loss", "start": "smallest", "depth": False},
+     {"strategy": "anneal"}, {"strategy": "anneal", "start": "knapsack", "importance": "path"},
+     {"strategy": "random", "trials": 5, "depth": True}],
+)  # fmt: skip
+def test_a_recorded_config_reads_back_as_the_run_was(kw):
+    """A worker joining a study rebuilds the run's config from what `config_json` recorded
+    (search/parallel.py): the settings left out as defaults must come back as the run had them, whatever the
+    strategy's own defaults are (knapsack --importance taylor must not come back as the knapsack's path)."""
+    from onnxconet.search.config import config_json
+    from onnxconet.search.parallel import _config_args
+
+    cfg = SearchConfig(**kw)
+    cfg.check()
+    again = SearchConfig(**_config_args(config_json(cfg)))
+    again.check()
+    keys = ("strategy", "start", "importance", "depth", "trials", "final_epochs")
+    assert {k: getattr(again, k) for k in keys} == {k: getattr(cfg, k) for k in keys}

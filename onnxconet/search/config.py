@@ -208,8 +208,10 @@ def config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or DEFAULT_MODEL
-    defaults = (("resolutions", None), ("train_samples", None), ("start", "uniform"), ("importance", "taylor"),
-                ("storage", None),
+    # a start or importance that is the strategy's default is left out (a config read back fills it in again)
+    ours = strategy_defaults(cfg.strategy)
+    defaults = (("resolutions", None), ("train_samples", None), ("start", ours["start"]),
+                ("importance", ours["importance"]), ("storage", None),
                 ("study", None), ("workers", 1), ("heartbeat", 10.0), ("torch_threads", 0),
                 ("deployed_pairs", 4), ("nproc_per_trial", 1))  # fmt: skip
     if d.get("storage"):
