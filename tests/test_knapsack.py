@@ -233,7 +233,7 @@ def test_start_knapsack_end_to_end(tmp_path, npz_data):
     kw = dict(model=MIX, trials=1, final_epochs=0, align=1)
     res = run_search(search_cfg(tmp_path, npz_data, start="knapsack", **kw)).to_json()
     uni = run_search(search_cfg(tmp_path, npz_data, out=str(tmp_path / "u"), **kw)).to_json()
-    assert res["config"]["start"] == "knapsack" and "start" not in uni["config"]
+    assert res["config"]["start"] == "knapsack" and uni["config"]["start"] == "uniform"
     first = {int(k): v for k, v in res["trials"][0]["widths"].items()}
     assert first != {int(k): v for k, v in uni["trials"][0]["widths"].items()}
     cg = prepare(MIX).graph

@@ -208,10 +208,9 @@ def config_json(cfg: SearchConfig) -> dict:
     d = asdict(cfg)
     d["input_shape"] = list(cfg.input_shape) if cfg.input_shape else None
     d["model"] = cfg.model or DEFAULT_MODEL
-    # a start or importance that is the strategy's default is left out (a config read back fills it in again)
-    ours = strategy_defaults(cfg.strategy)
-    defaults = (("resolutions", None), ("train_samples", None), ("start", ours["start"]),
-                ("importance", ours["importance"]), ("storage", None),
+    # start and importance are always kept: their defaults depend on the strategy (strategy_defaults), and a
+    # worker joining a study reads the config back (search/parallel.py)
+    defaults = (("resolutions", None), ("train_samples", None), ("storage", None),
                 ("study", None), ("workers", 1), ("heartbeat", 10.0), ("torch_threads", 0),
                 ("deployed_pairs", 4), ("nproc_per_trial", 1))  # fmt: skip
     if d.get("storage"):
