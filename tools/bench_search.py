@@ -83,16 +83,20 @@ def search_config(
     args, model: str, budget: str, strategy: str, seed: int, weights: str, out: Path
 ) -> SearchConfig:
     """The library run of a cell: equal total epochs (the uniform baselines fine-tune what the others search)."""
-    # "default": what `onnxconet search` runs unless told, with its strategy's settings, at equal epochs
-    if strategy == "default":
-        trials = strategy_defaults(DEFAULT_STRATEGY)["trials"]
-        return SearchConfig(
-            model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
-            budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
-            final_epochs=total_epochs(args) - trials * args.epochs_per_trial, probes=args.probes,
-            threads=args.threads, out=str(out), seed=seed, align=args.align,
-            resume=(out / "history.jsonl").exists(),
-        )  # fmt: skip
+    settings = strategy_settings(args, strategy)
+    return SearchConfig(
+        model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
+        budget=budget, epochs_per_trial=args.epochs_per_trial,
+        final_epochs=total_epochs(args) - settings["trials"] * args.epochs_per_trial, probes=args.probes,
+        threads=args.threads, out=str(out), seed=seed, align=args.align,
+        resume=(out / "history.jsonl").exists(), **settings,
+    )  # fmt: skip
+
+
+def strategy_settings(args, strategy: str) -> dict:
+    """The SearchConfig fields a bench strategy name sets: strategy, its trials, start, depth, importance."""
+    if strategy == "default":  # what `onnxconet search` runs unless told, with its strategy's settings
+        return {"trials": strategy_defaults(DEFAULT_STRATEGY)["trials"]}
     # knapsack+depth = knapsack --depth; +loss = --importance loss; +path = --importance path
     strategy, *flags = strategy.split("+")
     unknown = set(flags) - {"depth", "loss", "path"}
@@ -105,14 +109,13 @@ def search_config(
     # the uniform baselines use a few trials to put their widths on the budget *as measured* (the cost model's
     # correction): with one trial, l1 at 0.3 shipped the predicted-uniform widths that measured 0.322
     trials = args.trials if strategy in SEARCHES else min(args.trials, args.baseline_trials)
-    extra = (args.trials - trials) * args.epochs_per_trial
-    return SearchConfig(
-        model=MODELS.get(model, model), data=args.data, train_samples=args.train_samples, weights=weights,
-        strategy=strategy, start=start or "uniform", budget=budget, trials=trials, epochs_per_trial=args.epochs_per_trial,
-        final_epochs=args.final_epochs + extra, probes=args.probes, threads=args.threads, out=str(out),
-        seed=seed, align=args.align, depth="depth" in flags, importance=importance,
-        resume=(out / "history.jsonl").exists(),
-    )  # fmt: skip
+    return dict(
+        strategy=strategy,
+        start=start or "uniform",
+        trials=trials,
+        depth="depth" in flags,
+        importance=importance,
+    )
 
 
 def total_epochs(args) -> int:

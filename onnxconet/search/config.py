@@ -39,7 +39,8 @@ class SearchConfig:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     strategy: str | None = DEFAULT_STRATEGY
-    # None in strategy: DEFAULT_STRATEGY; in start, importance, depth, trials and final_epochs: the strategy's default (strategy_defaults)
+    # None in strategy: DEFAULT_STRATEGY; in start, importance, depth, trials and final_epochs: the strategy's
+    # default (strategy_defaults)
     # the first widths. anneal: "uniform" (every group scaled by one factor onto the budget: what l1 proposes) or
     # "knapsack" (latency saliency: the most Taylor importance per predicted latency; search/knapsack.py).
     # knapsack: where its greedy fill starts, "uniform" (the uniform widths on the budget, then the budget left
