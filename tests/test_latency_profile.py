@@ -474,3 +474,61 @@ def test_isolated_adds_pairs_while_they_disagree(monkeypatch):
     monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake(set())())
     rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
     assert rel.rounds == 4 and rel.ratios == [0.5] * 4
+
+
+def test_isolated_adds_pairs_while_the_ci_leaves_too_much_room(monkeypatch):
+    """With `max_above`, pairs are added while the CI's upper end lies more than that over the ratio. One pair in a
+    slow phase (the candidate at double its time) is that upper end under 11 pairs (the CI is then the extremes),
+    so pairs go on to 11, where the interval leaves it out; noise that keeps coming stops at `max_pairs`; quiet
+    pairs stop at `pairs`."""
+    loads = []
+
+    def fake(slow_pairs):
+        class FakeRunner:
+            cpu_s = 0.0
+
+            def request(self, op, **kw):
+                if op == "load":
+                    loads.append(kw["label"])
+                    return {"provider": CPU, "threads": 1, "input_shape": [1, 3, 16, 16], "onnxruntime": "x"}
+                slow = loads[-1] == "cand" and (len(loads) - 1) // 2 in slow_pairs
+                return {"times_ms": [(2.0 if slow else 1.0) if loads[-1] == "cand" else 2.0] * 5}
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+        return FakeRunner
+
+    def measured(slow_pairs, **kw):
+        loads.clear()
+        monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake(slow_pairs)())
+        target = Target(provider="cpu", threads=1)
+        return measure_isolated(b"c", b"r", target, pairs=4, max_pairs=16, spread=10.0, **kw)
+
+    monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
+    rel = measured({1}, max_above=0.05)
+    assert rel.rounds == 11 and rel.ratio == pytest.approx(0.5) and rel.ratio_ci[1] == pytest.approx(0.5)
+    assert measured({1}).rounds == 4  # without `max_above`: the spread rule (here never)
+    assert measured(set(), max_above=0.05).rounds == 4
+    rel = measured({1, 5, 9, 13}, max_above=0.05)
+    assert rel.rounds == 16 and rel.ratio_ci[1] == pytest.approx(1.0)  # still wide: capped
+    assert (
+        measured({1, 5, 9}, max_above=0.05).rounds == 16
+    )  # 3 slow of 16: the CI's end is a quiet pair at 16
+
+    from onnxconet.search.judge import LatencyJudge, room
+
+    judge = LatencyJudge(b"r", Target(provider="cpu", threads=1))  # the search's deployed figure: 4 pairs
+    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake({1})())
+    monkeypatch.setattr(
+        prof, "disturbed", lambda load, threads: False
+    )  # this test's own CPU is not a disturbance
+    loads.clear()
+    rel = judge.deployed(b"c")  # the spread rule: up to 2 x 4 pairs, the slow one still the CI's end
+    assert rel.rounds == 8 and room(rel) == pytest.approx(1.0)
+    loads.clear()
+    rel = judge.deployed(b"c", room=0.1)
+    assert rel.rounds == 11 and room(rel) == pytest.approx(0.0)  # pooled until the room is under 0.1

@@ -484,6 +484,17 @@ def measure_relative(
         )
 
 
+def _above(runs: dict[str, list[list[float]]]) -> float:
+    """How far the upper end of the 95 % CI of the per-pair ratios so far lies over the ratio `measure_isolated`
+    reports (the median of the candidate's per-process medians over the reference's)."""
+    med_c = [float(np.median(t)) for t in runs["c"]]
+    med_r = [float(np.median(t)) for t in runs["r"]]
+    if not med_c:
+        return math.inf
+    ratio = float(np.median(med_c) / np.median(med_r))
+    return median_ci([c / r for c, r in zip(med_c, med_r, strict=True)])[2] - ratio
+
+
 def _spread(runs: dict[str, list[list[float]]]) -> float:
     """(max - min) / median of the per-pair ratios so far."""
     r = [float(np.median(c) / np.median(x)) for c, x in zip(runs["c"], runs["r"], strict=True)]
@@ -500,6 +511,7 @@ def measure_isolated(
     warmup_seconds: float = 0.25,
     max_pairs: int | None = None,
     spread: float = 0.1,
+    max_above: float | None = None,
 ) -> RelativeStats:
     """The deployed ratio: each model alone in a fresh runner process, `pairs` pairs alternated (A B, B A, ...),
     each process warming up for `warmup_seconds` and then running back to back for `seconds`; the ratio of the
@@ -508,6 +520,11 @@ def measure_isolated(
     With `max_pairs` > `pairs`, pairs are added while the per-pair ratios spread more than `spread` (max - min
     over the median): a pair caught in a slow phase of the machine (on a shared VM, 2 threads can run at
     1-thread speed for minutes) is then outvoted instead of deciding the median.
+
+    With `max_above`, instead, pairs are added (up to `max_pairs`) while the upper end of the ratio's 95 % CI lies
+    more than `max_above` over the ratio. Under 11 pairs that end is the slowest pair itself (`median_ci`: under 6,
+    the range; at 6-10 the interval's order statistics are still the extremes), so one pair in a slow phase sets
+    it; from 11 on, the interval leaves the extremes out and the pooled pairs decide.
 
     Raises:
         LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
@@ -522,7 +539,9 @@ def measure_isolated(
     with dev.job(), dev.model_path(candidate) as cand_path, dev.model_path(reference) as ref_path:
         files = {"c": (cand_path, label_of(candidate)), "r": (ref_path, label_of(reference))}
         p = 0
-        while p < pairs or (p < max_pairs and _spread(runs) > spread):
+        while p < pairs or (
+            p < max_pairs and (_spread(runs) > spread if max_above is None else _above(runs) > max_above)
+        ):
             for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
                 with dev.runner() as runner:
                     loaded[which] = runner.request("load", **target.load_request(*files[which]))

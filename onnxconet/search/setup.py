@@ -162,10 +162,11 @@ def measured_placement(ctx, place, cost: CostModel, tries: int) -> dict[int, int
 # the steering's window under the limit: 3 % left ~0.006 of a 0.3 budget unused on Fashion-MNIST, and a deployed
 # measurement of ResNet-20 costs ~10 s
 PLACEMENT_WINDOW = 0.01
-# a placement's measurement whose spread takes more than this share of the budget as room is taken again once
-# (the narrower kept): the digits CNN's first measurement at 2 threads came with a CI of +-0.25, and aimed at its
-# limit (-0.008) the next placement was the smallest widths
-STEERING_ROOM = 0.1
+# the room (`judge.room`) a placement's measurement may leave, as a share of the budget: pairs are added (pooled) while
+# it is wider. One pair in a slow phase set rooms of 0.06-0.28 at a 0.5 budget on 2026-12-05 (the CI of under 11
+# pairs is their range), and the placement kept 0.33; measuring again alone drew another wide figure. Quiet
+# measurements of ResNet-20 leave 0.003-0.007 at 0.3
+STEERING_ROOM = 0.03
 
 
 def deployed_placement(
@@ -174,7 +175,7 @@ def deployed_placement(
     """`place(t)`, its own target t steered until the widths measure *as deployed* (each file alone in its own
     processes: what decides what ships) within `budget` with room for measuring them again (`judge.fits`) and
     within `tolerance` under that limit: secant steps (t scaled by aim / measured, the aim inside that window,
-    which the last measurement's spread sets; one too wide to steer by is taken again) until one placement fit
+    which the last measurement's spread sets; one too wide to steer by gets more pairs) until one placement fit
     and one did not, then bisection between them (the response jumps where the uniform grid does: on
     Fashion-MNIST at 0.5, secant steps alone went 0.43, 0.63, 0.35, 0.59, 0.37). At most `tries` measurements;
     the widest that fit is kept (else the lowest). The cost model is left as calibrated: steering the placer's own
@@ -228,14 +229,8 @@ def deployed_placement(
 
 
 def _measured(ctx, widths: dict[int, int], budget: float):
-    """`widths` as deployed; measured once more when the spread leaves more than `STEERING_ROOM` of the budget as
-    room, and the measurement with the narrower room kept."""
-    model = slice_onnx(ctx.cg, ctx.cg.keep_mask(widths))
-    stats = ctx.judge.deployed(model)
-    if room(stats) > STEERING_ROOM * budget:
-        log.info("the placement measured %.3f with room %.3f: measuring it again", stats.ratio, room(stats))
-        stats = min(stats, ctx.judge.deployed(model), key=room)
-    return stats
+    """`widths` as deployed, pairs added while the room they leave is over `STEERING_ROOM` of the budget."""
+    return ctx.judge.deployed(slice_onnx(ctx.cg, ctx.cg.keep_mask(widths)), room=STEERING_ROOM * budget)
 
 
 def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool = False):
