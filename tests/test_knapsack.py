@@ -515,14 +515,15 @@ def test_a_trial_of_widths_measured_as_deployed_is_judged_by_that_figure(tiny_gr
 
 
 def test_placement_measurements_ask_for_a_room_narrow_enough_to_steer_by(tiny_graph):
-    """Every placement's deployed measurement asks the judge for a room of at most `STEERING_ROOM` of the budget
+    """Every placement's deployed measurement asks the judge for a room of at most `DECIDING_ROOM` of the budget
     (pairs pooled until it is: a wide CI refused placements under the budget and one run kept 0.33 of 0.5), each
     placement is measured once, and steering by those figures finds the widest placement that fits (sweep
     oracle). A room the judge could not narrow is steered by as it is: the limit moves down by it."""
     from types import SimpleNamespace
 
     from onnxconet.search.cost import CostModel
-    from onnxconet.search.setup import STEERING_ROOM, deployed_placement
+    from onnxconet.search.judge import DECIDING_ROOM
+    from onnxconet.search.setup import deployed_placement
 
     space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
     cost = CostModel(tiny_graph, space, "flops")
@@ -540,9 +541,9 @@ def test_placement_measurements_ask_for_a_room_narrow_enough_to_steer_by(tiny_gr
         place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
         return calls, *deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
 
-    for half in (0.002, 0.6 * STEERING_ROOM * 0.5):  # rooms of 0.004, and 1.2 x what was asked
+    for half in (0.002, 0.6 * DECIDING_ROOM * 0.5):  # rooms of 0.004, and 1.2 x what was asked
         calls, widths, tried = run(half)
-        assert [room for _, room in calls] == [pytest.approx(STEERING_ROOM * 0.5)] * len(tried)
+        assert [room for _, room in calls] == [pytest.approx(DECIDING_ROOM * 0.5)] * len(tried)
         assert len({r for r, _ in calls}) == len(calls)  # no placement measured twice
         assert all(x["limit"] == pytest.approx(0.5 - 2 * half, abs=1e-4) for x in tried)
         kept = 1.05 * cost.predict(widths)

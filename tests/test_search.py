@@ -16,6 +16,7 @@ from onnxconet.search.anneal import AnnealConfig, AnnealStrategy
 from onnxconet.search.base import Objective, Trial, TrialState
 from onnxconet.search.baselines import L1Strategy, RandomStrategy
 from onnxconet.search.cost import CostModel
+from onnxconet.search.judge import DECIDING_ROOM
 from onnxconet.space import WidthSpace
 from tests.conftest import TINY, search_cfg
 
@@ -317,13 +318,19 @@ def test_final_race_ships_the_start_unless_the_search_wins(tmp_path, npz_data, m
     assert "race" not in res["best"] and res["best"]["trial"] == 1 and res["best"]["shipped"] == "search"
 
 
-def _fake_run(cg, trials, objective, judge_ratio, anchor=None):
-    """A `SearchRun` over recorded `trials` whose judge measures every candidate at `judge_ratio(model)`."""
+def _fake_run(cg, trials, objective, judge_ratio, anchor=None, half=0.0):
+    """A `SearchRun` over recorded `trials` whose judge measures every candidate at `judge_ratio(model)`, with a
+    CI of +- `half`; `judge.rooms` records the room each measurement asked for."""
     from types import SimpleNamespace
 
     from onnxconet.search.finish import SearchRun
 
-    judge = SimpleNamespace(deployed=lambda model: SimpleNamespace(ratio=judge_ratio(model)))
+    def deployed(model, room=None):
+        judge.rooms.append(room)
+        r = judge_ratio(model)
+        return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half])
+
+    judge = SimpleNamespace(deployed=deployed, rooms=[])
     bank = SimpleNamespace(scores=lambda g: g.l1_scores())
     strategy = SimpleNamespace(anchor=lambda: anchor, reinit=False)
     loop = SimpleNamespace(
@@ -440,8 +447,9 @@ def test_empty_image_folder(tmp_path):
 
 
 def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeypatch):
-    """The most accurate feasible trial re-measures over the budget: the next one that stays within it is
-    finished instead, and the re-measured ratios are reported; nothing feasible -> the lowest re-measured."""
+    """The most accurate feasible trial re-measures over the budget: the next one that fits (within the budget with
+    the room its CI leaves for the final check) is finished instead, and the re-measured ratios are reported;
+    nothing fits -> the most accurate within the budget; nothing within -> the lowest re-measured."""
     from onnxconet.surgery.onnx import slice_onnx
 
     space = WidthSpace(tiny_graph, min_ratio=0.25)
@@ -466,15 +474,22 @@ def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeyp
     from onnxconet.search.finish import confirm_best
 
     objective = Objective(0.5)
-    run, judge = _fake_run(tiny_graph, trials, objective, lambda model: true_ratio[size(model)])
+    run, judge = _fake_run(tiny_graph, trials, objective, lambda model: true_ratio[size(model)], half=0.006)
     run.loop.best = trials[0]
     best, checks = confirm_best(_fake_ctx(judge, 0.5), run)
     assert best.number == 1 and checks == {0: 0.6, 1: 0.47}
+    assert (
+        judge.rooms == [pytest.approx(DECIDING_ROOM * 0.5)] * 2
+    )  # each measured until narrow enough to decide
 
-    # 0.47 is within 0.48 but not within the confirmation margin: the trial with room (0.31) is preferred
+    # 0.47 is within 0.48 but its room (0.012) is not: the trial with room (0.31) is preferred
     margin = confirm_best(_fake_ctx(judge, 0.48), run)
     assert margin[0].number == 2 and margin[1] == {0: 0.6, 1: 0.47, 2: 0.31}
-    # nothing within the margin, but within the budget: the most accurate of those
+    # a narrow CI (room 0.002) lets 0.47 ship under 0.48, within 3 % of it (a fixed margin threw it away)
+    narrow, narrow_judge = _fake_run(tiny_graph, trials, objective, lambda m: true_ratio[size(m)], half=0.001)
+    narrow.loop.best = trials[0]
+    assert confirm_best(_fake_ctx(narrow_judge, 0.48), narrow)[0].number == 1
+    # nothing fits, but within the budget: the most accurate of those
     only = confirm_best(_fake_ctx(judge, 0.315), run)
     assert only[0].number == 2
 
