@@ -241,8 +241,9 @@ def markdown(rows: list[dict], args) -> str:
         "searched widths shipped | MACs kept | params kept | min / run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [
-        f"code {args.code}; data {args.data}, train subset {args.train_samples}, {args.trials} x "
-        f"{args.epochs_per_trial} search + {args.final_epochs} final epochs, ORT threads {args.threads}",
+        f"code {args.code}; data {args.data}, train subset {args.train_samples}, {total_epochs(args)} training "
+        f"epochs per row (search trials x {args.epochs_per_trial} + final: up to {args.trials} + "
+        f"{args.final_epochs}; fewer trials leave more final epochs), ORT threads {args.threads}",
         "",
         head,
     ]
