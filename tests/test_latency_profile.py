@@ -506,12 +506,12 @@ def test_isolated_adds_pairs_while_the_ci_leaves_too_much_room(monkeypatch):
         loads.clear()
         monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake(slow_pairs)())
         target = Target(provider="cpu", threads=1)
-        return measure_isolated(b"c", b"r", target, pairs=4, max_pairs=16, spread=10.0, **kw)
+        return measure_isolated(b"c", b"r", target, pairs=4, max_pairs=16, **kw)
 
     monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
     rel = measured({1}, max_above=0.05)
     assert rel.rounds == 11 and rel.ratio == pytest.approx(0.5) and rel.ratio_ci[1] == pytest.approx(0.5)
-    assert measured({1}).rounds == 4  # without `max_above`: the spread rule (here never)
+    assert measured({1}).rounds == 16  # without `max_above`, the spread rule: one pair disagrees to the end
     assert measured(set(), max_above=0.05).rounds == 4
     rel = measured({1, 5, 9, 13}, max_above=0.05)
     assert rel.rounds == 16 and rel.ratio_ci[1] == pytest.approx(1.0)  # still wide: capped

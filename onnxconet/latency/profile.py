@@ -484,6 +484,10 @@ def measure_relative(
         )
 
 
+# `measure_isolated` adds pairs while the per-pair ratios spread more than this (max - min over the median)
+PAIR_SPREAD = 0.1
+
+
 def _above(runs: dict[str, list[list[float]]]) -> float:
     """How far the upper end of the 95 % CI of the per-pair ratios so far lies over the ratio `measure_isolated`
     reports (the median of the candidate's per-process medians over the reference's)."""
@@ -510,15 +514,14 @@ def measure_isolated(
     seconds: float = 1.0,
     warmup_seconds: float = 0.25,
     max_pairs: int | None = None,
-    spread: float = 0.1,
     max_above: float | None = None,
 ) -> RelativeStats:
     """The deployed ratio: each model alone in a fresh runner process, `pairs` pairs alternated (A B, B A, ...),
     each process warming up for `warmup_seconds` and then running back to back for `seconds`; the ratio of the
     medians of the per-process medians.
 
-    With `max_pairs` > `pairs`, pairs are added while the per-pair ratios spread more than `spread` (max - min
-    over the median): a pair caught in a slow phase of the machine (on a shared VM, 2 threads can run at
+    With `max_pairs` > `pairs`, pairs are added while the per-pair ratios spread more than `PAIR_SPREAD` (max -
+    min over the median): a pair caught in a slow phase of the machine (on a shared VM, 2 threads can run at
     1-thread speed for minutes) is then outvoted instead of deciding the median.
 
     With `max_above`, instead, pairs are added (up to `max_pairs`) while the upper end of the ratio's 95 % CI lies
@@ -540,7 +543,7 @@ def measure_isolated(
         files = {"c": (cand_path, label_of(candidate)), "r": (ref_path, label_of(reference))}
         p = 0
         while p < pairs or (
-            p < max_pairs and (_spread(runs) > spread if max_above is None else _above(runs) > max_above)
+            p < max_pairs and (_spread(runs) > PAIR_SPREAD if max_above is None else _above(runs) > max_above)
         ):
             for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
                 with dev.runner() as runner:
