@@ -441,37 +441,44 @@ def test_tensorrt_engine_cache_dir(tmp_path):
     assert any((tmp_path / "trt").iterdir())
 
 
+def _pairs_runner(monkeypatch, slow: str, slow_pairs: set) -> list:
+    """Fake runner processes for `measure_isolated`: the candidate takes 1 ms and the reference 2 ms, except that
+    `slow` ("cand" or "ref") takes twice its time in the pairs `slow_pairs`. Returns the labels loaded, in order."""
+    loads = []
+
+    class FakeRunner:
+        cpu_s = 0.0
+
+        def request(self, op, **kw):
+            if op == "load":
+                loads.append(kw["label"])
+                return {"provider": CPU, "threads": 1, "input_shape": [1, 3, 16, 16], "onnxruntime": "x"}
+            ms = 1.0 if loads[-1] == "cand" else 2.0
+            return {
+                "times_ms": [ms * (2 if loads[-1] == slow and (len(loads) - 1) // 2 in slow_pairs else 1)] * 5
+            }
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
+    monkeypatch.setattr(
+        prof, "disturbed", lambda load, threads: False
+    )  # the test's own CPU is not a disturbance
+    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: FakeRunner())
+    return loads
+
+
 def test_isolated_adds_pairs_while_they_disagree(monkeypatch):
     """A pair caught in a slow phase of the machine (the reference at half speed) makes the pairs disagree:
     pairs are added up to max_pairs and the median outvotes it; agreeing pairs stop at `pairs`."""
-    loads = []
-
-    def fake(slow_pairs):
-        class FakeRunner:
-            cpu_s = 0.0
-
-            def request(self, op, **kw):
-                if op == "load":
-                    loads.append(kw["label"])
-                    return {"provider": CPU, "threads": 1, "input_shape": [1, 3, 16, 16], "onnxruntime": "x"}
-                pair = (len(loads) - 1) // 2
-                slow = loads[-1] == "ref" and pair in slow_pairs
-                return {"times_ms": [1.0 if loads[-1] == "cand" else (4.0 if slow else 2.0)] * 5}
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                pass
-
-        return FakeRunner
-
-    monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
-    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake({1})())
+    _pairs_runner(monkeypatch, "ref", {1})
     rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
     assert rel.rounds == 8 and rel.ratio == pytest.approx(0.5)  # one pair of 8 at 0.25: the median is 0.5
-    loads.clear()
-    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake(set())())
+    _pairs_runner(monkeypatch, "ref", set())
     rel = measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=8)
     assert rel.rounds == 4 and rel.ratios == [0.5] * 4
 
@@ -481,34 +488,11 @@ def test_isolated_adds_pairs_while_the_ci_leaves_too_much_room(monkeypatch):
     slow phase (the candidate at double its time) is that upper end under 11 pairs (the CI is then the extremes),
     so pairs go on to 11, where the interval leaves it out; noise that keeps coming stops at `max_pairs`; quiet
     pairs stop at `pairs`."""
-    loads = []
-
-    def fake(slow_pairs):
-        class FakeRunner:
-            cpu_s = 0.0
-
-            def request(self, op, **kw):
-                if op == "load":
-                    loads.append(kw["label"])
-                    return {"provider": CPU, "threads": 1, "input_shape": [1, 3, 16, 16], "onnxruntime": "x"}
-                slow = loads[-1] == "cand" and (len(loads) - 1) // 2 in slow_pairs
-                return {"times_ms": [(2.0 if slow else 1.0) if loads[-1] == "cand" else 2.0] * 5}
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                pass
-
-        return FakeRunner
 
     def measured(slow_pairs, **kw):
-        loads.clear()
-        monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake(slow_pairs)())
-        target = Target(provider="cpu", threads=1)
-        return measure_isolated(b"c", b"r", target, pairs=4, max_pairs=16, **kw)
+        _pairs_runner(monkeypatch, "cand", slow_pairs)
+        return measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=16, **kw)
 
-    monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
     rel = measured({1}, max_above=0.05)
     assert rel.rounds == 11 and rel.ratio == pytest.approx(0.5) and rel.ratio_ci[1] == pytest.approx(0.5)
     assert measured({1}).rounds == 16  # without `max_above`, the spread rule: one pair disagrees to the end
@@ -522,13 +506,9 @@ def test_isolated_adds_pairs_while_the_ci_leaves_too_much_room(monkeypatch):
     from onnxconet.search.judge import LatencyJudge, room
 
     judge = LatencyJudge(b"r", Target(provider="cpu", threads=1))  # the search's deployed figure: 4 pairs
-    monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: fake({1})())
-    monkeypatch.setattr(
-        prof, "disturbed", lambda load, threads: False
-    )  # this test's own CPU is not a disturbance
-    loads.clear()
+    _pairs_runner(monkeypatch, "cand", {1})
     rel = judge.deployed(b"c")  # the spread rule: up to 2 x 4 pairs, the slow one still the CI's end
     assert rel.rounds == 8 and room(rel) == pytest.approx(1.0)
-    loads.clear()
+    _pairs_runner(monkeypatch, "cand", {1})
     rel = judge.deployed(b"c", room=0.1)
     assert rel.rounds == 11 and room(rel) == pytest.approx(0.0)  # pooled until the room is under 0.1
