@@ -465,9 +465,8 @@ def _pairs_runner(monkeypatch, slow: str, slow_pairs: set) -> list:
             pass
 
     monkeypatch.setattr(prof, "label_of", lambda m: "cand" if m == b"c" else "ref")
-    monkeypatch.setattr(
-        prof, "disturbed", lambda load, threads: False
-    )  # the test's own CPU is not a disturbance
+    # the test's own CPU is not a disturbance
+    monkeypatch.setattr(prof, "disturbed", lambda load, threads: False)
     monkeypatch.setattr(devices.Device, "runner", lambda self, timeout=600.0: FakeRunner())
     return loads
 
@@ -499,9 +498,8 @@ def test_isolated_adds_pairs_while_the_ci_leaves_too_much_room(monkeypatch):
     assert measured(set(), max_above=0.05).rounds == 4
     rel = measured({1, 5, 9, 13}, max_above=0.05)
     assert rel.rounds == 16 and rel.ratio_ci[1] == pytest.approx(1.0)  # still wide: capped
-    assert (
-        measured({1, 5, 9}, max_above=0.05).rounds == 16
-    )  # 3 slow of 16: the CI's end is a quiet pair at 16
+    # 3 slow of 16: the CI's end is a quiet pair at 16
+    assert measured({1, 5, 9}, max_above=0.05).rounds == 16
 
     from onnxconet.search.judge import LatencyJudge, room
 

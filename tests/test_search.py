@@ -478,9 +478,8 @@ def test_best_is_confirmed_by_a_second_measurement(tiny_graph, tmp_path, monkeyp
     run.loop.best = trials[0]
     best, checks = confirm_best(_fake_ctx(judge, 0.5), run)
     assert best.number == 1 and checks == {0: 0.6, 1: 0.47}
-    assert (
-        judge.rooms == [pytest.approx(DECIDING_ROOM * 0.5)] * 2
-    )  # each measured until narrow enough to decide
+    # each measured until narrow enough to decide
+    assert judge.rooms == [pytest.approx(DECIDING_ROOM * 0.5)] * 2
 
     # 0.47 is within 0.48 but its room (0.012) is not: the trial with room (0.31) is preferred
     margin = confirm_best(_fake_ctx(judge, 0.48), run)

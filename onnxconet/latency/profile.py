@@ -488,11 +488,15 @@ def measure_relative(
 PAIR_SPREAD = 0.1
 
 
+def _process_medians(runs: dict[str, list[list[float]]]) -> tuple[list[float], list[float]]:
+    """Each process's median ms so far: (the candidate's, the reference's), in pair order."""
+    return [float(np.median(t)) for t in runs["c"]], [float(np.median(t)) for t in runs["r"]]
+
+
 def _above(runs: dict[str, list[list[float]]]) -> float:
     """How far the upper end of the 95 % CI of the per-pair ratios so far lies over the ratio `measure_isolated`
     reports (the median of the candidate's per-process medians over the reference's)."""
-    med_c = [float(np.median(t)) for t in runs["c"]]
-    med_r = [float(np.median(t)) for t in runs["r"]]
+    med_c, med_r = _process_medians(runs)
     if not med_c:
         return math.inf
     ratio = float(np.median(med_c) / np.median(med_r))
@@ -501,7 +505,7 @@ def _above(runs: dict[str, list[list[float]]]) -> float:
 
 def _spread(runs: dict[str, list[list[float]]]) -> float:
     """(max - min) / median of the per-pair ratios so far."""
-    r = [float(np.median(c) / np.median(x)) for c, x in zip(runs["c"], runs["r"], strict=True)]
+    r = [c / x for c, x in zip(*_process_medians(runs), strict=True)]
     return (max(r) - min(r)) / float(np.median(r)) if r else 0.0
 
 
@@ -559,8 +563,7 @@ def measure_isolated(
             f"candidate runs on {loaded['c']['provider']} but reference on {loaded['r']['provider']};"
             " cannot compare"
         )
-    med_c = [float(np.median(t)) for t in runs["c"]]
-    med_r = [float(np.median(t)) for t in runs["r"]]
+    med_c, med_r = _process_medians(runs)
     _warn_fallback(loaded["c"])
     rel = _relative(
         [c / r for c, r in zip(med_c, med_r, strict=True)],
