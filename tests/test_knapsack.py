@@ -331,7 +331,7 @@ def test_knapsack_is_placed_as_deployed_within_the_budget(tiny_graph, npz_data):
 
     def deployed(model, room=None):  # the deployment runs 20 % slower than predicted
         measured.append(1.2 * of_model(model))
-        return SimpleNamespace(ratio=measured[-1])
+        return SimpleNamespace(ratio=measured[-1], rounds=4)
 
     def in_loop(model):
         raise AssertionError("the placement is measured as deployed, not in-loop")
@@ -371,7 +371,7 @@ def test_deployed_placement_bisects_a_jumpy_response(tiny_graph):
 
     def deployed(model, room=None):
         measured.append(jump(of_model(model)))
-        return SimpleNamespace(ratio=measured[-1])
+        return SimpleNamespace(ratio=measured[-1], rounds=4)
 
     ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
     place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
@@ -425,7 +425,7 @@ def test_deployed_placement_steps_past_a_placer_that_leaves_its_target_unused(ti
 
     def deployed(model, room=None):
         f = of_model(model)
-        return SimpleNamespace(ratio=as_deployed[min(range(4), key=lambda i: abs(preds[i] - f))])
+        return SimpleNamespace(ratio=as_deployed[min(range(4), key=lambda i: abs(preds[i] - f))], rounds=4)
 
     ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
     widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
@@ -464,7 +464,7 @@ def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tin
 
     def deployed(model, room=None):
         r = of_model(model)
-        return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half])
+        return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half], rounds=4)
 
     ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
     place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
@@ -535,7 +535,7 @@ def test_placement_measurements_ask_for_a_room_narrow_enough_to_steer_by(tiny_gr
         def deployed(model, room=None):
             r = 1.05 * of_model(model)
             calls.append((r, room))
-            return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half])
+            return SimpleNamespace(ratio=r, ratio_ci=[r - half, r + half], rounds=3 + len(calls))
 
         ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
         place = lambda t: cost.rescale(space.full(), t)  # noqa: E731
@@ -545,6 +545,7 @@ def test_placement_measurements_ask_for_a_room_narrow_enough_to_steer_by(tiny_gr
         calls, widths, tried = run(half)
         assert [room for _, room in calls] == [pytest.approx(DECIDING_ROOM * 0.5)] * len(tried)
         assert len({r for r, _ in calls}) == len(calls)  # no placement measured twice
+        assert [x["pairs"] for x in tried] == [4 + i for i in range(len(tried))]  # what each narrowing cost
         assert all(x["limit"] == pytest.approx(0.5 - 2 * half, abs=1e-4) for x in tried)
         kept = 1.05 * cost.predict(widths)
         sweep = {1.05 * cost.predict(cost.rescale(space.full(), 0.2 + 0.002 * k)) for k in range(200)}

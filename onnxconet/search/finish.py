@@ -21,7 +21,7 @@ from onnxconet.search.base import Setup, Trial, TrialState
 from onnxconet.search.config import config_json
 from onnxconet.search.driver import Loop, keep_of, load_checkpoint
 from onnxconet.search.evaluate import reseed_loader
-from onnxconet.search.judge import DECIDING_ROOM, fits
+from onnxconet.search.judge import deciding, fits
 from onnxconet.search.pareto import pareto_front
 from onnxconet.search.race import correct_mask, mcnemar
 from onnxconet.search.resolution import ResizedLoader
@@ -106,10 +106,10 @@ def _test_loader(ctx, run: SearchRun):
 
 
 def remeasure(ctx, run: SearchRun, trial: Trial):
-    """`trial`'s latency relative to the baseline, re-measured as deployed (`LatencyJudge.deployed`) with pairs
-    added while the room it leaves is over `DECIDING_ROOM` of the budget."""
+    """`trial`'s latency relative to the baseline, re-measured as deployed until the room it leaves is narrow
+    enough to decide by (`deciding`)."""
     keep = run.cg.keep_mask(trial.widths, run.loop.evaluator.bank.scores(run.cg))
-    return ctx.judge.deployed(slice_onnx(run.cg, keep), room=DECIDING_ROOM * ctx.budget.ratio)
+    return deciding(ctx.judge, slice_onnx(run.cg, keep), ctx.budget.ratio)
 
 
 def confirm_best(ctx, run: SearchRun, top: int = 3) -> tuple[Trial | None, dict[int, float]]:

@@ -33,6 +33,12 @@ def fits(stats, budget: float) -> bool:
     return stats.ratio + room(stats) <= budget
 
 
+def deciding(judge, candidate, budget: float) -> RelativeStats:
+    """`candidate` as deployed for a decision under `budget` (where a placement lies, which trial ships): pairs
+    added while the room it leaves (`room`) is over `DECIDING_ROOM` of the budget (`LatencyJudge.deployed`)."""
+    return judge.deployed(candidate, room=DECIDING_ROOM * budget)
+
+
 def room(stats) -> float:
     """The room `fits` leaves above a ratio measured as deployed: twice the upper half of its 95 % CI (0 without
     a CI)."""

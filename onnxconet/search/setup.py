@@ -21,7 +21,7 @@ from onnxconet.search.calibration import PREDICTOR, calibrated_predictor
 from onnxconet.search.cost import CostModel
 from onnxconet.search.dmasking import DMaskingConfig, DMaskingStrategy
 from onnxconet.search.evaluate import Evaluator
-from onnxconet.search.judge import CONFIRM_MARGIN, DECIDING_ROOM, fits, room
+from onnxconet.search.judge import CONFIRM_MARGIN, deciding, fits, room
 from onnxconet.search.knapsack import knapsack_widths, taylor_gain, taylor_scores
 from onnxconet.search.ranks import Ranks
 from onnxconet.search.sensitivity import (
@@ -180,7 +180,7 @@ def deployed_placement(
     the widest that fit is kept (else the lowest). The cost model is left as calibrated: steering the placer's own
     target does not compound with a refit (placed again on a model refitted with one deployed figure, the
     knapsack shrank to 0.37 of 0.5). Returns (widths, [{"target", "ratio", "fits", "limit" (the budget less the
-    room), "widths"} per measurement])."""
+    room), "pairs" (the process pairs the narrowing took), "widths"} per measurement])."""
     t, tried, under, over = budget * (1 - tolerance / 2), [], None, None
     for _ in range(3 * tries):  # (placements already measured cost nothing)
         widths = place(t)
@@ -190,7 +190,7 @@ def deployed_placement(
                 break
             stats = _measured(ctx, widths, budget)
             x = {"target": t, "ratio": stats.ratio, "fits": fits(stats, budget), "widths": widths}
-            tried.append(x | {"limit": budget - room(stats)})
+            tried.append(x | {"limit": budget - room(stats), "pairs": stats.rounds})
             log.info("placement at %.3f measured %.3f as deployed (budget %.3f)", t, stats.ratio, budget)
         x = known or tried[-1]
         ratio, ok = x["ratio"], x["fits"]
@@ -220,6 +220,7 @@ def deployed_placement(
             "ratio": round(x["ratio"], 4),
             "fits": x["fits"],
             "limit": round(x["limit"], 4),
+            "pairs": x["pairs"],
             "widths": {str(k): v for k, v in x["widths"].items()},
         }
         for x in tried
@@ -228,8 +229,8 @@ def deployed_placement(
 
 
 def _measured(ctx, widths: dict[int, int], budget: float):
-    """`widths` as deployed, pairs added while the room they leave is over `DECIDING_ROOM` of the budget."""
-    return ctx.judge.deployed(slice_onnx(ctx.cg, ctx.cg.keep_mask(widths)), room=DECIDING_ROOM * budget)
+    """`widths` as deployed, measured until the room they leave is narrow enough to decide by (`deciding`)."""
+    return deciding(ctx.judge, slice_onnx(ctx.cg, ctx.cg.keep_mask(widths)), budget)
 
 
 def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool = False):
