@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from onnxconet.graph.export import export_onnx
-from onnxconet.latency.profile import Target, measure_isolated
-from onnxconet.search.judge import DECIDING_ROOM, fits, room
+from onnxconet.latency.profile import Target
+from onnxconet.search.judge import LatencyJudge, deciding, fits, room
 
 IMPORTANCES = ("magnitude", "groupnorm")
 
@@ -62,25 +62,17 @@ def prune_to_budget(
     """The least pruning whose ONNX file runs within `budget` of the teacher's latency as deployed (bisection on
     Torch-Pruning's global pruning ratio; every step pruned afresh from the teacher).
 
-    Every step is decided as the search decides a placement (`LatencyJudge.deployed(room=)`, then `fits`): pairs
-    are added until the room is within `DECIDING_ROOM` of the budget, and a step fits when its ratio plus its room
-    does. With fewer pairs a step caught in a slow phase reads over the budget, and the bisection settles far under
+    Every step is decided as the search decides a placement (`judge.deciding`, then `fits`): pairs are added until
+    the room is within `DECIDING_ROOM` of the budget (a measurement other programs disturbed is taken again), and
+    a step fits when its ratio plus its room does. With fewer pairs a step caught in a slow phase reads over the budget, and the bisection settles far under
     it (ab4fc9d7e7, seed 0: kept 0.449 in-loop, 0.398 as deployed, at a 0.5 budget)."""
-    reference = export_onnx(teacher, input_shape).SerializeToString()
-    tried: list[tuple[float, float]] = []
+    judge = LatencyJudge(export_onnx(teacher, input_shape).SerializeToString(), target)
+    tried: list[tuple[float, float, float]] = []
 
     def ratio_at(r: float) -> tuple[nn.Module, float, bool]:
         model = prune(teacher, input_shape, kind, r)
         onnx_bytes = export_onnx(model, input_shape).SerializeToString()
-        stats = measure_isolated(
-            onnx_bytes,
-            reference,
-            target,
-            pairs=4,
-            max_pairs=16,
-            seconds=0.5,
-            max_above=DECIDING_ROOM * budget / 2,
-        )
+        stats = deciding(judge, onnx_bytes, budget)
         tried.append((round(r, 4), round(stats.ratio, 4), round(room(stats), 4)))
         return model, stats.ratio, fits(stats, budget)
 
