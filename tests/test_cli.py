@@ -164,7 +164,8 @@ def test_prune_freezes_a_group_that_breaks_torch(tmp_path):
         ([], dict(strategy="knapsack", importance="path", depth=True, trials=1, final_epochs=15)),
         (["--strategy", "anneal"], dict(start="uniform", importance="taylor", depth=False, trials=12, final_epochs=4)),
         (["--strategy", "dmasking"], dict(depth=False, trials=12, final_epochs=4)),
-        (["--strategy", "l1", "--depth"], dict(depth=True, trials=12)),
+        (["--strategy", "l1", "--depth"], dict(depth=True, trials=1, final_epochs=15)),  # placed as deployed
+        (["--strategy", "random"], dict(trials=12, final_epochs=4)),
         # what the user says wins over the strategy's default
         (["--no-depth", "--importance", "loss", "--trials", "3", "--final-epochs", "2", "--start", "smallest"],
          dict(strategy="knapsack", importance="loss", depth=False, trials=3, final_epochs=2, start="smallest")),

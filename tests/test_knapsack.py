@@ -314,12 +314,15 @@ def test_knapsack_strategy_keeps_its_widths_until_a_trial_measures_over_the_budg
     assert placed == [0.485] and again != first and s.ask() == again and placed == [0.485]
 
 
-def test_knapsack_is_placed_as_deployed_within_the_budget(tiny_graph, npz_data):
-    """--strategy knapsack measures its placement as deployed (what decides what ships) and places it within the
-    budget (a figure without a CI taken at its word; `judge.fits`); its first trial trains those widths, and a
-    trial over in-loop is placed again under the confirmation margin (CONFIRM_MARGIN x budget)."""
+@pytest.mark.parametrize("kind", ["knapsack", "l1", "scratch"])
+def test_placed_strategies_are_placed_as_deployed_within_the_budget(tiny_graph, npz_data, kind):
+    """--strategy knapsack (and the uniform baselines l1 and scratch) measure their placement as deployed (what
+    decides what ships) and place it within the budget (a figure without a CI taken at its word; `judge.fits`);
+    the first trial trains those widths, and a trial over in-loop is placed again under the confirmation margin
+    (CONFIRM_MARGIN x budget). l1's placements are uniform widths: one factor for every group."""
     from types import SimpleNamespace
 
+    from onnxconet.search.config import strategy_defaults
     from onnxconet.search.cost import CostModel
     from onnxconet.search.judge import CONFIRM_MARGIN
     from onnxconet.search.setup import make_strategy
@@ -337,8 +340,9 @@ def test_knapsack_is_placed_as_deployed_within_the_budget(tiny_graph, npz_data):
         raise AssertionError("the placement is measured as deployed, not in-loop")
 
     judge = SimpleNamespace(deployed=deployed, measure=in_loop)
-    ctx = _setup_ctx(tiny_graph, npz_data, judge, strategy="knapsack", budget_on="latency")
+    ctx = _setup_ctx(tiny_graph, npz_data, judge, strategy=kind, budget_on="latency")
     strategy = make_strategy(ctx, space, cost)
+    assert strategy.name == kind
     budget = 0.6
     # placed on the prediction (aimed inside the window under the budget), measured over, placed again
     assert len(measured) >= 2 and measured[0] > budget
@@ -352,6 +356,10 @@ def test_knapsack_is_placed_as_deployed_within_the_budget(tiny_graph, npz_data):
     assert 1.2 * flops(w) == pytest.approx(chosen, abs=1e-4)
     assert strategy.target == pytest.approx(budget * CONFIRM_MARGIN)
     assert cost.observed == []  # the placer's target was steered; the cost model is left as calibrated
+    if kind != "knapsack":  # the uniform widths at the target that measured widest within the budget
+        kept = next(p for p in placement if p["ratio"] == pytest.approx(chosen, abs=1e-4))
+        assert w == cost.rescale(space.full(), kept["target"])
+        assert strategy_defaults(kind)["trials"] == 1  # more trials would train the same widths again
 
 
 def test_deployed_placement_bisects_a_jumpy_response(tiny_graph):

@@ -192,8 +192,8 @@ def search(
         typer.Option(
             "--trials",
             min=1,
-            help="Candidates to train and measure. Default: 1 for knapsack (its placement is measured as deployed "
-            "before training; more trials train the same widths again), 12 for the others.",
+            help="Candidates to train and measure. Default: 1 for knapsack, l1 and scratch (their widths are "
+            "placed as deployed before training; more trials train the same widths again), 12 for the others.",
         ),
     ] = None,
     epochs_per_trial: Annotated[
@@ -204,8 +204,8 @@ def search(
         typer.Option(
             "--final-epochs",
             min=0,
-            help="Fine-tuning epochs of the best. Default: 15 for knapsack (what its one trial leaves of the "
-            "others' 12 trials + 4), 4 for the others.",
+            help="Fine-tuning epochs of the best. Default: 15 for knapsack, l1 and scratch (what their one trial "
+            "leaves of the others' 12 trials + 4), 4 for the others.",
         ),
     ] = None,
     final_from: Annotated[

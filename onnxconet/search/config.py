@@ -21,7 +21,14 @@ DEFAULT_STRATEGY = "knapsack"
 # benched ones: the loss path's placement with removable residual branches, measured as deployed before its one
 # trial (a second trial would train the same widths again), the search's epochs moved to the final fine-tune
 COMMON_DEFAULTS = dict(start="uniform", importance="taylor", depth=False, trials=12, final_epochs=4)
-STRATEGY_DEFAULTS = {"knapsack": dict(importance="path", depth=True, trials=1, final_epochs=15)}
+# placed as deployed before training, their trials train the same widths: one trial, the epochs moved to the final
+# fine-tune (the same total as the other strategies' 12 + 4)
+PLACED_DEFAULTS = dict(trials=1, final_epochs=15)
+STRATEGY_DEFAULTS = {
+    "knapsack": PLACED_DEFAULTS | dict(importance="path", depth=True),
+    "l1": PLACED_DEFAULTS,
+    "scratch": PLACED_DEFAULTS,
+}
 
 
 def strategy_defaults(strategy: str) -> dict:

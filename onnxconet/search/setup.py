@@ -115,17 +115,24 @@ def make_strategy(
             space, objective, cost, DMaskingConfig.from_dict(cfg.dmasking), seed=cfg.seed, trials=cfg.trials,
             epochs_per_trial=cfg.epochs_per_trial,
         )  # fmt: skip
-    if cfg.strategy == "knapsack":
-        place = saliency_placer(ctx, space, cost, from_uniform=cfg.start == "uniform")
+    if cfg.strategy in PLACED:
+        cls = PLACED[cfg.strategy]
+        if cfg.strategy == "knapsack":
+            place = saliency_placer(ctx, space, cost, from_uniform=cfg.start == "uniform")
+        else:
+            place = partial(cost.rescale, space.full())
         if joining or cfg.budget_on != "latency":
-            return KnapsackStrategy(space, objective, cost, place, seed=cfg.seed)
+            return cls(space, objective, cost, seed=cfg.seed, place=place)
         # placed within the budget as deployed, with room for the final check (see `deployed_placement`); placed
         # again in-loop (after a trial measured over) under the fixed confirmation margin
         widths, placement = deployed_placement(ctx, place, cost.predict, ctx.budget.ratio)
         target = ctx.budget.ratio * CONFIRM_MARGIN
-        return KnapsackStrategy(space, objective, cost, place, cfg.seed, widths, target, placement)
-    kinds = {"random": RandomStrategy, "scratch": ScratchStrategy, "l1": L1Strategy}
-    return kinds[cfg.strategy](space, objective, cost, seed=cfg.seed)
+        return cls(space, objective, cost, cfg.seed, place, widths, target, placement)
+    return RandomStrategy(space, objective, cost, seed=cfg.seed)
+
+
+# the strategies whose widths are placed on the budget before training (search/baselines.py)
+PLACED = {"knapsack": KnapsackStrategy, "l1": L1Strategy, "scratch": ScratchStrategy}
 
 
 def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dict[int, int]:
