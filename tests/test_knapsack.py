@@ -456,6 +456,42 @@ def test_fits_leaves_room_for_measuring_the_file_again():
     assert fits(SimpleNamespace(ratio=0.2999), 0.3) and not fits(SimpleNamespace(ratio=0.3001), 0.3)
 
 
+def test_deployed_placement_keeps_the_widest_that_fits_not_the_highest_reading(tiny_graph):
+    """Noisy measurements can read a wider placement lower than a narrower one; of the placements that fit, the
+    one placed at the highest target (the widest: the placers are monotone in their target) is kept, so the noise
+    does not choose."""
+    from types import SimpleNamespace
+
+    from onnxconet.search.cost import CostModel
+    from onnxconet.search.setup import deployed_placement
+
+    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
+    cost = CostModel(tiny_graph, space, "flops")
+    of_model = _flops_ratio(tiny_graph)[1]
+    configs = [
+        dict(zip([g.id for g in space], c, strict=True)) for c in product(*(g.options() for g in space))
+    ]
+    grid = [min(configs, key=lambda w: abs(cost.predict(w) - r)) for r in (0.40, 0.44, 0.47, 0.49)]
+    preds = [cost.predict(w) for w in grid]
+    assert preds == sorted(preds) and len(set(preds)) == 4
+    read = [0.41, 0.48, 0.45, 0.53]  # the third reads under the second: noise; the widest reads over the budget
+
+    def place(t):
+        return next((w for w in reversed(grid) if cost.predict(w) <= t), grid[0])
+
+    def deployed(model, room=None):
+        f = of_model(model)
+        return SimpleNamespace(ratio=read[min(range(4), key=lambda i: abs(preds[i] - f))], rounds=4)
+
+    ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
+    widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=6)
+    fit = [x for x in tried if x["fits"]]
+    highest_target = max(fit, key=lambda x: x["target"])
+    highest_reading = max(fit, key=lambda x: x["ratio"])
+    assert highest_target is not highest_reading  # the case this test is about arose
+    assert {str(k): v for k, v in widths.items()} == highest_target["widths"] and widths == grid[2]
+
+
 def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tiny_graph):
     """With measurements that carry a CI, the placement kept is the widest whose ratio leaves room for its
     spread (`judge.fits`), not the widest whose figure alone is under the budget; each record says whether it
