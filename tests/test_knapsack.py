@@ -474,7 +474,8 @@ def test_deployed_placement_keeps_the_widest_that_fits_not_the_highest_reading(t
     grid = [min(configs, key=lambda w: abs(cost.predict(w) - r)) for r in (0.40, 0.44, 0.47, 0.49)]
     preds = [cost.predict(w) for w in grid]
     assert preds == sorted(preds) and len(set(preds)) == 4
-    read = [0.41, 0.48, 0.45, 0.53]  # the third reads under the second: noise; the widest reads over the budget
+    # the third reads under the second (noise); the widest reads over the budget
+    read = [0.41, 0.48, 0.45, 0.53]
 
     def place(t):
         return next((w for w in reversed(grid) if cost.predict(w) <= t), grid[0])
