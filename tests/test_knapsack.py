@@ -408,36 +408,41 @@ def test_deployed_placement_steps_past_a_placer_that_leaves_its_target_unused(ti
     placement measured under the budget, the next target grows from the target, not from the placement's own
     lower prediction, which stepped back onto the same widths and stopped the steering: on Fashion-MNIST a 0.3
     run shipped at 0.259 of a 0.291 target, a point further along never measured."""
+    from onnxconet.search.setup import deployed_placement
+
+    # what each grid point measures; 0.495 is the one within 0.5
+    ctx, cost, grid, place = _four_point_grid(tiny_graph, (0.5, 0.52, 0.66, 0.7), [0.40, 0.42, 0.495, 0.56])
+    preds = [cost.predict(w) for w in grid]
+    assert preds[1] < 0.55 < 0.63 < preds[2]
+    widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
+    assert widths == grid[2] and len(tried) <= 5
+
+
+def _four_point_grid(cg, at, read):
+    """A placer over four widths of the tiny graph whose FLOPs ratios lie nearest `at` (the widest predicted within
+    its target), and a context whose deployed measurement of each reads the matching `read`."""
     from types import SimpleNamespace
 
     from onnxconet.search.cost import CostModel
-    from onnxconet.search.setup import deployed_placement
 
-    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
-    cost = CostModel(tiny_graph, space, "flops")
-    of_model = _flops_ratio(tiny_graph)[1]
+    space = WidthSpace(cg, min_ratio=0.25, align=1)
+    cost = CostModel(cg, space, "flops")
+    of_model = _flops_ratio(cg)[1]
     configs = [
         dict(zip([g.id for g in space], c, strict=True)) for c in product(*(g.options() for g in space))
     ]
-
-    def nearest(r):
-        return min(configs, key=lambda w: abs(cost.predict(w) - r))
-
-    grid = [nearest(r) for r in (0.5, 0.52, 0.66, 0.7)]
+    grid = [min(configs, key=lambda w: abs(cost.predict(w) - r)) for r in at]
     preds = [cost.predict(w) for w in grid]
-    assert preds == sorted(preds) and len(set(preds)) == 4 and preds[1] < 0.55 < 0.63 < preds[2]
-    as_deployed = [0.40, 0.42, 0.495, 0.56]  # what each grid point measures; 0.495 is the one within 0.5
+    assert preds == sorted(preds) and len(set(preds)) == 4
 
     def place(t):
         return next((w for w in reversed(grid) if cost.predict(w) <= t), grid[0])
 
     def deployed(model, room=None):
         f = of_model(model)
-        return SimpleNamespace(ratio=as_deployed[min(range(4), key=lambda i: abs(preds[i] - f))], rounds=4)
+        return SimpleNamespace(ratio=read[min(range(4), key=lambda i: abs(preds[i] - f))], rounds=4)
 
-    ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
-    widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
-    assert widths == grid[2] and len(tried) <= 5
+    return SimpleNamespace(cg=cg, judge=SimpleNamespace(deployed=deployed)), cost, grid, place
 
 
 def test_fits_leaves_room_for_measuring_the_file_again():
@@ -460,31 +465,10 @@ def test_deployed_placement_keeps_the_widest_that_fits_not_the_highest_reading(t
     """Noisy measurements can read a wider placement lower than a narrower one; of the placements that fit, the
     one placed at the highest target (the widest: the placers are monotone in their target) is kept, so the noise
     does not choose."""
-    from types import SimpleNamespace
-
-    from onnxconet.search.cost import CostModel
     from onnxconet.search.setup import deployed_placement
 
-    space = WidthSpace(tiny_graph, min_ratio=0.25, align=1)
-    cost = CostModel(tiny_graph, space, "flops")
-    of_model = _flops_ratio(tiny_graph)[1]
-    configs = [
-        dict(zip([g.id for g in space], c, strict=True)) for c in product(*(g.options() for g in space))
-    ]
-    grid = [min(configs, key=lambda w: abs(cost.predict(w) - r)) for r in (0.40, 0.44, 0.47, 0.49)]
-    preds = [cost.predict(w) for w in grid]
-    assert preds == sorted(preds) and len(set(preds)) == 4
     # the third reads under the second (noise); the widest reads over the budget
-    read = [0.41, 0.48, 0.45, 0.53]
-
-    def place(t):
-        return next((w for w in reversed(grid) if cost.predict(w) <= t), grid[0])
-
-    def deployed(model, room=None):
-        f = of_model(model)
-        return SimpleNamespace(ratio=read[min(range(4), key=lambda i: abs(preds[i] - f))], rounds=4)
-
-    ctx = SimpleNamespace(cg=tiny_graph, judge=SimpleNamespace(deployed=deployed))
+    ctx, cost, grid, place = _four_point_grid(tiny_graph, (0.40, 0.44, 0.47, 0.49), [0.41, 0.48, 0.45, 0.53])
     widths, tried = deployed_placement(ctx, place, cost.predict, 0.5, tries=6)
     fit = [x for x in tried if x["fits"]]
     highest_target = max(fit, key=lambda x: x["target"])
