@@ -64,8 +64,9 @@ def prune_to_budget(
 
     Every step is decided as the search decides a placement (`judge.deciding`, then `fits`): pairs are added until
     the room is within `DECIDING_ROOM` of the budget (a measurement other programs disturbed is taken again), and
-    a step fits when its ratio plus its room does. With fewer pairs a step caught in a slow phase reads over the budget, and the bisection settles far under
-    it (ab4fc9d7e7, seed 0: kept 0.449 in-loop, 0.398 as deployed, at a 0.5 budget)."""
+    a step fits when its ratio plus its room does. With fewer pairs a step caught in a slow phase reads over the
+    budget, and the bisection settles far under it (ab4fc9d7e7, seed 0: kept 0.449 in-loop, 0.398 as deployed, at
+    a 0.5 budget)."""
     judge = LatencyJudge(export_onnx(teacher, input_shape).SerializeToString(), target)
     tried: list[tuple[float, float, float]] = []
 

@@ -50,7 +50,7 @@ class L1Strategy(Strategy):
     ) -> None:
         super().__init__(space, objective, seed)
         self.cost = cost
-        self.place = place or (lambda t: cost.rescale(space.full(), t))
+        self.place = place or (lambda t: cost.uniform(t))
         self.widths, self.placement = widths, placement or []
         self.target = objective.budget if target is None else target
 

@@ -137,3 +137,8 @@ class CostModel:
     def rescale(self, widths: dict[int, int], target: float) -> dict[int, int]:
         """Scale every group of `widths` by one factor so the predicted ratio lands at (just under) `target`."""
         return scale_onto(widths, target, self.predict, self.space.clip)[0]
+
+    def uniform(self, target: float) -> dict[int, int]:
+        """The uniform widths on `target`: every group of the whole network scaled by one factor (`rescale`); what
+        `l1` trains and where anneal and the knapsack's fill start."""
+        return self.rescale(self.space.full(), target)

@@ -99,6 +99,10 @@ def check_reachable(ctx, space: WidthSpace, cost: CostModel) -> None:
         )
 
 
+# the strategies whose widths are placed on the budget before training (search/baselines.py)
+PLACED = {"knapsack": KnapsackStrategy, "l1": L1Strategy, "scratch": ScratchStrategy}
+
+
 def make_strategy(
     ctx, space: WidthSpace, cost: CostModel, start: dict[int, int] | None = None, joining: bool = False
 ) -> Strategy:
@@ -120,7 +124,7 @@ def make_strategy(
         if cfg.strategy == "knapsack":
             place = saliency_placer(ctx, space, cost, from_uniform=cfg.start == "uniform")
         else:
-            place = partial(cost.rescale, space.full())
+            place = cost.uniform
         if joining or cfg.budget_on != "latency":
             return cls(space, objective, cost, seed=cfg.seed, place=place)
         # placed within the budget as deployed, with room for the final check (see `deployed_placement`); placed
@@ -131,10 +135,6 @@ def make_strategy(
     return RandomStrategy(space, objective, cost, seed=cfg.seed)
 
 
-# the strategies whose widths are placed on the budget before training (search/baselines.py)
-PLACED = {"knapsack": KnapsackStrategy, "l1": L1Strategy, "scratch": ScratchStrategy}
-
-
 def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dict[int, int]:
     """anneal's first widths on the budget: uniform (one factor for every group) or by latency saliency. With a
     latency budget the start is measured (in-loop) before any training and placed again with the corrected cost
@@ -143,7 +143,7 @@ def start_widths(ctx, space: WidthSpace, cost: CostModel, tries: int = 3) -> dic
     if ctx.cfg.start == "knapsack":
         place = saliency_placer(ctx, space, cost)
     else:
-        place = partial(cost.rescale, space.full())
+        place = cost.uniform
     return measured_placement(ctx, place, cost, tries)
 
 
@@ -184,9 +184,9 @@ def deployed_placement(
     which the last measurement's spread sets; one too wide to steer by gets more pairs) until one placement fit
     and one did not, then bisection between them (the response jumps where the uniform grid does: on
     Fashion-MNIST at 0.5, secant steps alone went 0.43, 0.63, 0.35, 0.59, 0.37). At most `tries` measurements;
-    the widest that fit (placed at the highest target) is kept (else the lowest measured). The cost model is left as calibrated: steering the placer's own
-    target does not compound with a refit (placed again on a model refitted with one deployed figure, the
-    knapsack shrank to 0.37 of 0.5). Returns (widths, [{"target", "ratio", "fits", "limit" (the budget less the
+    the widest that fit (placed at the highest target) is kept (else the lowest measured). The cost model is left
+    as calibrated: steering the placer's own target does not compound with a refit (placed again on a model
+    refitted with one deployed figure, the knapsack shrank to 0.37 of 0.5). Returns (widths, [{"target", "ratio", "fits", "limit" (the budget less the
     room), "pairs" (the process pairs the narrowing took), "widths"} per measurement])."""
     t, tried, under, over = budget * (1 - tolerance / 2), [], None, None
     for _ in range(3 * tries):  # (placements already measured cost nothing)
@@ -254,7 +254,7 @@ def saliency_placer(ctx, space: WidthSpace, cost: CostModel, from_uniform: bool 
     fill = partial(knapsack_widths, ctx.cg, space, importance(ctx, space), cost.predict)
     if not from_uniform:
         return fill
-    return lambda budget: fill(budget, start=cost.rescale(space.full(), budget))
+    return lambda budget: fill(budget, start=cost.uniform(budget))
 
 
 # the loss curves read at most this many validation images per cut (the same ones for every cut: a paired
