@@ -446,18 +446,24 @@ def _four_point_grid(cg, at, read):
 
 
 def test_fits_leaves_room_for_measuring_the_file_again():
-    """`judge.fits`: the ratio plus twice the upper half of its CI within the budget; a figure without a CI at
-    its word."""
+    """`judge.fits`: the ratio plus the width of its CI within the budget (at least twice the CI's end over the
+    ratio, where the ratio sits low in it); a figure without a CI at its word."""
     from types import SimpleNamespace
 
-    from onnxconet.search.judge import fits
+    from onnxconet.search.judge import fits, room
 
-    def stats(ratio, hi):
-        return SimpleNamespace(ratio=ratio, ratio_ci=[ratio - 0.001, hi])
+    def stats(lo, ratio, hi):
+        return SimpleNamespace(ratio=ratio, ratio_ci=[lo, hi])
 
-    assert fits(stats(0.295, 0.2965), 0.3)  # 0.295 + 2 x 0.0015 = 0.298
-    assert not fits(stats(0.298, 0.2995), 0.3)  # 0.298 + 0.003 = 0.301
-    assert not fits(stats(0.2905, 0.2955), 0.3)  # a wide CI: 0.2905 + 0.010
+    assert fits(stats(0.294, 0.295, 0.297), 0.3)  # 0.295 + 0.003 = 0.298
+    assert not fits(stats(0.297, 0.298, 0.3), 0.3)  # 0.298 + 0.003 = 0.301
+    assert not fits(stats(0.2895, 0.2905, 0.2955), 0.3)  # a wide CI: 0.2905 + 0.010
+    # the ratio at the CI's top (a slow phase under the median of the pairs): the width decides, not the upper half
+    assert room(stats(0.25, 0.294, 0.295)) == pytest.approx(0.045) and not fits(
+        stats(0.25, 0.294, 0.295), 0.3
+    )
+    # the ratio under the CI (a median of process medians need not lie in the per-pair ratios' interval)
+    assert room(stats(0.29, 0.28, 0.295)) == pytest.approx(0.03)
     assert fits(SimpleNamespace(ratio=0.2999), 0.3) and not fits(SimpleNamespace(ratio=0.3001), 0.3)
 
 
@@ -477,7 +483,7 @@ def test_deployed_placement_keeps_the_widest_that_fits_not_the_highest_reading(t
     assert {str(k): v for k, v in widths.items()} == highest_target["widths"] and widths == grid[2]
 
 
-def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tiny_graph):
+def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tiny_graph, caplog):
     """With measurements that carry a CI, the placement kept is the widest whose ratio leaves room for its
     spread (`judge.fits`), not the widest whose figure alone is under the budget; each record says whether it
     fit."""
@@ -508,6 +514,12 @@ def test_deployed_placement_keeps_the_widest_placement_that_fits_with_its_ci(tin
     sweep = {cost.predict(place(0.3 + 0.002 * k)) for k in range(150)}
     assert kept == pytest.approx(max(r for r in sweep if r + 2 * half <= 0.5), abs=1e-4)
     assert any(not x["fits"] and x["ratio"] <= 0.5 for x in tried)  # under the budget, refused for the room
+    # a room of 16 % of the budget: the user is told the deployment's spread decides much of the placement
+    assert "a room of 16 %" in caplog.text and "under 0.420 to be sure of the budget 0.500" in caplog.text
+    caplog.clear()
+    half = 0.002  # a quiet deployment: no warning
+    deployed_placement(ctx, place, cost.predict, 0.5, tries=5)
+    assert "spreads widely" not in caplog.text
 
 
 def test_a_trial_of_widths_measured_as_deployed_is_judged_by_that_figure(tiny_graph, npz_data):

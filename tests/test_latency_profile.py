@@ -483,23 +483,27 @@ def test_isolated_adds_pairs_while_they_disagree(monkeypatch):
 
 
 def test_isolated_adds_pairs_while_the_ci_leaves_too_much_room(monkeypatch):
-    """With `max_above`, pairs are added while the CI's upper end lies more than that over the ratio. One pair in a
-    slow phase (the candidate at double its time) is that upper end under 11 pairs (the CI is then the extremes),
-    so pairs go on to 11, where the interval leaves it out; noise that keeps coming stops at `max_pairs`; quiet
-    pairs stop at `pairs`."""
+    """With `max_room`, pairs are added while the CI's width (`ci_room`) is over it. One pair in a slow phase (the
+    candidate at double its time) is the CI's upper end under 11 pairs (the CI is then the extremes), so pairs go on
+    to 11, where the interval leaves it out; noise that keeps coming stops at `max_pairs`; quiet pairs stop at
+    `pairs`."""
 
-    def measured(slow_pairs, **kw):
-        _pairs_runner(monkeypatch, "cand", slow_pairs)
+    def measured(slow_pairs, which="cand", **kw):
+        _pairs_runner(monkeypatch, which, slow_pairs)
         return measure_isolated(b"c", b"r", Target(provider="cpu", threads=1), pairs=4, max_pairs=16, **kw)
 
-    rel = measured({1}, max_above=0.05)
+    rel = measured({1}, max_room=0.1)
     assert rel.rounds == 11 and rel.ratio == pytest.approx(0.5) and rel.ratio_ci[1] == pytest.approx(0.5)
-    assert measured({1}).rounds == 16  # without `max_above`, the spread rule: one pair disagrees to the end
-    assert measured(set(), max_above=0.05).rounds == 4
-    rel = measured({1, 5, 9, 13}, max_above=0.05)
+    assert measured({1}).rounds == 16  # without `max_room`, the spread rule: one pair disagrees to the end
+    assert measured(set(), max_room=0.1).rounds == 4
+    rel = measured({1, 5, 9, 13}, max_room=0.1)
     assert rel.rounds == 16 and rel.ratio_ci[1] == pytest.approx(1.0)  # still wide: capped
     # 3 slow of 16: the CI's end is a quiet pair at 16
-    assert measured({1, 5, 9}, max_above=0.05).rounds == 16
+    assert measured({1, 5, 9}, max_room=0.1).rounds == 16
+    # the reference slow in one pair: that pair reads 0.25, under the ratio, which sits at the CI's top. The upper
+    # half alone (0) let 4 pairs decide; the CI's width (0.25) adds pairs until the interval leaves it out
+    rel = measured({1}, which="ref", max_room=0.1)
+    assert rel.rounds == 11 and rel.ratio_ci == pytest.approx([0.5, 0.5])
 
     from onnxconet.search.judge import LatencyJudge, room
 

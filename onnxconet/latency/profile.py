@@ -493,14 +493,29 @@ def _process_medians(runs: dict[str, list[list[float]]]) -> tuple[list[float], l
     return [float(np.median(t)) for t in runs["c"]], [float(np.median(t)) for t in runs["r"]]
 
 
-def _above(runs: dict[str, list[list[float]]]) -> float:
-    """How far the upper end of the 95 % CI of the per-pair ratios so far lies over the ratio `measure_isolated`
-    reports (the median of the candidate's per-process medians over the reference's)."""
+def ci_room(ratio: float, ci) -> float:
+    """How far another measurement of the same files may land over `ratio`: the width of its 95 % CI (`ci`: lo,
+    hi; twice the half-width), or twice the CI's upper end over the ratio where that is more (0 without a CI).
+
+    The width, not the upper half: the ratio `measure_isolated` reports (the median of each model's per-process
+    medians, divided) need not sit in the middle of the per-pair ratios' CI. On a VM whose speed flips between two
+    phases for seconds at a time (the candidate 1.5x slower in the slow one, the reference 1.35x: per-pair ratios
+    of one file 0.21-0.46), it sat at the CI's top, the upper half left a room of 0.003 at a 0.3 budget, and the
+    same file measured 0.25-0.35 over the next minutes (docs/measurements.md, "The room")."""
+    if not ci:
+        return 0.0
+    lo, hi = ci
+    return max(hi - lo, 2 * (hi - ratio), 0.0)
+
+
+def _room(runs: dict[str, list[list[float]]]) -> float:
+    """`ci_room` of the pairs so far, at the ratio `measure_isolated` reports (the median of the candidate's
+    per-process medians over the reference's)."""
     med_c, med_r = _process_medians(runs)
     if not med_c:
         return math.inf
     ratio = float(np.median(med_c) / np.median(med_r))
-    return median_ci([c / r for c, r in zip(med_c, med_r, strict=True)])[2] - ratio
+    return ci_room(ratio, median_ci([c / r for c, r in zip(med_c, med_r, strict=True)])[1:])
 
 
 def _spread(runs: dict[str, list[list[float]]]) -> float:
@@ -518,7 +533,7 @@ def measure_isolated(
     seconds: float = 1.0,
     warmup_seconds: float = 0.25,
     max_pairs: int | None = None,
-    max_above: float | None = None,
+    max_room: float | None = None,
 ) -> RelativeStats:
     """The deployed ratio: each model alone in a fresh runner process, `pairs` pairs alternated (A B, B A, ...),
     each process warming up for `warmup_seconds` and then running back to back for `seconds`; the ratio of the
@@ -528,10 +543,11 @@ def measure_isolated(
     min over the median): a pair caught in a slow phase of the machine (on a shared VM, 2 threads can run at
     1-thread speed for minutes) is then outvoted instead of deciding the median.
 
-    With `max_above`, instead, pairs are added (up to `max_pairs`) while the upper end of the ratio's 95 % CI lies
-    more than `max_above` over the ratio. Under 11 pairs that end is the slowest pair itself (`median_ci`: under 6,
-    the range; at 6-10 the interval's order statistics are still the extremes), so one pair in a slow phase sets
-    it; from 11 on, the interval leaves the extremes out and the pooled pairs decide.
+    With `max_room`, instead, pairs are added (up to `max_pairs`) while the room another measurement may need
+    (`ci_room`: the width of the ratio's 95 % CI) is over `max_room`. Under 11 pairs the CI's ends are the
+    extreme pairs themselves (`median_ci`: under 6, the range; at 6-10 the interval's order statistics are still
+    the extremes), so one pair in a slow phase sets it; from 11 on, the interval leaves the extremes out and the
+    pooled pairs decide.
 
     Raises:
         LatencyError: a model cannot be loaded or run, or the two ended up on different providers.
@@ -547,7 +563,7 @@ def measure_isolated(
         files = {"c": (cand_path, label_of(candidate)), "r": (ref_path, label_of(reference))}
         p = 0
         while p < pairs or (
-            p < max_pairs and (_spread(runs) > PAIR_SPREAD if max_above is None else _above(runs) > max_above)
+            p < max_pairs and (_spread(runs) > PAIR_SPREAD if max_room is None else _room(runs) > max_room)
         ):
             for which in ("c", "r") if p % 2 == 0 else ("r", "c"):
                 with dev.runner() as runner:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import onnx
 
-from onnxconet.latency.profile import PairedMeasurer, RelativeStats, Target, measure_isolated
+from onnxconet.latency.profile import PairedMeasurer, RelativeStats, Target, ci_room, measure_isolated
 
 # the knapsack's in-loop target when a trial measured over the budget in-loop: the in-loop figure has no room of its
 # own for the final check (two deployed measurements of one file differ by ~2.4 % (std) at 2 threads on the CI kind)
@@ -19,17 +19,18 @@ CONFIRM_MARGIN = 0.97
 # leave, as a share of the budget: pairs are added, pooled, while it is wider (`LatencyJudge.deployed(room=)`).
 # One pair in a slow phase set rooms of 0.06-0.28 at a 0.5 budget on 2026-12-05 (the CI of under 11 pairs is their
 # range) and the knapsack kept a placement at 0.33; measuring again alone drew another wide figure. Quiet
-# measurements of ResNet-20 at 1 thread leave 0.003-0.007 at 0.3
+# measurements of ResNet-20 at 1 thread leave ~0.005-0.015 at 0.3
 DECIDING_ROOM = 0.03
 
 
 def fits(stats, budget: float) -> bool:
     """Whether a ratio measured as deployed (`LatencyJudge.deployed`) stays within `budget` when the same file is
-    measured again (the final check): the ratio plus twice the upper half of its 95 % CI. Two medians' difference
-    spreads ~1.4x the standard error and the CI's half is ~2x it, so the room is ~2.8 of those spreads (about 3
-    in 1,000 re-measurements over). A figure without a CI is taken at its word. On this machine at 1 thread the room
-    is ~1 % of the ratio where the fixed `CONFIRM_MARGIN` took 3 %: at a 0.3 budget, placements measured at
-    0.2915-0.297 were thrown away for a 0.291 target (docs/measurements.md)."""
+    measured again (the final check): the ratio plus the width of its 95 % CI (`room`). Two medians' difference
+    spreads ~1.4x the standard error and the CI's width is ~4x it, so the room is ~2.8 of those spreads (about 3
+    in 1,000 re-measurements over). A figure without a CI is taken at its word. On a quiet machine at 1 thread the
+    room is ~1-2 % of the ratio where the fixed `CONFIRM_MARGIN` took 3 % (at a 0.3 budget, placements measured at
+    0.2915-0.297 were thrown away for a 0.291 target); on a VM whose speed flips between phases it is ~10-25 %
+    (docs/measurements.md, "The room")."""
     return stats.ratio + room(stats) <= budget
 
 
@@ -40,10 +41,9 @@ def deciding(judge, candidate, budget: float) -> RelativeStats:
 
 
 def room(stats) -> float:
-    """The room `fits` leaves above a ratio measured as deployed: twice the upper half of its 95 % CI (0 without
-    a CI)."""
-    ci = getattr(stats, "ratio_ci", None)
-    return 2 * max(ci[1] - stats.ratio, 0.0) if ci else 0.0
+    """The room `fits` leaves above a ratio measured as deployed: the width of its 95 % CI, at least twice the
+    CI's upper end over the ratio (`latency.profile.ci_room`; 0 without a CI)."""
+    return ci_room(stats.ratio, getattr(stats, "ratio_ci", None))
 
 
 class LatencyJudge:
@@ -106,7 +106,7 @@ class LatencyJudge:
         seconds = max(0.25, self.max_seconds / 4)  # per process: 0.5 s at the default 2 s
         kw = dict(pairs=pairs, max_pairs=2 * pairs, seconds=seconds)
         if room is not None:
-            kw |= dict(max_pairs=4 * pairs, max_above=room / 2)  # `room` is twice the CI's upper half
+            kw |= dict(max_pairs=4 * pairs, max_room=room)
         with self.alone():
             return _undisturbed(lambda: measure_isolated(src, self.reference, target, **kw))
 
