@@ -1,0 +1,67 @@
+"""tools/bench_tp.py's bisection of Torch-Pruning's ratio to the budget, with pruning and measuring replaced by a
+table (no torch-pruning needed): what ships when a step fits, and when none does."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+from onnxconet.latency.profile import Target
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_tp(monkeypatch, read: dict[float, float], half: float = 0.0):
+    """tools/bench_tp.py with `prune(ratio)` a marker module and its deployed ratio read from `read` (nearest
+    pruning ratio), each figure with a CI of +- `half`."""
+    spec = importlib.util.spec_from_file_location("bench_tp", ROOT / "tools" / "bench_tp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Marked(nn.Module):
+        def __init__(self, ratio):
+            super().__init__()
+            self.ratio = ratio
+
+    def measured(_judge, onnx_bytes, _budget):
+        r = float(onnx_bytes.decode())
+        ratio = read[min(read, key=lambda k: abs(k - r))]
+        return SimpleNamespace(ratio=ratio, ratio_ci=[ratio - half, ratio + half])
+
+    exported = lambda m, _shape: SimpleNamespace(  # noqa: E731
+        SerializeToString=lambda: str(getattr(m, "ratio", 0.0)).encode()
+    )
+    monkeypatch.setattr(mod, "prune", lambda _t, _s, _k, r: Marked(r))
+    monkeypatch.setattr(mod, "export_onnx", exported)
+    monkeypatch.setattr(mod, "deciding", measured)
+    monkeypatch.setattr(mod, "LatencyJudge", lambda *a, **k: None)
+    return mod
+
+
+def _pruned(mod, budget):
+    target = Target(provider="cpu", threads=1)
+    return mod.prune_to_budget(nn.Identity(), (1, 1, 8, 8), "magnitude", budget, target)
+
+
+def test_no_step_fits_ships_the_step_that_measured_lowest_not_the_last(monkeypatch):
+    """When no pruning ratio fits, the lowest-reading step ships (reported as missed): at 0.98 Torch-Pruning's
+    global ranking left a network at 0.71 of the teacher, where 0.9 read 0.26 (6021f4d9df, seed 0 at 0.3)."""
+    mod = _bench_tp(monkeypatch, {0.9: 0.26, 0.95: 0.307, 0.98: 0.71}, half=0.04)
+    out = _pruned(mod, 0.3)
+    assert out.pruning_ratio == 0.9 and out.latency_ratio == 0.26 and out.model.ratio == 0.9
+    assert [s[0] for s in out.steps] == [0.9, 0.95, 0.98]  # all three were tried
+    assert out.latency_ratio + 2 * 0.04 > 0.3  # and it does not fit: the bench reports it as missed
+
+
+def test_bisection_keeps_the_least_pruning_that_fits(monkeypatch):
+    """With a step that fits, the bisection ends on the least pruning whose ratio plus its room is within the
+    budget."""
+    read = {r / 100: 1.0 - r / 100 for r in range(0, 100)}  # the ratio falls as pruning grows
+    mod = _bench_tp(monkeypatch, read, half=0.01)
+    out = _pruned(mod, 0.5)
+    assert out.latency_ratio + 0.02 <= 0.5  # fits
+    # the least pruning that fits, to the table's step
+    assert out.pruning_ratio == pytest.approx(0.52, abs=0.01)
+    assert out.model.ratio == out.pruning_ratio
