@@ -2,6 +2,7 @@
 table (no torch-pruning needed): what ships when a step fits, and when none does."""
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ def _bench_tp(monkeypatch, read: dict[float, float], half: float = 0.0):
     pruning ratio), each figure with a CI of +- `half`."""
     spec = importlib.util.spec_from_file_location("bench_tp", ROOT / "tools" / "bench_tp.py")
     mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_tp", mod)  # its dataclass looks its module up there
     spec.loader.exec_module(mod)
 
     class Marked(nn.Module):
