@@ -459,9 +459,8 @@ def test_fits_leaves_room_for_measuring_the_file_again():
     assert not fits(stats(0.297, 0.298, 0.3), 0.3)  # 0.298 + 0.003 = 0.301
     assert not fits(stats(0.2895, 0.2905, 0.2955), 0.3)  # a wide CI: 0.2905 + 0.010
     # the ratio at the CI's top (a slow phase under the median of the pairs): the width decides, not the upper half
-    assert room(stats(0.25, 0.294, 0.295)) == pytest.approx(0.045) and not fits(
-        stats(0.25, 0.294, 0.295), 0.3
-    )
+    at_top = stats(0.25, 0.294, 0.295)
+    assert room(at_top) == pytest.approx(0.045) and not fits(at_top, 0.3)
     # the ratio under the CI (a median of process medians need not lie in the per-pair ratios' interval)
     assert room(stats(0.29, 0.28, 0.295)) == pytest.approx(0.03)
     assert fits(SimpleNamespace(ratio=0.2999), 0.3) and not fits(SimpleNamespace(ratio=0.3001), 0.3)

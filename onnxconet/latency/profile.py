@@ -493,6 +493,14 @@ def _process_medians(runs: dict[str, list[list[float]]]) -> tuple[list[float], l
     return [float(np.median(t)) for t in runs["c"]], [float(np.median(t)) for t in runs["r"]]
 
 
+def _isolated_ratio(med_c: list[float], med_r: list[float]) -> tuple[float, list[float]]:
+    """(the ratio `measure_isolated` reports: the median of the candidate's per-process medians over the
+    reference's, the per-pair ratios) of the process medians so far: what the stop rules judge and the figure
+    reported are one computation."""
+    pair = [c / r for c, r in zip(med_c, med_r, strict=True)]
+    return float(np.median(med_c) / np.median(med_r)), pair
+
+
 def ci_room(ratio: float, ci) -> float:
     """How far another measurement of the same files may land over `ratio`: the width of its 95 % CI (`ci`: lo,
     hi; twice the half-width), or twice the CI's upper end over the ratio where that is more (0 without a CI).
@@ -514,14 +522,17 @@ def _room(runs: dict[str, list[list[float]]]) -> float:
     med_c, med_r = _process_medians(runs)
     if not med_c:
         return math.inf
-    ratio = float(np.median(med_c) / np.median(med_r))
-    return ci_room(ratio, median_ci([c / r for c, r in zip(med_c, med_r, strict=True)])[1:])
+    ratio, pair = _isolated_ratio(med_c, med_r)
+    return ci_room(ratio, median_ci(pair)[1:])
 
 
 def _spread(runs: dict[str, list[list[float]]]) -> float:
     """(max - min) / median of the per-pair ratios so far."""
-    r = [c / x for c, x in zip(*_process_medians(runs), strict=True)]
-    return (max(r) - min(r)) / float(np.median(r)) if r else 0.0
+    med_c, med_r = _process_medians(runs)
+    if not med_c:
+        return 0.0
+    r = _isolated_ratio(med_c, med_r)[1]
+    return (max(r) - min(r)) / float(np.median(r))
 
 
 def measure_isolated(
@@ -581,14 +592,15 @@ def measure_isolated(
         )
     med_c, med_r = _process_medians(runs)
     _warn_fallback(loaded["c"])
+    ratio, pair = _isolated_ratio(med_c, med_r)
     rel = _relative(
-        [c / r for c, r in zip(med_c, med_r, strict=True)],
+        pair,
         ([x for t in runs["c"] for x in t], loaded["c"]),
         ([x for t in runs["r"] for x in t], loaded["r"]),
         target,
         ISOLATED,
         watch,
-        ratio=float(np.median(med_c) / np.median(med_r)),
+        ratio=ratio,
     )
     rel.process_medians = (med_c, med_r)
     return rel

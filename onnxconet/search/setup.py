@@ -190,8 +190,9 @@ def deployed_placement(
     Fashion-MNIST at 0.5, secant steps alone went 0.43, 0.63, 0.35, 0.59, 0.37). At most `tries` measurements;
     the widest that fit (placed at the highest target) is kept (else the lowest measured). The cost model is left
     as calibrated: steering the placer's own target does not compound with a refit (placed again on a model
-    refitted with one deployed figure, the knapsack shrank to 0.37 of 0.5). Returns (widths, [{"target", "ratio", "fits", "limit" (the budget less the
-    room), "pairs" (the process pairs the narrowing took), "widths"} per measurement])."""
+    refitted with one deployed figure, the knapsack shrank to 0.37 of 0.5). Returns (widths, [{"target",
+    "ratio", "fits", "limit" (the budget less the room), "pairs" (the process pairs the narrowing took),
+    "widths"} per measurement])."""
     t, tried, under, over = budget * (1 - tolerance / 2), [], None, None
     for _ in range(3 * tries):  # (placements already measured cost nothing)
         widths = place(t)
