@@ -10,7 +10,12 @@ is a state dict as tools/bench_search.py writes it (loaded with weights_only=Tru
 
 With --run DIR (a finished search): the widths of up to --top of its complete trials (distinct widths), each
 trained from the original for --final-epochs on the run's data and training subset; prints each trial's search
-score next to its final test accuracy and the rank correlation between them (Kendall's tau, scipy):
+score next to its final test accuracy and the rank correlation between them (Kendall's tau, scipy). Beside the
+trial score it ranks the same widths by the signal the default strategy uses instead of trials (`--importance
+path`): the validation loss of the original cut to those widths, BatchNorm re-estimated, no training (the
+library's `sensitivity.cut_loss` on the batches `search/setup.py` gives it: 10 shuffled training batches, the
+validation split's first CURVE_IMAGES images); lower loss should mean higher final accuracy, so its tau is taken
+against minus the loss. The tau of the trials' in-loop latency ratio is the control (what budget use alone ranks):
 
     python tools/trial_horizon.py --run runs/bench_fashion/runs/resnet20_0.3_anneal_0 --final-epochs 8
 """
@@ -19,14 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
 from scipy.stats import kendalltau
+from torch.utils.data import DataLoader
 
 from onnxconet.data import load_data, make_loaders
 from onnxconet.prepare import prepare
 from onnxconet.search.evaluate import reseed_loader
+from onnxconet.search.sensitivity import cut_loss
+from onnxconet.search.setup import CURVE_IMAGES
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
@@ -41,8 +50,19 @@ def train_widths(bank: WeightBank, cg, widths: dict[int, int], train, teacher, t
     return model
 
 
-def run_mode(run: Path, final_epochs: int, top: int, lr: float) -> dict:
-    """Kendall's tau between a search's trial scores and the final test accuracy of the same widths."""
+def loss_batches(splits, batch_size: int, seed: int) -> tuple[list, list]:
+    """What the default's loss path measures a cut on (search/setup.py): 10 training batches shuffled by the run's
+    seed re-estimate BatchNorm, the validation split's first CURVE_IMAGES images score the cut."""
+    shuffled = DataLoader(splits.train, batch_size=batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    val = DataLoader(splits.val, batch_size=batch_size)
+    return list(islice(shuffled, 10)), list(islice(val, max(1, CURVE_IMAGES // batch_size)))
+
+
+def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None = None) -> dict:
+    """Kendall's tau between a search's trial scores and the final test accuracy of the same widths. With `out`
+    (JSON lines), each trial's row is appended when it is trained, and rows already there for the same trial and
+    final epochs are reused (a run stopped half-way loses no finished training)."""
     lines = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
     cfg = lines[0]["config"]
     trials, seen = [], set()
@@ -59,19 +79,41 @@ def run_mode(run: Path, final_epochs: int, top: int, lr: float) -> dict:
     )
     train, _, test = make_loaders(splits, cfg["batch_size"], cfg["seed"])
     bank = WeightBank(teacher)
+    loss_of = cut_loss(cg, bank, *loss_batches(splits, cfg["batch_size"], cfg["seed"]))
+    done = {}
+    if out is not None and out.exists():
+        for r in (json.loads(x) for x in out.read_text().splitlines() if x.strip()):
+            if "trial" in r and r.get("final_epochs") == final_epochs:
+                done[r["trial"]] = r
     rows = []
     for t in trials:
+        if t["trial"] in done:
+            rows.append(done[t["trial"]])
+            print(json.dumps(done[t["trial"]]), flush=True)
+            continue
         w = {int(k): v for k, v in t["widths"].items()}
+        row = {"trial": t["trial"], "search_accuracy": round(t["accuracy"], 4), "ratio": round(t["ratio"], 4)}
+        row["cut_loss"] = round(loss_of(w), 4)
         tcfg = TrainConfig(epochs=final_epochs, lr=lr, alpha=cfg["alpha"], seed=cfg["seed"])
         model = train_widths(bank, cg, w, train, teacher, tcfg)
-        row = {"trial": t["trial"], "search_accuracy": round(t["accuracy"], 4), "ratio": round(t["ratio"], 4)}
         row["final_test"] = round(evaluate(model, test)["accuracy"], 4)
+        row["final_epochs"] = final_epochs
         rows.append(row)
         print(json.dumps(row), flush=True)
-    tau = kendalltau([r["search_accuracy"] for r in rows], [r["final_test"] for r in rows])
+        if out is not None:
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    final = [r["final_test"] for r in rows]
+    tau = kendalltau([r["search_accuracy"] for r in rows], final)
+    tau_loss = kendalltau([-r["cut_loss"] for r in rows], final)
+    tau_ratio = kendalltau([r["ratio"] for r in rows], final)  # the control: how much is only budget use
     summary = {"run": str(run), "trials": len(rows), "final_epochs": final_epochs, "kendall_tau": tau.statistic,
-               "p_value": tau.pvalue}  # fmt: skip
+               "p_value": tau.pvalue, "kendall_tau_cut_loss": tau_loss.statistic,
+               "p_value_cut_loss": tau_loss.pvalue, "kendall_tau_ratio": tau_ratio.statistic}  # fmt: skip
     print(json.dumps(summary), flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(json.dumps(summary) + "\n")
     return summary
 
 
@@ -80,6 +122,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="a finished search folder: rank correlation of its trials")
     ap.add_argument("--final-epochs", type=int, default=8)
     ap.add_argument("--top", type=int, default=8, help="--run: at most this many distinct trials")
+    ap.add_argument("--out", type=Path, help="--run: JSON lines to append each row to (and reuse rows from)")
     ap.add_argument("--model", default="models/resnet_cifar.py:resnet20")
     ap.add_argument("--teacher", help="state dict of the trained original")
     ap.add_argument("--seed", type=int, default=0, help="data split seed (the teacher's)")
@@ -89,7 +132,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
     if args.run:
-        run_mode(args.run, args.final_epochs, args.top, args.lr)
+        run_mode(args.run, args.final_epochs, args.top, args.lr, args.out)
         return
     if not args.teacher or not args.configs:
         ap.error("--teacher and --configs are needed without --run")
