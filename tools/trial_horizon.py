@@ -32,7 +32,9 @@ from scipy.stats import kendalltau
 from torch.utils.data import DataLoader
 
 from onnxconet.data import load_data, make_loaders
+from onnxconet.files import append_jsonl
 from onnxconet.prepare import prepare
+from onnxconet.search.driver import History
 from onnxconet.search.evaluate import reseed_loader
 from onnxconet.search.sensitivity import cut_loss
 from onnxconet.search.setup import CURVE_IMAGES
@@ -62,11 +64,12 @@ def loss_batches(splits, batch_size: int, seed: int) -> tuple[list, list]:
 def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None = None) -> dict:
     """Kendall's tau between a search's trial scores and the final test accuracy of the same widths. With `out`
     (JSON lines), each trial's row is appended when it is trained, and rows already there for the same trial and
-    final epochs are reused (a run stopped half-way loses no finished training)."""
-    lines = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
-    cfg = lines[0]["config"]
+    final epochs of this run are reused (a run stopped half-way loses no finished training; the file is read and
+    written as a search's history.jsonl is)."""
+    header, history = History(run / "history.jsonl").read()
+    cfg = header["config"]
     trials, seen = [], set()
-    for t in (r for r in lines[1:] if r.get("kind") == "trial" and r.get("state") == "complete"):
+    for t in (r for r in history if r.get("state") == "complete"):
         key = json.dumps(t["widths"], sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -80,11 +83,10 @@ def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None
     train, _, test = make_loaders(splits, cfg["batch_size"], cfg["seed"])
     bank = WeightBank(teacher)
     loss_of = cut_loss(cg, bank, *loss_batches(splits, cfg["batch_size"], cfg["seed"]))
-    done = {}
-    if out is not None and out.exists():
-        for r in (json.loads(x) for x in out.read_text().splitlines() if x.strip()):
-            if "trial" in r and r.get("final_epochs") == final_epochs:
-                done[r["trial"]] = r
+    saved = History(out).read()[1] if out is not None and out.is_file() else []  # a cut last line is skipped
+    done = {
+        r["trial"]: r for r in saved if r.get("run") == str(run) and r.get("final_epochs") == final_epochs
+    }
     rows = []
     for t in trials:
         if t["trial"] in done:
@@ -92,7 +94,8 @@ def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None
             print(json.dumps(done[t["trial"]]), flush=True)
             continue
         w = {int(k): v for k, v in t["widths"].items()}
-        row = {"trial": t["trial"], "search_accuracy": round(t["accuracy"], 4), "ratio": round(t["ratio"], 4)}
+        row = {"kind": "trial", "run": str(run), "trial": t["trial"], "search_accuracy": round(t["accuracy"], 4),
+               "ratio": round(t["ratio"], 4)}  # fmt: skip
         row["cut_loss"] = round(loss_of(w), 4)
         tcfg = TrainConfig(epochs=final_epochs, lr=lr, alpha=cfg["alpha"], seed=cfg["seed"])
         model = train_widths(bank, cg, w, train, teacher, tcfg)
@@ -101,19 +104,17 @@ def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None
         rows.append(row)
         print(json.dumps(row), flush=True)
         if out is not None:
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(out, row)
     final = [r["final_test"] for r in rows]
     tau = kendalltau([r["search_accuracy"] for r in rows], final)
     tau_loss = kendalltau([-r["cut_loss"] for r in rows], final)
     tau_ratio = kendalltau([r["ratio"] for r in rows], final)  # the control: how much is only budget use
-    summary = {"run": str(run), "trials": len(rows), "final_epochs": final_epochs, "kendall_tau": tau.statistic,
-               "p_value": tau.pvalue, "kendall_tau_cut_loss": tau_loss.statistic,
+    summary = {"kind": "summary", "run": str(run), "trials": len(rows), "final_epochs": final_epochs,
+               "kendall_tau": tau.statistic, "p_value": tau.pvalue, "kendall_tau_cut_loss": tau_loss.statistic,
                "p_value_cut_loss": tau_loss.pvalue, "kendall_tau_ratio": tau_ratio.statistic}  # fmt: skip
     print(json.dumps(summary), flush=True)
     if out is not None:
-        with out.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
+        append_jsonl(out, summary)
     return summary
 
 
