@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from itertools import islice
 from pathlib import Path
 
 import torch
 from scipy.stats import kendalltau
-from torch.utils.data import DataLoader
 
 from onnxconet.data import load_data, make_loaders
 from onnxconet.files import append_jsonl
@@ -37,7 +35,7 @@ from onnxconet.prepare import prepare
 from onnxconet.search.driver import History
 from onnxconet.search.evaluate import reseed_loader
 from onnxconet.search.sensitivity import cut_loss
-from onnxconet.search.setup import CURVE_IMAGES
+from onnxconet.search.setup import loss_batches
 from onnxconet.surgery.inherit import WeightBank
 from onnxconet.train.loop import TrainConfig, evaluate, fit, recalibrate_bn
 
@@ -50,15 +48,6 @@ def train_widths(bank: WeightBank, cg, widths: dict[int, int], train, teacher, t
     recalibrate_bn(model, train, batches=10)
     fit(model, train, tcfg, teacher=teacher)
     return model
-
-
-def loss_batches(splits, batch_size: int, seed: int) -> tuple[list, list]:
-    """What the default's loss path measures a cut on (search/setup.py): 10 training batches shuffled by the run's
-    seed re-estimate BatchNorm, the validation split's first CURVE_IMAGES images score the cut."""
-    shuffled = DataLoader(splits.train, batch_size=batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    val = DataLoader(splits.val, batch_size=batch_size)
-    return list(islice(shuffled, 10)), list(islice(val, max(1, CURVE_IMAGES // batch_size)))
 
 
 def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None = None) -> dict:
@@ -82,7 +71,7 @@ def run_mode(run: Path, final_epochs: int, top: int, lr: float, out: Path | None
     )
     train, _, test = make_loaders(splits, cfg["batch_size"], cfg["seed"])
     bank = WeightBank(teacher)
-    loss_of = cut_loss(cg, bank, *loss_batches(splits, cfg["batch_size"], cfg["seed"]))
+    loss_of = cut_loss(cg, bank, *loss_batches(splits.train, splits.val, cfg["batch_size"], cfg["seed"]))
     saved = History(out).read()[1] if out is not None and out.is_file() else []  # a cut last line is skipped
     done = {
         r["trial"]: r for r in saved if r.get("run") == str(run) and r.get("final_epochs") == final_epochs

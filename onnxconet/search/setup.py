@@ -307,16 +307,19 @@ def importance(ctx, space: WidthSpace):
     return curve_gain(curves)
 
 
-def _loss_batches(ctx) -> tuple[list, list]:
-    """The measured losses' data: 10 shuffled training batches (fixed by the seed) re-estimate BatchNorm for every
-    cut, and the validation split's first CURVE_IMAGES images score it: the same for every cut (paired)."""
-    bs = ctx.cfg.batch_size
+def loss_batches(train, val, batch_size: int, seed: int) -> tuple[list, list]:
+    """The measured losses' data: 10 batches of the `train` dataset shuffled by `seed` re-estimate BatchNorm for
+    every cut, and the `val` dataset's first CURVE_IMAGES images score it: the same for every cut (paired).
+    tools/trial_horizon.py measures a cut on the same batches."""
     shuffled = DataLoader(
-        ctx.loaders.train.dataset, batch_size=bs, shuffle=True,
-        generator=torch.Generator().manual_seed(ctx.cfg.seed),
-    )  # fmt: skip
-    val = DataLoader(ctx.loaders.val.dataset, batch_size=bs)
-    return list(islice(shuffled, 10)), list(islice(val, max(1, CURVE_IMAGES // bs)))
+        train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    scored = DataLoader(val, batch_size=batch_size)
+    return list(islice(shuffled, 10)), list(islice(scored, max(1, CURVE_IMAGES // batch_size)))
+
+
+def _loss_batches(ctx) -> tuple[list, list]:
+    return loss_batches(ctx.loaders.train.dataset, ctx.loaders.val.dataset, ctx.cfg.batch_size, ctx.cfg.seed)
 
 
 def loss_path(ctx, space: WidthSpace, predict) -> Callable[[float], dict[int, int]]:
