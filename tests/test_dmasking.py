@@ -222,6 +222,50 @@ def test_derived_widths_respect_divisors_and_budget(grouped):
     assert any(cg.groups[g].divisor == 2 for g in runs[0][0])
 
 
+def test_options_follow_the_runs_align_unless_set():
+    """Unset, dmasking's options are the run's widths (`WidthSpace` at --align 4: ResNet-20's 32-channel groups
+    reach 4); `align=8` still restricts groups of >= 32 channels to multiples of 8 (the old default, which
+    ignored --align)."""
+    cg = prepare("models/fashion_mnist.py:resnet20").graph
+    space = WidthSpace(cg, align=4)
+    cost = CostModel(cg, space, "flops")
+    own = DMaskingStrategy(space, Objective(0.5), cost, DMaskingConfig(options=16))
+    eight = DMaskingStrategy(space, Objective(0.5), cost, DMaskingConfig(options=16, align=8))
+    for gid, opts in own.options.items():
+        gs = space.groups[gid]
+        assert opts == gs.options() and own.grid[gid] == gs.options()  # every width of the run, no more
+        if gs.hi >= 32:
+            assert all(w % 8 == 0 for w in eight.options[gid]) and min(eight.options[gid]) == 8
+            assert any(w % 8 for w in opts) and min(opts) == gs.lo == gs.hi // 8  # 12, 20, ...; 4 or 8
+    assert sorted({space.groups[g].hi for g in own.options}) == [16, 32, 64]
+    assert all(min(own.options[g]) == 4 for g in own.options if space.groups[g].hi == 32)
+
+
+def test_derivation_stops_when_the_budget_leaves_nothing_new(grouped):
+    """Every handed-out configuration is new; when the budget fits only the narrowest widths, the second ask
+    is None (the run stops there) and the summary says after how many."""
+    cg = grouped.graph
+    space = WidthSpace(cg, min_ratio=0.25)
+    cost = CostModel(cg, space, "flops")
+    floor = EffectiveCost(cg, "flops").ratio(space.smallest())
+
+    def strategy(budget):
+        s = DMaskingStrategy(space, Objective(budget), cost, DMaskingConfig(options=4, align=1), seed=1)
+        rng = np.random.default_rng(0)
+        s.derive_from(SupernetResult({g: rng.normal(0, 1, len(o)) for g, o in s.options.items()}, 1.0))
+        s.supernet_summary = {}
+        s.supernet.history = [{}]
+        return s
+
+    tight = strategy(floor * 1.001)
+    assert tight.ask() == space.smallest()
+    assert tight.ask() is None and tight.summary()["dmasking"]["exhausted_after"] == 1
+    roomy = strategy(0.6)
+    asked = [roomy.ask() for _ in range(6)]
+    assert None not in asked and len({tuple(sorted(w.items())) for w in asked}) == 6
+    assert "exhausted_after" not in roomy.supernet_summary
+
+
 def test_put_on_budget_scales_both_ways():
     """The derivation's fit to the budget (`scale_onto` over dmasking's span) scales down and up."""
     one = lambda w: int(min(64, max(8, round(w / 8) * 8)))  # noqa: E731
@@ -318,9 +362,10 @@ def test_prepare_binds_the_recorded_resolution(tmp_path):
 
 # --------------------------------------------------------------------------------------- end to end
 def cfg(tmp_path, data, **kw):
-    """`search_cfg` with dmasking: 2 trials, budget 0.5, a 2-epoch supernet over 4 width options."""
-    dm = {"strategy": "dmasking", "trials": 2, "pretrain_epochs": 3, "budget": "0.5"}
-    return search_cfg(tmp_path, data, **(dm | {"dmasking": {"epochs": 2, "options": 4, "align": 1}} | kw))
+    """`search_cfg` with dmasking: 2 trials, budget 0.5, a 2-epoch supernet over 4 width options, --align 1 (both
+    of the tiny model's groups searched: with one, every derivation scales onto the same width)."""
+    dm = {"strategy": "dmasking", "trials": 2, "pretrain_epochs": 3, "budget": "0.5", "align": 1}
+    return search_cfg(tmp_path, data, **(dm | {"dmasking": {"epochs": 2, "options": 4}} | kw))
 
 
 def test_dmasking_smoke(tmp_path, npz_data):
@@ -335,7 +380,8 @@ def test_dmasking_smoke(tmp_path, npz_data):
     assert set(hist[-1]["probs"]) == {str(g) for g in res["dmasking"]["searched_groups"]}
     assert all(abs(sum(p) - 1) < 1e-3 for p in hist[-1]["probs"].values())
     trials = res["trials"]
-    assert [t["derived"] for t in trials] == ["argmax", "expected"] or trials[1]["derived"] == "sample"
+    assert trials[0]["derived"] == "argmax" and trials[1]["derived"] in ("expected", "sample")
+    assert trials[0]["widths"] != trials[1]["widths"] and "exhausted_after" not in res["dmasking"]
     assert "logits_history" in trials[0] and trials[0]["supernet"]["epochs"] == 2
     out = tmp_path / "run"
     assert (

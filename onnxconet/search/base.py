@@ -106,8 +106,9 @@ class Setup:
 
 
 class Strategy:
-    """Base class: `ask()` returns the next widths; `tell(trial)` reports its result and returns the facts the
-    strategy wants recorded with it (kept apart from the trial's own fields in the history).
+    """Base class: `ask()` returns the next widths (None: nothing new is left to try, and the run's trials stop
+    there); `tell(trial)` reports its result and returns the facts the strategy wants recorded with it (kept
+    apart from the trial's own fields in the history).
 
     Optional capabilities, declared here with their defaults so the run never probes for them:
         reinit: trials start from re-initialized weights (the `scratch` baseline), not the original's.
@@ -142,7 +143,7 @@ class Strategy:
         finished trials (non-empty when resuming). Default: nothing to prepare."""
         return Setup()
 
-    def ask(self) -> dict[int, int]:
+    def ask(self) -> dict[int, int] | None:
         raise NotImplementedError
 
     def tell(self, trial: Trial) -> dict[str, Any]:

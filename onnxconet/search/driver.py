@@ -162,6 +162,13 @@ class Loop:
         absorb = self.absorb and self.strategy.absorb
         for n in range(len(self.records), self.trials):
             widths = self.strategy.ask()
+            if widths is None:
+                self._emit(
+                    "stage",
+                    {"text": f"{self.strategy.name}: no configuration left that no trial has trained; "
+                     f"the search stops after {n} of {self.trials} trials"},
+                )  # fmt: skip
+                break
             self._emit("trial_start", {"trial": n, "trials": self.trials, "widths": widths})
             with faults.phase(f"trial {n}"):
                 self._trial(n, widths, absorb)

@@ -38,8 +38,8 @@ Loss of the logits step (`loss`):
 
 Phase 2, derivation (`derive.py`; one trial per `ask`): trial 0 the argmax option of every group, trial 1 the
 expected width under the final distributions, later trials samples from them; each is put onto the budget as
-predicted (one scale factor for all groups, widths snapped to the group's grid: multiples of 8 where the group
-is wide enough, else of its divisor) under `margin` × budget for latency (measurement noise; the margin is
+predicted (one scale factor for all groups, widths snapped to the group's grid: the run's widths, which follow
+its --align) under `margin` × budget for latency (measurement noise; the margin is
 corrected by the ratio measured / predicted of the trials told so far; and each candidate is measured before
 it is handed out: over the budget, its prediction is scaled by measured / predicted and it is put back on the
 budget, `verify`).

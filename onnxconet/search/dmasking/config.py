@@ -19,7 +19,9 @@ class DMaskingConfig:
             (trials x epochs_per_trial), at least `min_epochs`.
         min_epochs: lower bound of the default above.
         options: at most this many width options per group (spread over the group's grid).
-        align: options and derived widths are multiples of this where the group has >= 4 of them.
+        align: None (default): the run's widths, which `--align` already steps (`WidthSpace`); a number
+            restricts options and derived widths further to multiples of it where a group has >= 4 of them
+            (before 2026-12-06 this was 8 whatever --align said).
         tau0, tau_decay: Gumbel-softmax temperature at epoch e is tau0 * tau_decay**e.
         warmup: share of the epochs with the logits frozen.
         arch_lr, arch_wd: Adam for the logits.
@@ -41,7 +43,7 @@ class DMaskingConfig:
     epochs: int | None = None
     min_epochs: int = 8
     options: int = 8
-    align: int = 8
+    align: int | None = None
     tau0: float = 5.0
     tau_decay: float = 0.956
     warmup: float = 0.1
@@ -79,6 +81,8 @@ class DMaskingConfig:
             problems.append(f"hard {self.hard!r} is not none, weights or both")
         if self.inherit not in ("supernet", "original"):
             problems.append(f"inherit {self.inherit!r} is not supernet or original")
+        if self.align is not None and self.align < 1:
+            problems.append(f"align must be >= 1 (or unset: the run's --align), got {self.align}")
         if self.options < 2:
             problems.append(f"options must be >= 2, got {self.options}")
         if not 0 < self.arch_split < 1:

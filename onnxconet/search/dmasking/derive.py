@@ -136,17 +136,22 @@ class Derivation:
         predict = self.cost.predict if factor == 1.0 else (lambda w: self.cost.predict(w) * factor)
         return scale_onto(dict(raw), self.cost.target(), predict, lambda w: snap(self.grid, w), span=SPAN)
 
-    def candidate(self, n: int, asked: list[dict[int, int]]) -> tuple[dict[int, int], dict]:
-        """Trial n's widths (never one of `asked` while a sample can avoid it) and the facts to record with it
-        (`predicted_raw` is for the strategy's correction, not recorded)."""
+    def candidate(self, n: int, asked: list[dict[int, int]]) -> tuple[dict[int, int] | None, dict]:
+        """Trial n's widths, never one of `asked`, and the facts to record with it (`predicted_raw` is for the
+        strategy's correction, not recorded). (None, {}) when `RETRIES` samples all land, on the budget and
+        checked, on configurations already asked: the budget leaves the grid nothing new to train."""
         raw, kind = self.raw(n)
-        widths, scale = self.on_budget(raw)
-        tries = 0
-        while widths in asked and tries < RETRIES:  # a repeated configuration teaches nothing: draw again
-            tries += 1
-            raw, kind = self.raw(max(n, 2))
+        for tries in range(RETRIES + 1):
+            if tries:  # a repeated configuration teaches nothing: draw again
+                raw, kind = self.raw(max(n, 2))
             widths, scale = self.on_budget(raw)
-        widths, scale, factor = self._verified(raw, widths, scale)
+            if widths in asked:  # checked or not, it was handed out before
+                continue
+            widths, scale, factor = self._verified(raw, widths, scale)
+            if widths not in asked:
+                break
+        else:
+            return None, {}
         snapped = snap(self.grid, raw)
         predict = self.cost.predict
         return widths, {

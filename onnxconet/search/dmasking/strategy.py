@@ -55,8 +55,9 @@ class DMaskingStrategy(Strategy):
         self.on = cost.on
         self.config = config or DMaskingConfig()
         self.epochs = self.config.epochs or max(self.config.min_epochs, trials * epochs_per_trial)
-        self.options = width_options(self.cg, space, self.config.options, self.config.align)
-        self.grid = {g.id: width_grid(self.cg, space, g.id, self.config.align) for g in space}
+        align = self.config.align or 1  # unset: the space's own steps, which follow the run's --align
+        self.options = width_options(self.cg, space, self.config.options, align)
+        self.grid = {g.id: width_grid(self.cg, space, g.id, align) for g in space}
         self.rng = np.random.default_rng(seed)
         self.dm_cost = DMaskingCost(self.cg, self.on, objective.budget, self.config)
         self.supernet: SupernetResult | None = None
@@ -115,10 +116,13 @@ class DMaskingStrategy(Strategy):
         )
 
     # ---- the trials
-    def ask(self) -> dict[int, int]:
+    def ask(self) -> dict[int, int] | None:
         if self.derivation is None:
             raise OnnxconetError("DMaskingStrategy.prepare(ctx, records) must be called before ask()")
         widths, self._pending = self.derivation.candidate(len(self.asked), self.asked)
+        if widths is None:  # every draw repeats a configuration already trained: stop the trials here
+            self.supernet_summary["exhausted_after"] = len(self.asked)
+            return None
         self.asked.append(widths)
         return widths
 
