@@ -1,17 +1,21 @@
 """dmasking (FBNetV2's DMaskingNAS): staircase masks, where they act, gradients to the logits, expected cost,
 derived widths, a smoke run and resume after a kill."""
 
+import copy
 import json
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
 
 from onnxconet.commands.search import run_search
 from onnxconet.errors import OnnxconetError
+from onnxconet.graph.groups import ChannelGraph
 from onnxconet.graph.stats import count_flops, count_params
 from onnxconet.prepare import prepare
 from onnxconet.search.base import Objective, Trial, TrialState
@@ -26,6 +30,7 @@ from onnxconet.surgery.inherit import WeightBank
 from onnxconet.surgery.torch import slice_torch, zero_pruned
 from onnxconet.train.loop import TrainConfig
 from tests.conftest import TINY, search_cfg
+from tests.oracle import randomize_norms
 
 
 class Grouped(nn.Module):
@@ -104,14 +109,21 @@ def test_staircase_follows_importance(tiny):
     assert m[int(np.argmin(rank))] == 1.0 and m[int(np.argmax(rank))] == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("which", ["tiny", "grouped"])
+@pytest.mark.parametrize("which", ["tiny", "grouped", "tiny+depth"])
 def test_one_hot_masks_equal_pruning(which, tiny, grouped):
     """With one-hot weights the masked supernet computes exactly the pruned network (keep_mask, same scores):
-    masks sit where the channel's value is final (after the BN, or on the producer when no BN follows)."""
-    prep = tiny if which == "tiny" else grouped
-    cg, model = prep.graph, prep.loaded.module.eval()
-    space = WidthSpace(cg, min_ratio=0.25)
+    masks sit where the channel's value is final (after the BN, or on the producer when no BN follows). With
+    --depth the residual branch's width 0 computes the network with the branch removed (its offset kept)."""
+    prep = grouped if which == "grouped" else tiny
+    cg = prep.graph
+    model = randomize_norms(copy.deepcopy(prep.loaded.module))  # a removed branch's offset is not 0
+    space = WidthSpace(cg, min_ratio=0.25, depth=which.endswith("depth"))
     options = width_options(cg, space, 6, align=1)
+    if which.endswith("depth"):
+        (branch,) = cg.removable
+        gates = Supernet(model, cg, options, cg.l1_scores()).gates
+        assert options[branch][0] == 0 and [g.gid for g in gates] == [branch]
+        options[branch] = [0, options[branch][-1]]  # both widths drawn below, 0 among them
     scores = cg.l1_scores()
     net = Supernet(model, cg, options, scores)
     assert net.gids == sorted(options) and not net.skipped
@@ -162,6 +174,67 @@ def test_gradients_reach_logits(tiny):
     for gid in net.gids:
         assert net.logits[str(gid)].grad.abs().sum() > 0, gid
     net.detach()
+
+
+def test_width_zero_fades_the_branch_when_weights_are_soft(tiny):
+    """Soft weights: the branch's exit into the residual Add (the BatchNorm after conv2) is its own output
+    times 1 - w_0, so the task loss reaches option 0's logit; a train-mode BatchNorm would otherwise normalize
+    the zeroed share away. One-hot weights at 0 are not faded: the zero staircase removes the branch exactly."""
+    cg = tiny.graph
+    model = randomize_norms(copy.deepcopy(tiny.loaded.module)).train()  # the BN's shift: not 0
+    options = width_options(cg, WidthSpace(cg, min_ratio=0.25, depth=True), 4, align=1)
+    (branch,) = cg.removable
+    net = Supernet(model, cg, options, cg.l1_scores())
+    (gate,) = net.gates
+    exit_module = model.get_submodule(gate.module)
+    seen = {}
+
+    def record(mod, inp, out):  # registered before the supernet's hooks: `out` is the module's own output
+        seen["own"] = type(mod).forward(mod, inp[0]).detach()
+
+    handle = exit_module.register_forward_hook(record)
+    net.attach()
+    exit_module.register_forward_hook(lambda _m, _i, out: seen.__setitem__("faded", out))
+    x = torch.randn(8, 3, 16, 16)
+    full = {g: torch.eye(len(o))[-1] for g, o in options.items()}  # the other groups at full width
+    for w0 in (0.0, 0.3, 0.9):
+        logits = torch.log(torch.tensor([w0, 1 - w0]).clamp_min(1e-12)).requires_grad_()
+        w = torch.zeros(len(options[branch]))
+        w = w.index_put((torch.tensor([0, len(w) - 1]),), torch.softmax(logits, 0))
+        net.set_weights(full | {branch: w})
+        loss = model(x).square().mean()
+        torch.testing.assert_close(seen["faded"].detach(), (1 - w0) * seen["own"], rtol=1e-5, atol=1e-6)
+        loss.backward()
+        assert logits.grad.abs().sum() > 0
+    with torch.no_grad():  # the real sub-network at 0: not faded, the exit is the BN of conv2's zero output
+        net.set_weights(full | {branch: torch.eye(len(options[branch]))[0]})
+        model(x)
+        torch.testing.assert_close(seen["faded"], seen["own"])
+        shift = exit_module.bias.detach().view(1, -1, 1, 1)
+        assert shift.abs().min() > 0
+        torch.testing.assert_close(seen["own"], shift.expand_as(seen["own"]))
+    handle.remove()
+    net.detach()
+
+
+def test_options_without_a_gate_drop_width_zero(tiny):
+    """A group offered 0 whose branch exit no torch module stands for keeps its branch (the Supernet refuses it),
+    with the reason: here the exit BatchNorm is renamed, so the export's module "conv2.1" is not in the model."""
+    from onnxconet.search.masks import depth_options
+
+    cg = tiny.graph
+    options = width_options(cg, WidthSpace(cg, min_ratio=0.25, depth=True), 4, align=1)
+    (branch,) = cg.removable
+    model = copy.deepcopy(tiny.loaded.module).eval()
+    kept, why = depth_options(cg, model, options)
+    assert kept == options and why == {}
+    model.conv2[1] = nn.Sequential(model.conv2[1], nn.Upsample(scale_factor=1))  # same shape: still fine
+    assert depth_options(cg, model, options)[1] == {}
+    model.conv2 = nn.Sequential(OrderedDict(conv=model.conv2[0], norm=model.conv2[1]))  # no module "conv2.1"
+    kept, why = depth_options(cg, model, options)
+    assert kept[branch] == options[branch][1:] and "exit" in why[branch]
+    with pytest.raises(ValueError, match=f"group {branch} is offered width 0"):
+        Supernet(model, cg, options, cg.l1_scores())
 
 
 # --------------------------------------------------------------------------------------- expected cost
@@ -389,6 +462,22 @@ def test_dmasking_smoke(tmp_path, npz_data):
     )
     assert json.loads((out / "result.json").read_text())["logits_history"][-1]["epoch"] == 2
     assert "expected width" in (out / "report.md").read_text()
+
+
+def test_dmasking_with_depth_meets_a_budget_only_a_removed_branch_meets(tmp_path, npz_data):
+    """tiny_res at --align 8, the oracle of test_branches' knapsack run: only the 12-channel branch group is
+    searched, and a 0.2 FLOPs budget is met only with that branch removed. dmasking --depth searches width 0,
+    ships it in a file without the branch's convs, and then has nothing new to train."""
+    res = run_search(cfg(tmp_path, npz_data, depth=True, align=8, budget="0.2")).to_json()
+    best, dm = res["best"], res["dmasking"]
+    cg = ChannelGraph(onnx.load(tmp_path / "run" / "baseline.onnx"))
+    (branch,) = cg.removable
+    assert dm["searched_groups"] == [branch] and dm["options"][str(branch)][0] == 0
+    assert best["budget_met"] and best["flops_ratio"] <= 0.2 and best["max_abs_diff"] < 1e-4
+    assert {int(k): v for k, v in best["widths"].items()}[branch] == 0
+    shipped = onnx.load(tmp_path / "run" / "best.onnx")
+    assert {n.input[1] for n in shipped.graph.node if n.op_type == "Conv"} == {"stem.0.weight"}
+    assert dm["exhausted_after"] == 1 and len(res["trials"]) == 1
 
 
 def test_dmasking_resume_after_kills(tmp_path, npz_data, monkeypatch):

@@ -244,7 +244,8 @@ def search(
             "--depth/--no-depth",
             help="Let a group whose residual branch can be removed take width 0 (the branch and its nodes "
             "go; `inspect` marks these groups): at low latency budgets a node's fixed cost decides what fits. "
-            "Default: on for knapsack, off for the others (dmasking cannot yet).",
+            "Default: on for knapsack, off for the others (dmasking: the option 0 fades the branch out in its "
+            "supernet).",
         ),
     ] = None,
     resolutions: Annotated[

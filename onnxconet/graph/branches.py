@@ -35,10 +35,17 @@ def removable_groups(cg) -> dict[int, tuple[str, ...]]:
     the names of the nodes that go with its branch."""
     out = {}
     for g in cg.prunable:
-        nodes = _branch(cg, g.id)
+        nodes, _ = _branch(cg, g.id)
         if nodes:
             out[g.id] = nodes
     return out
+
+
+def branch_exits(cg, gid: int) -> tuple[str, ...]:
+    """The tensors through which group `gid`'s removable branch reaches its residual merge (the constants the
+    merge receives once the group is 0: ResNet's last BatchNorm output of the block); () when it cannot go.
+    Scaling these by a factor fades the whole branch out (dmasking's gate for width 0)."""
+    return _branch(cg, gid)[1]
 
 
 def _only_group(cg, name: str, gid: int) -> bool:
@@ -54,8 +61,9 @@ def _const_inputs(cg, node: Node, skip: str) -> bool:
     return all(not i or i == skip or g.is_initializer(i) or g.const(i) is not None for i in node.inputs)
 
 
-def _branch(cg, gid: int) -> tuple[str, ...]:
-    """The nodes removed with group `gid` at width 0, or () when it cannot go."""
+def _branch(cg, gid: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the nodes removed with group `gid` at width 0, the branch's tensors that feed the merge), or ((), ())
+    when it cannot go."""
     graph = cg.graph
     starts = set()
     for (param, _axis), m in cg.members.items():
@@ -64,21 +72,21 @@ def _branch(cg, gid: int) -> tuple[str, ...]:
                 if node.op == "Shape":
                     continue  # the exporter's run-time bias (zeros shaped like the weight's rows)
                 if node.op not in LAYERS or node.inputs[1] != param:
-                    return ()
+                    return (), ()
                 starts.add(node.outputs[0])
     if not starts:
-        return ()
-    empty, const = set(), set()
+        return (), ()
+    empty, const, exits = set(), set(), set()
     todo = [(t, "empty") for t in sorted(starts)]
     while todo:
         t, kind = todo.pop()
         if t in empty or t in const:
             continue
         if t in graph.outputs:
-            return ()
+            return (), ()
         if kind == "empty":
             if not _only_group(cg, t, gid):
-                return ()
+                return (), ()
             empty.add(t)
         else:
             const.add(t)
@@ -86,7 +94,7 @@ def _branch(cg, gid: int) -> tuple[str, ...]:
             if kind == "empty":
                 if node.op in LAYERS and node.inputs[0] == t and int(node.attr("group", 1)) == 1:
                     if _only_group(cg, node.outputs[0], gid) or not _const_inputs(cg, node, t):
-                        return ()
+                        return (), ()
                     todo.append((node.outputs[0], "const"))
                 elif (
                     (node.op in CHANNELWISE or node.op in LAYERS)
@@ -95,16 +103,17 @@ def _branch(cg, gid: int) -> tuple[str, ...]:
                 ):
                     todo.append((node.outputs[0], "empty"))  # per channel, a depthwise conv too
                 else:
-                    return ()
+                    return (), ()
             elif node.op in CHANNELWISE and node.inputs[0] == t and _const_inputs(cg, node, t):
                 todo.append((node.outputs[0], "const"))
             elif node.op in ("Add", "Sum") and any(
                 i != t and not _const_inputs(cg, node, i) for i in node.inputs
             ):
-                continue  # the residual merge: the branch becomes an offset of the other input
+                exits.add(t)  # the residual merge: the branch becomes an offset of the other input
             else:
-                return ()
+                return (), ()
     if not const:
-        return ()
+        return (), ()
     gone = empty | const
-    return tuple(sorted(n.name for n in graph.nodes if n.outputs and all(o in gone for o in n.outputs if o)))
+    nodes = tuple(sorted(n.name for n in graph.nodes if n.outputs and all(o in gone for o in n.outputs if o)))
+    return nodes, tuple(sorted(exits))

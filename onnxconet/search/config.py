@@ -144,11 +144,6 @@ class SearchConfig:
             raise OnnxconetError(f"--final-from {self.final_from!r} is not trial or original")
         if self.strategy == "dmasking":
             DMaskingConfig.from_dict(self.dmasking)
-            if self.depth:
-                raise OnnxconetError(
-                    "--depth is not supported by --strategy dmasking yet (its masks are not checked at width 0); "
-                    "use knapsack, anneal or random with --depth"
-                )
         if self.resolutions is not None:
             if self.strategy != "dmasking":
                 raise OnnxconetError(

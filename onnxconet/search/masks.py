@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from onnxconet.graph.branches import branch_exits
 from onnxconet.graph.groups import ChannelGraph, split_param_name
 from onnxconet.space import WidthSpace
 
@@ -50,9 +51,10 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # --------------------------------------------------------------------------------------- width options
 def width_grid(cg: ChannelGraph, space: WidthSpace, gid: int, align: int = 8) -> list[int]:
     """The allowed widths of group `gid`: the space's values, restricted to multiples of `align` (times the
-    group's divisor) when the group is wide enough for at least 4 of them; the full width always included."""
+    group's divisor) when the group is wide enough for at least 4 of them; the full width always included;
+    0 first where the space lets the group's branch go (`WidthSpace(depth=True)`)."""
     gs = space.groups[gid]
-    values = gs.options()
+    values = [w for w in gs.options() if w > 0]
     div = cg.groups[gid].divisor
     unit = math.lcm(max(1, align), div)
     if align > 1 and gs.hi >= 4 * unit:
@@ -61,24 +63,26 @@ def width_grid(cg: ChannelGraph, space: WidthSpace, gid: int, align: int = 8) ->
             values = aligned
     if values[-1] != gs.hi:
         values.append(gs.hi)
-    return values
+    return [0] * gs.zero + values
 
 
 def width_options(
     cg: ChannelGraph, space: WidthSpace, max_options: int = 8, align: int = 8
 ) -> dict[int, list[int]]:
     """Per searched group, at most `max_options` widths spread evenly over its grid (`width_grid`), smallest
-    and full width included; ascending, in channels (multiples of the group's divisor)."""
+    and full width included, and 0 on top where the group's branch may go; ascending, in channels (multiples
+    of the group's divisor)."""
     if max_options < 2:
         raise ValueError(f"max_options must be >= 2, got {max_options}")
     out: dict[int, list[int]] = {}
     for gs in space:
         grid = width_grid(cg, space, gs.id, align)
+        zero, grid = grid[:1] if grid[0] == 0 else [], [w for w in grid if w > 0]
         if len(grid) > max_options:
             idx = np.unique(np.round(np.linspace(0, len(grid) - 1, max_options)).astype(int))
             grid = [grid[i] for i in idx]
-        if len(grid) >= 2:
-            out[gs.id] = grid
+        if len(zero + grid) >= 2:
+            out[gs.id] = zero + grid
     return out
 
 
@@ -261,6 +265,72 @@ def plan_sites(
     return sites, searchable, reasons
 
 
+@dataclass(frozen=True)
+class GateSite:
+    """A module whose output is the ONNX tensor `tensor`, through which group `gid`'s removable branch reaches
+    its residual merge (`graph.branches.branch_exits`)."""
+
+    module: str
+    tensor: str
+    gid: int
+
+
+def plan_gates(
+    cg: ChannelGraph, model: nn.Module, gids: Iterable[int]
+) -> tuple[list[GateSite], dict[int, str]]:
+    """The gates of the groups `gids` (those offered width 0): (gate sites, reasons for the groups that get
+    none and so may not take 0). A group is gated when every exit of its branch is the output of a torch module
+    that stands for that one ONNX tensor and returns its shape (as `plan_sites` checks a mask site)."""
+    modules: dict[str, set[str]] = {}
+    for node in cg.graph.nodes:
+        mod = _module_of(node, cg)
+        if mod and node.outputs:
+            modules.setdefault(mod, set()).update(o for o in node.outputs if o)
+    wanted: dict[int, list[tuple[str | None, str]]] = {}
+    for gid in sorted(set(gids)):
+        wanted[gid] = []
+        for t in branch_exits(cg, gid):
+            node = cg.graph.producer.get(t)
+            wanted[gid].append((_module_of(node, cg) if node is not None else None, t))
+    input_shape = cg.graph.shape(cg.graph.inputs[0])
+    shapes = probe_shapes(model, [m for w in wanted.values() for m, _ in w if m], input_shape)
+    gates, reasons = [], {}
+    for gid, exits in wanted.items():
+        why = None if exits else "its branch cannot be removed"
+        for module, t in exits:
+            shape = cg.graph.shape(t)
+            if module is None or modules.get(module) != {t}:
+                why = f"no torch module stands for ONNX tensor {t!r} alone (the branch's exit)"
+            elif shape is None or shapes.get(module) != {tuple(int(d) for d in shape)}:
+                why = f"module {module}'s output is not ONNX tensor {t!r}'s shape (the branch's exit)"
+            if why:
+                break
+        if why:
+            reasons[gid] = why
+        else:
+            gates.extend(GateSite(module, t, gid) for module, t in exits)
+    return gates, reasons
+
+
+def depth_options(
+    cg: ChannelGraph, model: nn.Module, options: Mapping[int, Sequence[int]]
+) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """`options` without width 0 where the group's branch cannot be gated (`plan_gates`), and why."""
+    out = {gid: list(o) for gid, o in options.items()}
+    _, reasons = plan_gates(cg, model, [gid for gid, o in out.items() if o and o[0] == 0])
+    for gid in reasons:
+        out[gid] = out[gid][1:]
+    return {gid: o for gid, o in out.items() if len(o) >= 2}, reasons
+
+
+def _one_hot_constants(weights: Mapping[int, torch.Tensor]) -> bool:
+    """Every weight vector is a one-hot without a gradient: one real sub-network."""
+    return all(
+        not w.requires_grad and bool(((w == 0) | (w == 1)).all()) and float(w.sum()) == 1.0
+        for w in weights.values()
+    )
+
+
 # --------------------------------------------------------------------------------------- the supernet
 class Supernet(nn.Module):
     """Architecture logits + staircase masks hooked into `model` (kept as an attribute, not a submodule).
@@ -278,6 +348,16 @@ class Supernet(nn.Module):
         logits: one parameter vector per searched group (key str(gid)).
         sites: the hooked modules.
         skipped: {gid: reason} for the groups of `options` that are not searched.
+        gates: where a group offered width 0 (its residual branch removed, `--depth`) fades its branch out.
+
+    Width 0 (option 0 of a group whose branch may go): its staircase column is all zeros. With one-hot weights
+    (a real sub-network: the weights step) that zeroes the group's channels and the rest of the branch computes
+    exactly what the removed branch leaves, its constant offset. Soft weights (the logits step) would barely
+    feel option 0 that way: the uniform factor 1 - w_0 it puts on the group's channels is normalized away by
+    the branch's next BatchNorm. So with soft or straight-through weights the branch's exits into the merge
+    (`GateSite`) are also multiplied by 1 - w_0, and the task loss sees the branch fade; the relaxation's end
+    point is the branch at 0, where the removed branch leaves its offset (the last BatchNorm's shift), which
+    the derived candidate's BatchNorm re-estimation and fine-tuning see.
     """
 
     def __init__(
@@ -296,6 +376,10 @@ class Supernet(nn.Module):
         self.gids = gids
         self.options = {gid: [int(w) for w in options[gid]] for gid in gids}
         self.sites = sites
+        self.gates, no_gate = plan_gates(cg, model, [g for g in gids if self.options[g][0] == 0])
+        if no_gate:
+            gid, why = next(iter(no_gate.items()))
+            raise ValueError(f"group {gid} is offered width 0 but {why}; drop it (masks.depth_options)")
         self.logits = nn.ParameterDict(
             {str(gid): nn.Parameter(torch.zeros(len(self.options[gid]))) for gid in gids}
         )
@@ -323,6 +407,7 @@ class Supernet(nn.Module):
                 idx[sel] = off + rank[bundles[sel]]
             self._index[s.module] = torch.from_numpy(idx)
         self._vec: torch.Tensor | None = None
+        self._gate: dict[str, torch.Tensor] = {}  # module -> the factor its output is faded by
         self._handles: list = []
 
     # ---- distributions
@@ -365,9 +450,15 @@ class Supernet(nn.Module):
 
     def set_weights(self, weights: Mapping[int, torch.Tensor] | None) -> None:
         """Masks for the next forwards (None: no masking, the plain full-width model)."""
+        self._gate = {}
         if weights is None:
             self._vec = None
             return
+        if self.gates and not _one_hot_constants(weights):
+            for gate in self.gates:
+                fade = 1.0 - weights[gate.gid][0]
+                prev = self._gate.get(gate.module)
+                self._gate[gate.module] = fade if prev is None else prev * fade
         stairs = self.staircases(weights)
         ref = next(iter(stairs.values()), None)
         one = torch.ones(
@@ -381,7 +472,7 @@ class Supernet(nn.Module):
         try:
             return {s.module: self._vec[self._index[s.module].to(self._vec.device)] for s in self.sites}
         finally:
-            self._vec = None
+            self._vec, self._gate = None, {}
 
     def _mask(self, site: MaskSite, out: torch.Tensor) -> torch.Tensor:
         index = self._index[site.module]
@@ -405,12 +496,22 @@ class Supernet(nn.Module):
                 return self._mask(site, out)
 
             self._handles.append(mod.register_forward_hook(hook))
+        for name in sorted({g.module for g in self.gates}):
+
+            def gate(_m, _i, out, name=name):
+                fade = self._gate.get(name)
+                if fade is None or not isinstance(out, torch.Tensor):
+                    return out
+                return out * fade.to(dtype=out.dtype, device=out.device)
+
+            self._handles.append(self.model.get_submodule(name).register_forward_hook(gate))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
         self._vec = None
+        self._gate = {}
 
     # ---- derivation
     def argmax_widths(self) -> dict[int, int]:

@@ -65,6 +65,15 @@ the argmax resolution r* (ties: the larger; a resumed run keeps the one its tria
 and every derived candidate is put on the budget with r*'s cost, measured sliced from r*'s graph; `prepare`
 returns r* in its `Setup`, and the run trains, validates and exports at r*.
 
+Depth (`--depth`, off by default as for every strategy but knapsack): a group whose residual branch can be
+removed (`graph.branches`) gets one more option, width 0, whose staircase column is all zeros. A one-hot sample
+of it (the weights step) zeroes the group's channels, so the branch computes exactly what the removed branch
+leaves (its constant offset) and the weights learn to do without it. Soft weights (the logits step) also fade
+the branch's exit into the residual merge by 1 - w_0 (`masks.Supernet`, `GateSite`): without that, the next
+BatchNorm would normalize away the share 1 - w_0 of the group's channels and the task loss would not see the
+option. The cost sees width 0 as the latency predictor and the effective shapes do (the branch's nodes gone).
+A group whose exit no torch module stands for keeps its branch (a stage line says so).
+
 Resume: the supernet state (weights, logits, both optimizers, the logits' history) is checkpointed after every
 epoch in `dmasking.pt`; a killed run continues at the next epoch, and once the supernet is done the derived
 trials are replayed from the history without training anything.

@@ -26,7 +26,7 @@ from onnxconet.search.dmasking.supernet import (
     argmax_last,
     train_supernet,
 )
-from onnxconet.search.masks import width_grid, width_options
+from onnxconet.search.masks import depth_options, width_grid, width_options
 from onnxconet.search.resolution import bind_costs
 from onnxconet.space import WidthSpace
 
@@ -85,6 +85,10 @@ class DMaskingStrategy(Strategy):
                 self.dm_cost.predictor, facts = latency_predictor(
                     ctx, self.cg, self.space, self.config.probes
                 )
+        self.options, no_zero = depth_options(self.cg, ctx.teacher, self.options)
+        for gid, why in no_zero.items():
+            ctx.stage(f"dmasking: group {gid} keeps its branch (width 0 not searched): {why}")
+            self.grid[gid] = [w for w in self.grid[gid] if w > 0]
         job = SupernetJob(self.cg, self.options, self.epochs, self.seed, self.config, self.dm_cost)
         result = train_supernet(ctx, job)
         self.supernet_summary = {**facts, **result.summary}
