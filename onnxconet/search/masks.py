@@ -324,11 +324,14 @@ def depth_options(
 
 
 def _one_hot_constants(weights: Mapping[int, torch.Tensor]) -> bool:
-    """Every weight vector is a one-hot without a gradient: one real sub-network."""
-    return all(
-        not w.requires_grad and bool(((w == 0) | (w == 1)).all()) and float(w.sum()) == 1.0
-        for w in weights.values()
-    )
+    """Every weight vector is a one-hot without a gradient: one real sub-network. (Called every supernet step
+    when gates exist: one device-to-host read for all groups, not two per group.)"""
+    ws = list(weights.values())
+    if not ws or any(w.requires_grad for w in ws):
+        return not ws
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    sums = torch.stack([w.sum() for w in ws])
+    return bool((((flat == 0) | (flat == 1)).all() & (sums == 1).all()).item())
 
 
 # --------------------------------------------------------------------------------------- the supernet
