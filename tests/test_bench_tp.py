@@ -67,3 +67,34 @@ def test_bisection_keeps_the_least_pruning_that_fits(monkeypatch):
     # the least pruning that fits, to the table's step
     assert out.pruning_ratio == pytest.approx(0.52, abs=0.01)
     assert out.model.ratio == out.pruning_ratio
+
+
+def test_rebuild_writes_the_cells_architecture_and_its_teacher(monkeypatch, tmp_path):
+    """`python tools/bench_tp.py SPEC WEIGHTS CELL --out DIR` prunes the teacher with the cell's importance and
+    ratio and writes both files, so a cell's deployed ratio can be measured again."""
+    import json
+
+    import onnx
+    import torch
+
+    from onnxconet.graph.export import export_onnx
+    from onnxconet.prepare import prepare
+
+    mod = _bench_tp(monkeypatch, {0.5: 0.5})
+    monkeypatch.setattr(mod, "export_onnx", export_onnx)  # the real export, which _bench_tp replaced
+    spec = "models/digits_cnn.py:digits_cnn"
+    teacher = prepare(spec).loaded.module
+    torch.save(teacher.state_dict(), tmp_path / "t.pt")
+    asked = []
+
+    def pruned(t, shape, kind, ratio):
+        asked.append((kind, ratio, shape))
+        return nn.Sequential(t, nn.Softmax(dim=1))  # any change the file shows
+
+    monkeypatch.setattr(mod, "prune", pruned)
+    cell = {"key": {"strategy": "tp-groupnorm"}, "pruning_ratio": 0.66796875}
+    (tmp_path / "cell.json").write_text(json.dumps(cell))
+    mod.main([spec, str(tmp_path / "t.pt"), str(tmp_path / "cell.json"), "--out", str(tmp_path / "o")])
+    assert [a[:2] for a in asked] == [("groupnorm", 0.66796875)]
+    ops = lambda f: [n.op_type for n in onnx.load(tmp_path / "o" / f).graph.node]  # noqa: E731
+    assert ops("pruned.onnx") == ops("teacher.onnx") + ["Softmax"]

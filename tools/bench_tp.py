@@ -3,18 +3,28 @@ meets the latency budget as deployed, then fine-tuned exactly like a search's fi
 
 Used by tools/bench_search.py (strategies `tp-magnitude`, `tp-groupnorm`); needs the bench extra
 (`pip install -e '.[bench]'`, which brings `torch-pruning`).
+
+Run alone, it rebuilds a finished cell's pruned file, to re-measure its latency as deployed (the latency does not
+depend on the weights, and the cell's pruning ratio with the same teacher gives the same architecture):
+
+    python tools/bench_tp.py models/fashion_mnist.py:resnet20 TEACHER.pt CELL.json --out DIR
+    onnxconet profile DIR/pruned.onnx --compare DIR/teacher.onnx --isolated --threads 1
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from onnxconet.graph.export import export_onnx
 from onnxconet.latency.profile import Target
+from onnxconet.prepare import prepare
 from onnxconet.search.judge import LatencyJudge, deciding, fits, room
 
 IMPORTANCES = ("magnitude", "groupnorm")
@@ -98,3 +108,31 @@ def prune_to_budget(
         else:
             lo = mid
     return Pruned(best, hi, best_lat, tried)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Rebuild a tp-* cell's pruned ONNX file and its teacher's.")
+    ap.add_argument("spec", help="the model spec the bench ran, e.g. models/fashion_mnist.py:resnet20")
+    ap.add_argument("weights", help="the cell's teacher state_dict (.pt)")
+    ap.add_argument(
+        "cell", help="a finished cell's JSON (its key names the importance; pruning_ratio the ratio)"
+    )
+    ap.add_argument("--out", required=True, help="folder for pruned.onnx and teacher.onnx")
+    args = ap.parse_args(argv)
+    cell = json.loads(Path(args.cell).read_text())
+    kind = cell["key"]["strategy"].removeprefix("tp-")
+    prep = prepare(args.spec, weights=args.weights)
+    teacher, shape = prep.loaded.module.eval(), prep.loaded.input_shape
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pruned.onnx").write_bytes(
+        export_onnx(prune(teacher, shape, kind, cell["pruning_ratio"]), shape).SerializeToString()
+    )
+    (out / "teacher.onnx").write_bytes(export_onnx(teacher, shape).SerializeToString())
+    print(
+        f"{out / 'pruned.onnx'}: {kind} at pruning ratio {cell['pruning_ratio']:.4f}; {out / 'teacher.onnx'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
