@@ -98,3 +98,18 @@ def test_rebuild_writes_the_cells_architecture_and_its_teacher(monkeypatch, tmp_
     assert [a[:2] for a in asked] == [("groupnorm", 0.66796875)]
     ops = lambda f: [n.op_type for n in onnx.load(tmp_path / "o" / f).graph.node]  # noqa: E731
     assert ops("pruned.onnx") == ops("teacher.onnx") + ["Softmax"]
+
+
+def test_rebuild_refuses_a_cell_that_is_not_torch_prunings(monkeypatch, tmp_path, capsys):
+    """A cell of another strategy has no pruning ratio: one line naming the file, not a KeyError."""
+    import json
+
+    mod = _bench_tp(monkeypatch, {0.5: 0.5})
+    (tmp_path / "cell.json").write_text(json.dumps({"key": {"strategy": "l1"}, "test_acc": 0.9}))
+    with pytest.raises(SystemExit) as exc:
+        mod.main(
+            ["models/digits_cnn.py:digits_cnn", "t.pt", str(tmp_path / "cell.json"), "--out", str(tmp_path)]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cell.json: not a finished tp-* cell" in err and "'l1'" in err

@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="folder for pruned.onnx and teacher.onnx")
     args = ap.parse_args(argv)
     cell = json.loads(Path(args.cell).read_text())
-    kind = cell["key"]["strategy"].removeprefix("tp-")
+    strategy = cell.get("key", {}).get("strategy", "")
+    if not strategy.startswith("tp-") or "pruning_ratio" not in cell:
+        ap.error(f"{args.cell}: not a finished tp-* cell of tools/bench_search.py (strategy {strategy!r})")
+    kind = strategy.removeprefix("tp-")
     prep = prepare(args.spec, weights=args.weights)
     teacher, shape = prep.loaded.module.eval(), prep.loaded.input_shape
     out = Path(args.out)
