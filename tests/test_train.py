@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import namedtuple
+from dataclasses import replace
 
 import pytest
 import torch
@@ -189,6 +190,47 @@ def test_fit_is_deterministic(data):
     fit(b, loader(data[0]), cfg, device="cpu")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+def test_fit_trains_channels_last_on_cpu_and_hands_back_the_default_layout(data):
+    """On the CPU the convolutions see channels-last inputs and weights (oneDNN's faster path); the model and its
+    teacher come back in the default layout, trained to the same weights as in the default layout (to float
+    rounding: the same arithmetic in another order)."""
+
+    def two_convs(seed: int) -> nn.Module:  # the second conv has 8 input channels: a layout a test can see
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Flatten(), nn.Linear(8 * 16, NUM_CLASSES),
+        )  # fmt: skip
+
+    layouts = []
+    a, b, teacher = two_convs(3), two_convs(3), two_convs(4)
+    last = lambda m, args: layouts.append(  # noqa: E731
+        (
+            args[0].is_contiguous(memory_format=torch.channels_last),
+            m.weight.is_contiguous(memory_format=torch.channels_last),
+        )
+    )
+    hook = a[2].register_forward_pre_hook(last)
+    cfg = TrainConfig(epochs=2, lr=0.05, seed=7)
+    fit(a, loader(data[0]), cfg, teacher=teacher, device="cpu")
+    hook.remove()
+    assert len(layouts) == 2 * 16 and all(x and w for x, w in layouts)  # every step, channels-last
+    for model in (a, teacher):
+        assert all(p.is_contiguous() for p in model.parameters())
+        assert not model[2].weight.is_contiguous(memory_format=torch.channels_last)
+    fit(b, loader(data[0]), replace(cfg, channels_last=False), device="cpu", teacher=two_convs(4))
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(pa.float(), pb.float(), atol=1e-4), name
+    # a model without 4-D weights, or channels_last off, trains in the layout it has
+    assert loop._train_layout(nn.Linear(2, 2), torch.device("cpu"), cfg) is None
+    assert loop._train_layout(two_convs(0), torch.device("cpu"), replace(cfg, channels_last=False)) is None
+    assert loop._train_layout(two_convs(0), torch.device("cpu"), cfg) == torch.channels_last
+    # channels_last has no 5-D form: a model with a Conv3d trains as it is (Module.to would raise)
+    assert (
+        loop._train_layout(nn.Sequential(two_convs(0), nn.Conv3d(1, 1, 1)), torch.device("cpu"), cfg) is None
+    )
 
 
 def test_fit_leaves_caller_rng_untouched(data):

@@ -69,6 +69,9 @@ class TrainConfig:
     amp: bool = True
     max_batches: int | None = None
     seed: int = 0
+    # on the CPU, train in the channels-last layout (oneDNN's faster convolutions: a Fashion-MNIST ResNet-20 epoch
+    # 14-26 % shorter, the digits CNN's 6-14 %; docs/measurements.md); the model comes back in the default layout
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -217,6 +220,19 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _train_layout(model: nn.Module, dev: torch.device, cfg: TrainConfig) -> torch.memory_format | None:
+    """The memory format ``fit`` trains ``model`` in: channels-last on the CPU for a model with 4-D weights, else
+    None (the layout it has). Not under DistributedDataParallel, whose gradient buckets were laid out with the
+    parameters before ``fit`` sees them."""
+    if not cfg.channels_last or dev.type != "cpu":
+        return None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    dims = {t.dim() for t in (*model.parameters(), *model.buffers())}
+    # Module.to converts 5-D tensors too, and channels_last is only for 4-D ones
+    return torch.channels_last if 4 in dims and 5 not in dims else None
+
+
 @dataclass
 class _Run:
     """What one ``fit`` call shares between its epochs."""
@@ -229,6 +245,7 @@ class _Run:
     amp_dtype: torch.dtype | None
     steps: int | None  # batches per epoch, None if the loader has no length
     progress: Progress | None
+    layout: torch.memory_format | None = None  # of the inputs, as the model's (`_train_layout`)
     step: int = 0
 
     def __post_init__(self) -> None:
@@ -271,6 +288,8 @@ class _Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(cfg, frac)
             x, y, y_max = _unpack(batch, self.device)
+            if self.layout is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=self.layout)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = primary_logits(self.model(x))
                 t_logits = None
@@ -376,10 +395,11 @@ def fit(
     if teacher is model:
         raise OnnxconetError("the teacher must be a separate model (e.g. a copy of the original)")
     dev = resolve_device(device)
-    model.to(dev)
+    layout = _train_layout(model, dev, cfg)
+    model.to(dev, memory_format=layout or torch.preserve_format)
     teacher_was_training = teacher.training if teacher is not None else False
     if teacher is not None:
-        teacher.to(dev).eval()
+        teacher.to(dev, memory_format=layout or torch.preserve_format).eval()
     amp_dtype = _amp_dtype(dev, cfg.amp)
     history: dict[str, Any] = {"train_loss": [], "val_accuracy": [], "val_loss": []}
     start = time.perf_counter()
@@ -389,7 +409,7 @@ def fit(
             torch.manual_seed(cfg.seed)
             run = _Run(
                 model, teacher, cfg, make_optimizer(model, cfg), dev, amp_dtype,
-                _steps_per_epoch(train_loader, cfg.max_batches), progress,
+                _steps_per_epoch(train_loader, cfg.max_batches), progress, layout,
             )  # fmt: skip
             for epoch in range(cfg.epochs):
                 record = run.epoch(train_loader, val_loader, epoch, history)
@@ -401,6 +421,10 @@ def fit(
     finally:
         if teacher is not None:
             teacher.train(teacher_was_training)
+        if layout is not None:  # back in the default layout, which surgery, export and state_dicts see
+            for m in (model, teacher):
+                if m is not None:
+                    m.to(memory_format=torch.contiguous_format)
     model.eval()
     history["seconds"] = time.perf_counter() - start
     return history
