@@ -233,6 +233,13 @@ def _train_layout(model: nn.Module, dev: torch.device, cfg: TrainConfig) -> torc
     return torch.channels_last if 4 in dims and 5 not in dims else None
 
 
+def _default_layout(layout: torch.memory_format | None, *models: nn.Module | None) -> None:
+    """The models `fit` trained in `layout` back in the default one, which surgery, export and state_dicts see."""
+    for m in models:
+        if layout is not None and m is not None:
+            m.to(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class _Run:
     """What one ``fit`` call shares between its epochs."""
@@ -421,10 +428,7 @@ def fit(
     finally:
         if teacher is not None:
             teacher.train(teacher_was_training)
-        if layout is not None:  # back in the default layout, which surgery, export and state_dicts see
-            for m in (model, teacher):
-                if m is not None:
-                    m.to(memory_format=torch.contiguous_format)
+        _default_layout(layout, model, teacher)
     model.eval()
     history["seconds"] = time.perf_counter() - start
     return history
