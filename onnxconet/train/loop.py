@@ -70,7 +70,7 @@ class TrainConfig:
     max_batches: int | None = None
     seed: int = 0
     # on the CPU, train in the channels-last layout (oneDNN's faster convolutions: a Fashion-MNIST ResNet-20 epoch
-    # 14-26 % shorter, the digits CNN's 6-14 %; docs/measurements.md); the model comes back in the default layout
+    # 8-26 % shorter, the digits CNN's 1-17 %; docs/measurements.md); the model comes back in the default layout
     channels_last: bool = True
 
     def __post_init__(self) -> None:
