@@ -228,9 +228,9 @@ def test_fit_trains_channels_last_on_cpu_and_hands_back_the_default_layout(data)
     assert loop._train_layout(two_convs(0), torch.device("cpu"), replace(cfg, channels_last=False)) is None
     assert loop._train_layout(two_convs(0), torch.device("cpu"), cfg) == torch.channels_last
     # channels_last has no 5-D form: a model with a Conv3d trains as it is (Module.to would raise)
-    assert (
-        loop._train_layout(nn.Sequential(two_convs(0), nn.Conv3d(1, 1, 1)), torch.device("cpu"), cfg) is None
-    )
+    cpu, conv3d = torch.device("cpu"), nn.Conv3d(1, 1, 1)
+    assert loop._train_layout(nn.Sequential(two_convs(0), conv3d), cpu, cfg) is None
+    assert loop._train_layout(two_convs(0), cpu, cfg, teacher=conv3d) is None  # nor a teacher with one
 
 
 def test_fit_leaves_caller_rng_untouched(data):

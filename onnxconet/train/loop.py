@@ -220,15 +220,17 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _train_layout(model: nn.Module, dev: torch.device, cfg: TrainConfig) -> torch.memory_format | None:
-    """The memory format ``fit`` trains ``model`` in: channels-last on the CPU for a model with 4-D weights, else
-    None (the layout it has). Not under DistributedDataParallel, whose gradient buckets were laid out with the
-    parameters before ``fit`` sees them."""
+def _train_layout(
+    model: nn.Module, dev: torch.device, cfg: TrainConfig, teacher: nn.Module | None = None
+) -> torch.memory_format | None:
+    """The memory format ``fit`` trains ``model`` (and ``teacher``) in: channels-last on the CPU for models with 4-D
+    weights, else None (the layout they have). Not under DistributedDataParallel, whose gradient buckets were laid
+    out with the parameters before ``fit`` sees them."""
     if not cfg.channels_last or dev.type != "cpu":
         return None
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return None
-    dims = {t.dim() for t in (*model.parameters(), *model.buffers())}
+    dims = {t.dim() for m in (model, teacher) if m is not None for t in (*m.parameters(), *m.buffers())}
     # Module.to converts 5-D tensors too, and channels_last is only for 4-D ones
     return torch.channels_last if 4 in dims and 5 not in dims else None
 
@@ -402,7 +404,7 @@ def fit(
     if teacher is model:
         raise OnnxconetError("the teacher must be a separate model (e.g. a copy of the original)")
     dev = resolve_device(device)
-    layout = _train_layout(model, dev, cfg)
+    layout = _train_layout(model, dev, cfg, teacher)
     model.to(dev, memory_format=layout or torch.preserve_format)
     teacher_was_training = teacher.training if teacher is not None else False
     if teacher is not None:
